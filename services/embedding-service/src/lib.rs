@@ -1,0 +1,1 @@
+//! embedding-service (to be written).

@@ -1,0 +1,1 @@
+//! rsllm-common (to be written).

@@ -1,0 +1,1 @@
+//! rsllm-itemvec (to be written).

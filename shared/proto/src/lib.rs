@@ -1,0 +1,1 @@
+//! rsllm-proto (to be written).
