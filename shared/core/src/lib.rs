@@ -7,9 +7,12 @@ pub mod dataset;
 pub mod error;
 pub mod metrics;
 pub mod paths;
+pub mod titles;
 pub mod types;
 
-pub use dataset::{DatasetName, PrepareOptions, PreparedDataset, Protocol, SplitManifest};
+pub use dataset::{
+    DatasetName, PrepareOptions, PrepareOutcome, PreparedDataset, Protocol, SplitManifest,
+};
 pub use error::DataError;
 pub use paths::Paths;
 pub use types::{Catalog, ItemId, SeqExample, SplitPart};

@@ -2,12 +2,26 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Two-sided 95% normal quantile.
+const Z95: f64 = 1.96;
+
 /// 0-based rank of `scores[target]` among `scores`, pessimistic on ties (every other candidate
 /// scoring >= the target ranks above it), so a constant scorer gets HR@1 = 0, not 1.
-/// NaN scores rank last.
+/// NaN scores rank last: a NaN target is beaten by every other candidate, a NaN elsewhere
+/// beats nothing. A `target` outside `scores` gets rank `scores.len()` (a miss everywhere).
 pub fn rank_of_target(scores: &[f32], target: usize) -> usize {
-    let _ = (scores, target);
-    todo!("helper A")
+    let Some(&target_score) = scores.get(target) else {
+        return scores.len();
+    };
+    if target_score.is_nan() {
+        return scores.len() - 1;
+    }
+    // `>=` is false for NaN, so NaN candidates never count as ranking above the target.
+    scores
+        .iter()
+        .enumerate()
+        .filter(|&(index, &score)| index != target && score >= target_score)
+        .count()
 }
 
 /// A mean with its 95% interval (Wilson for proportions, normal approximation for NDCG).
@@ -16,6 +30,14 @@ pub struct MeanCi {
     pub mean: f64,
     pub low: f64,
     pub high: f64,
+}
+
+impl MeanCi {
+    const ZERO: MeanCi = MeanCi {
+        mean: 0.0,
+        low: 0.0,
+        high: 0.0,
+    };
 }
 
 /// HR@1, HR@5, NDCG@5 over `n` rows.
@@ -27,8 +49,159 @@ pub struct RankingMetrics {
     pub ndcg5: MeanCi,
 }
 
+/// A proportion `successes / n` with its Wilson score 95% interval, which stays inside [0, 1]
+/// and is sensible at 0 and n successes (unlike the normal approximation). `n = 0` gives all
+/// zeros rather than NaN. Used for HR@k here and for ValidRatio by the LLM evaluation.
+pub fn wilson(successes: usize, n: usize) -> MeanCi {
+    if n == 0 {
+        return MeanCi::ZERO;
+    }
+    let n_f = n as f64;
+    let p = successes.min(n) as f64 / n_f;
+    let z2 = Z95 * Z95;
+    let denominator = 1.0 + z2 / n_f;
+    let centre = (p + z2 / (2.0 * n_f)) / denominator;
+    let half = Z95 * (p * (1.0 - p) / n_f + z2 / (4.0 * n_f * n_f)).sqrt() / denominator;
+    MeanCi {
+        mean: p,
+        low: (centre - half).max(0.0),
+        high: (centre + half).min(1.0),
+    }
+}
+
+/// Mean with a normal-approximation 95% interval (sample standard deviation), clamped to
+/// [0, 1] because every per-row value here is in [0, 1]. One row gives a zero-width interval.
+fn mean_ci_unit(values: &[f64]) -> MeanCi {
+    if values.is_empty() {
+        return MeanCi::ZERO;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let variance = if values.len() > 1 {
+        values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    let half = Z95 * variance.sqrt() / n.sqrt();
+    MeanCi {
+        mean,
+        low: (mean - half).clamp(0.0, 1.0),
+        high: (mean + half).clamp(0.0, 1.0),
+    }
+}
+
+/// NDCG@k of one row with a single relevant item at 0-based `rank`.
+pub fn ndcg_at(rank: usize, k: usize) -> f64 {
+    if rank < k {
+        1.0 / ((rank + 2) as f64).log2()
+    } else {
+        0.0
+    }
+}
+
 /// Metrics from the 0-based rank of the target in each row.
 pub fn ranking_metrics(ranks: &[usize]) -> RankingMetrics {
-    let _ = ranks;
-    todo!("helper A")
+    let n = ranks.len();
+    let hits_at = |k: usize| ranks.iter().filter(|&&rank| rank < k).count();
+    let ndcg: Vec<f64> = ranks.iter().map(|&rank| ndcg_at(rank, 5)).collect();
+    RankingMetrics {
+        n,
+        hr1: wilson(hits_at(1), n),
+        hr5: wilson(hits_at(5), n),
+        ndcg5: mean_ci_unit(&ndcg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-4
+    }
+
+    #[test]
+    fn ties_are_pessimistic() {
+        assert_eq!(rank_of_target(&[1.0, 1.0, 1.0], 0), 2);
+        assert_eq!(rank_of_target(&[0.5, 0.9, 0.1], 0), 1);
+        assert_eq!(rank_of_target(&[0.5, 0.5, 0.1], 1), 1);
+        assert_eq!(rank_of_target(&[0.9, 0.5, 0.1], 0), 0);
+        assert_eq!(rank_of_target(&[3.0], 0), 0);
+    }
+
+    #[test]
+    fn nan_ranks_last() {
+        assert_eq!(rank_of_target(&[f32::NAN, 0.1, 0.2], 0), 2);
+        assert_eq!(rank_of_target(&[0.3, f32::NAN, 0.2], 0), 0);
+        assert_eq!(rank_of_target(&[f32::NAN, f32::NAN], 1), 1);
+        assert_eq!(rank_of_target(&[0.3, 0.2], 5), 2);
+    }
+
+    #[test]
+    fn ndcg_values() {
+        assert!(close(ndcg_at(0, 5), 1.0));
+        assert!(close(ndcg_at(1, 5), 1.0 / 3f64.log2()));
+        assert!(close(ndcg_at(4, 5), 1.0 / 6f64.log2()));
+        assert_eq!(ndcg_at(5, 5), 0.0);
+        let m = ranking_metrics(&[0, 1, 7, 4]);
+        assert_eq!(m.n, 4);
+        assert!(close(m.hr1.mean, 0.25));
+        assert!(close(m.hr5.mean, 0.75));
+        let expected = (1.0 + 1.0 / 3f64.log2() + 0.0 + 1.0 / 6f64.log2()) / 4.0;
+        assert!(close(m.ndcg5.mean, expected));
+        assert!(m.ndcg5.low <= expected && expected <= m.ndcg5.high);
+    }
+
+    #[test]
+    fn wilson_bounds() {
+        // Textbook value: 5 of 10 -> [0.2366, 0.7634].
+        let half = wilson(5, 10);
+        assert!(close(half.mean, 0.5) && close(half.low, 0.2366) && close(half.high, 0.7634));
+        let none = wilson(0, 95);
+        assert_eq!(none.low, 0.0);
+        assert!(none.high > 0.0 && none.high < 0.05);
+        let all = wilson(95, 95);
+        assert_eq!(all.high, 1.0);
+        assert!(all.low > 0.95 && all.low < 1.0);
+        assert_eq!(
+            wilson(0, 0),
+            MeanCi {
+                mean: 0.0,
+                low: 0.0,
+                high: 0.0
+            }
+        );
+    }
+
+    #[test]
+    fn empty_and_single_rows_have_no_nan() {
+        let m = ranking_metrics(&[]);
+        assert_eq!(m.n, 0);
+        for ci in [m.hr1, m.hr5, m.ndcg5] {
+            assert_eq!(
+                ci,
+                MeanCi {
+                    mean: 0.0,
+                    low: 0.0,
+                    high: 0.0
+                }
+            );
+        }
+        let one = ranking_metrics(&[0]);
+        assert_eq!(
+            one.ndcg5,
+            MeanCi {
+                mean: 1.0,
+                low: 1.0,
+                high: 1.0
+            }
+        );
+        assert!(!one.hr1.low.is_nan());
+    }
+
+    #[test]
+    fn ndcg_interval_is_clamped() {
+        let m = ranking_metrics(&[0, 0, 0, 9]);
+        assert!(m.ndcg5.high <= 1.0 && m.ndcg5.low >= 0.0);
+    }
 }
