@@ -1,1 +1,53 @@
-fn main() {}
+//! `rsllm`: the command line over the project's libraries. Each subcommand is a thin shell over
+//! a library call, so a batch job, the services and the main job can never disagree about the
+//! method.
+
+mod data_cmd;
+mod rec_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "rsllm", version, about = "RSLLM: recommendation as a language of the LLM")]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true, env = "RSLLM_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Datasets: prepare splits with stored candidate sets, print their statistics.
+    Data {
+        #[command(subcommand)]
+        command: data_cmd::DataCommand,
+    },
+    /// The ID-based sequential recommenders (SASRec, GRU4Rec, Caser): train and evaluate.
+    Rec {
+        #[command(subcommand)]
+        command: rec_cmd::RecCommand,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match cli.command {
+        Command::Data { command } => data_cmd::run(command),
+        Command::Rec { command } => rec_cmd::run(command),
+    }
+}
+
+/// Logs go to stderr so that `--json` output on stdout stays machine-readable.
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

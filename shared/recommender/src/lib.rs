@@ -4,6 +4,16 @@
 //!
 //! A trained model is an artefact directory: `model.safetensors` (HF-style flat names) plus
 //! `manifest.json`; the sha256 of the safetensors file is the model version.
+//!
+//! - [`train::train`]: trains a kind on a prepared split (cross-entropy over all items, Adam,
+//!   early stopping on validation HR@1 over the stored candidates) and writes the artefact.
+//! - [`eval::evaluate`]: HR@1, HR@5, NDCG@5 with 95% intervals on stored candidates.
+//! - [`RecModel`]: load/save, [`RecModel::item_embeddings`] (the raw item-embedding rows the
+//!   LLM projector consumes), [`RecModel::score_all`], [`RecModel::score_candidates`].
+//!
+//! Histories are oldest-first item ids; the networks see the last `max_history` of them,
+//! left-padded with the padding id `num_items`. Scores are the user state dotted with the item
+//! vectors (tied output), see [`model`].
 
 pub mod artefact;
 pub mod error;
@@ -13,4 +23,4 @@ pub mod train;
 
 pub use artefact::{RecManifest, RecModel};
 pub use error::RecError;
-pub use model::{ModelKind, RecConfig};
+pub use model::{ModelKind, RecConfig, SeqRecommender};
