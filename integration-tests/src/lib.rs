@@ -1,1 +1,380 @@
-//! Helpers for the integration tests (to be written).
+//! Helpers for the end-to-end tests in `tests/`: real `redis-server` processes and service
+//! processes on loopback ports, a tiny recommender artefact, and bounded polling.
+//!
+//! Nothing here sleeps to wait for something: [`wait_until`] polls a condition until a
+//! deadline and fails with a message naming what it waited for.
+//!
+//! `redis-server` must be on `PATH` (`apt-get install redis-server`; CI installs it).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rsllm_recommender::{ModelKind, RecConfig, RecManifest, RecModel};
+
+/// Name of the test model's artefact directory.
+pub const TEST_MODEL: &str = "tiny-llara-sasrec";
+/// Items in the test model.
+pub const TEST_ITEMS: usize = 50;
+/// Vector width of the test model.
+pub const TEST_DIM: usize = 64;
+/// History window of the test model.
+pub const TEST_WINDOW: usize = 10;
+
+/// A port that was free a moment ago on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, failing after `timeout` with `what`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes an untrained SASRec artefact (seeded random weights: serving is under test, not
+/// quality) to `models_dir/TEST_MODEL`: 50 items, dim 64, window 10.
+pub fn make_test_model(models_dir: &Path) -> RecManifest {
+    let mut config = RecConfig::default_for(ModelKind::Sasrec);
+    config.dim = TEST_DIM;
+    config.max_history = TEST_WINDOW;
+    config.seed = 7;
+    let mut model = RecModel::new_untrained(
+        ModelKind::Sasrec,
+        config,
+        "tiny",
+        TEST_ITEMS,
+        tch::Device::Cpu,
+    )
+    .expect("untrained model");
+    model
+        .save(&models_dir.join(TEST_MODEL))
+        .expect("save test model")
+}
+
+/// Lines a child process printed (stdout and stderr), shared with reader threads.
+#[derive(Debug, Clone, Default)]
+pub struct LogLines(Arc<Mutex<Vec<String>>>);
+
+impl LogLines {
+    fn capture(&self, stream: impl Read + Send + 'static, prefix: &'static str) {
+        let lines = self.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{prefix}] {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+
+    /// How many lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Everything so far, for failure messages.
+    pub fn dump(&self) -> String {
+        self.0.lock().unwrap().join("\n")
+    }
+}
+
+/// A `redis-server` on 127.0.0.1 with no persistence, killed on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts one on a free port and waits until it answers PING.
+    pub fn start() -> RedisServer {
+        RedisServer::start_on(free_port())
+    }
+
+    /// Starts one on `port` and waits until it answers PING.
+    pub fn start_on(port: u16) -> RedisServer {
+        let mut server = RedisServer {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "redis-server is not installed: run `apt-get install redis-server` (CI installs \
+                 it); these tests start a real Redis on a loopback port"
+            ),
+            Err(e) => panic!("cannot start redis-server: {e}"),
+        };
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.ping() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "redis-server on port {} exited at start: {status}",
+                    self.port
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} never answered",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// True when something on the port answers `PING` with `+PONG`.
+    pub fn ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], self.port)),
+            Duration::from_millis(200),
+        ) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        if s.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILLs the server (no shutdown, data gone) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a fresh (empty) server on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A plain async connection for assertions.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A service process on a loopback port, its output captured; killed on drop.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub logs: LogLines,
+}
+
+impl ServiceProcess {
+    /// Starts `bin --listen 127.0.0.1:<free port> <args>` with extra environment `env`.
+    pub fn start(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> ServiceProcess {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut cmd = Command::new(bin);
+        cmd.arg("--listen").arg(addr.to_string()).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        // Keep the caller's environment from leaking service settings into the test.
+        cmd.env("RUST_LOG", "info");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let logs = LogLines::default();
+        logs.capture(child.stdout.take().unwrap(), "service");
+        logs.capture(child.stderr.take().unwrap(), "service");
+        ServiceProcess {
+            child: Some(child),
+            addr,
+            logs,
+        }
+    }
+
+    /// `http://ADDR`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A channel to the service (connects lazily).
+    pub fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.endpoint())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy()
+    }
+
+    /// Waits until `grpc.health.v1` says SERVING for the whole server.
+    pub async fn wait_serving(&mut self, timeout: Duration) {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::health_client::HealthClient;
+        let channel = self.channel();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut client = HealthClient::new(channel.clone());
+            let status = client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner().status);
+            if status == Some(ServingStatus::Serving as i32) {
+                return;
+            }
+            if let Some(exit) = self.try_exit_status() {
+                panic!(
+                    "service exited ({exit}) before serving:\n{}",
+                    self.logs.dump()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service not SERVING after {timeout:?} (last: {status:?}):\n{}",
+                self.logs.dump()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends SIGTERM (through `kill`, the crate forbids unsafe code).
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits (bounded) for the process to exit and returns its status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_exit_status() {
+                self.child = None;
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service still running {timeout:?} later:\n{}",
+                self.logs.dump()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A temporary models directory holding the test model.
+#[derive(Debug)]
+pub struct ModelsDir {
+    pub dir: tempfile::TempDir,
+    pub manifest: RecManifest,
+}
+
+impl ModelsDir {
+    pub fn with_test_model() -> ModelsDir {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = make_test_model(dir.path());
+        ModelsDir { dir, manifest }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    pub fn path_str(&self) -> String {
+        self.dir
+            .path()
+            .to_str()
+            .expect("utf-8 temp path")
+            .to_owned()
+    }
+}

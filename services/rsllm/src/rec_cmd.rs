@@ -28,6 +28,9 @@ pub enum RecCommand {
         /// Learning rate.
         #[arg(long, env = "RSLLM_REC_LR")]
         lr: Option<f64>,
+        /// Standard deviation of the item-embedding init (the default depends on --model).
+        #[arg(long, env = "RSLLM_REC_ITEM_INIT_STD")]
+        item_init_std: Option<f64>,
         /// Print the resulting manifest as JSON.
         #[arg(long)]
         json: bool,
@@ -127,7 +130,15 @@ pub fn model_dir(paths: &Paths, split: &SplitArgs, kind: Kind) -> PathBuf {
 pub fn run(command: RecCommand) -> anyhow::Result<()> {
     let paths = Paths::from_env()?;
     match command {
-        RecCommand::Train { target, max_epochs, patience, seed, lr, json } => {
+        RecCommand::Train {
+            target,
+            max_epochs,
+            patience,
+            seed,
+            lr,
+            item_init_std,
+            json,
+        } => {
             let data = target.split.prepare(&paths)?;
             let mut config = RecConfig::default_for(target.model.model_kind());
             if let Some(v) = max_epochs {
@@ -141,6 +152,9 @@ pub fn run(command: RecCommand) -> anyhow::Result<()> {
             }
             if let Some(v) = lr {
                 config.lr = v;
+            }
+            if let Some(v) = item_init_std {
+                config.item_init_std = v;
             }
             let dir = model_dir(&paths, &target.split, target.model);
             let device = target.device.device()?;

@@ -1,1 +1,14 @@
-//! rsllm-common (to be written).
+//! rsllm-common: the server plumbing every rsllm service shares, kept small on purpose.
+//!
+//! - [`telemetry::init`]: tracing subscriber (text or JSON logs, `RUST_LOG` filter). The
+//!   returned [`telemetry::TelemetryGuard`] is where OpenTelemetry providers will be flushed
+//!   once traces are exported (a later issue); today it holds nothing.
+//! - [`shutdown::signal`]: resolves on SIGTERM or ctrl-c.
+//! - [`health::Readiness`]: a `grpc.health.v1` service that starts NOT_SERVING and is flipped by
+//!   the service as models load and as shutdown begins.
+//! - [`reflection`]: gRPC reflection (v1 and v1alpha) advertising only the `rsllm.v1` services.
+
+pub mod health;
+pub mod reflection;
+pub mod shutdown;
+pub mod telemetry;

@@ -77,6 +77,10 @@ pub struct RecConfig {
     pub caser_h_filters: usize,
     /// Caser: vertical filters; the paper's n_v.
     pub caser_v_filters: usize,
+    /// Standard deviation of the N(0, s) item-embedding init. Per kind by default: SASRec 1.0
+    /// (nn.Embedding's default, as LLaRA and the peer anchor), GRU4Rec 0.01 (LLaRA),
+    /// Caser 1/sqrt(dim).
+    pub item_init_std: f64,
 }
 
 impl RecConfig {
@@ -102,10 +106,14 @@ impl RecConfig {
             seed: 1234,
             caser_h_filters: 16,
             caser_v_filters: 4,
+            item_init_std: 1.0,
         };
-        match kind {
-            ModelKind::Sasrec | ModelKind::Gru4rec | ModelKind::Caser => base,
-        }
+        let item_init_std = match kind {
+            ModelKind::Sasrec => 1.0,
+            ModelKind::Gru4rec => 0.01,
+            ModelKind::Caser => 1.0 / (base.dim as f64).sqrt(),
+        };
+        RecConfig { item_init_std, ..base }
     }
 
     /// Rejects settings no network can be built or trained with.
@@ -122,6 +130,9 @@ impl RecConfig {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return fail("lr must be a positive number");
+        }
+        if !(self.item_init_std.is_finite() && self.item_init_std > 0.0) {
+            return fail("item_init_std must be a positive number");
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return fail("weight_decay must be >= 0");

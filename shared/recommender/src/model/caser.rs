@@ -88,7 +88,7 @@ impl Caser {
         let n_v = config.caser_v_filters as i64;
         // N(0, 1/sqrt(d)): the state is a ReLU(Linear) of O(1) entries, so rows of norm ~1
         // keep the initial tied-output scores O(1).
-        let item_emb = item_embedding(path, num_items, config.dim, 1.0 / (dim as f64).sqrt())?;
+        let item_emb = item_embedding(path, num_items, config.dim, config.item_init_std)?;
         let horizontal = if n_h > 0 {
             (1..=window)
                 .map(|height| Conv::new(&(path / "conv_h" / (height - 1)), n_h, [height, dim]))

@@ -23,7 +23,7 @@ pub struct Gru4Rec {
 impl Gru4Rec {
     pub fn new(path: &nn::Path, config: &RecConfig, num_items: usize) -> Result<Gru4Rec, TchError> {
         let dim = config.dim as i64;
-        let item_emb = item_embedding(path, num_items, config.dim, 0.01)?;
+        let item_emb = item_embedding(path, num_items, config.dim, config.item_init_std)?;
         // nn.GRU's init: every weight and bias uniform in +-1/sqrt(hidden).
         let bound = 1.0 / (dim as f64).sqrt();
         let init = nn::Init::Uniform {

@@ -51,7 +51,7 @@ impl SasRec {
     pub fn new(path: &nn::Path, config: &RecConfig, num_items: usize) -> Result<SasRec, TchError> {
         let dim = config.dim;
         // N(0, 1): nn.Embedding's default, as both LLaRA's SASRec and the peer anchor.
-        let item_emb = item_embedding(path, num_items, dim, 1.0)?;
+        let item_emb = item_embedding(path, num_items, dim, config.item_init_std)?;
         let pos_emb = (path / "pos_emb").f_var(
             "weight",
             &[config.max_history as i64, dim as i64],
