@@ -108,7 +108,11 @@ fn machine_busy_secs() -> f64 {
     let Some(cpu) = stat.lines().next() else {
         return 0.0;
     };
-    let v: Vec<f64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait.
     let total: f64 = v.iter().take(8).sum();
     let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
@@ -125,7 +129,11 @@ struct Pids {
 
 impl Pids {
     fn snapshot(&self) -> [f64; 3] {
-        [cpu_secs(&self.client), cpu_secs(&self.service), cpu_secs(&self.redis)]
+        [
+            cpu_secs(&self.client),
+            cpu_secs(&self.service),
+            cpu_secs(&self.redis),
+        ]
     }
 }
 

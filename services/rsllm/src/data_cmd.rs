@@ -45,7 +45,12 @@ impl SplitArgs {
 
     /// Prepares or reuses the split.
     pub fn prepare(&self, paths: &Paths) -> anyhow::Result<PreparedDataset> {
-        Ok(rsllm_core::dataset::prepare(self.dataset, self.protocol, &self.options(), paths)?)
+        Ok(rsllm_core::dataset::prepare(
+            self.dataset,
+            self.protocol,
+            &self.options(),
+            paths,
+        )?)
     }
 }
 
@@ -59,7 +64,10 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
                 split.dataset,
                 split.protocol,
                 short(&data.manifest.version),
-                paths.prepared_dir().join(format!("{}-{}", split.dataset, split.protocol)).display()
+                paths
+                    .prepared_dir()
+                    .join(format!("{}-{}", split.dataset, split.protocol))
+                    .display()
             );
             Ok(())
         }
@@ -104,7 +112,10 @@ fn print_stats(data: &PreparedDataset) {
     for part in SplitPart::ALL {
         println!("rows {:<8} {}", part.as_str(), data.rows(part).len());
     }
-    println!("candidates    {} per val/test row, seed {}", m.options.num_candidates, m.options.seed);
+    println!(
+        "candidates    {} per val/test row, seed {}",
+        m.options.num_candidates, m.options.seed
+    );
     println!("version       {}", m.version);
     for note in &m.notes {
         println!("note          {note}");

@@ -180,7 +180,12 @@ pub fn run(command: RecCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        RecCommand::Eval { split, model, part, json } => {
+        RecCommand::Eval {
+            split,
+            model,
+            part,
+            json,
+        } => {
             let data = split.prepare(&paths)?;
             let part = match part {
                 Part::Val => SplitPart::Val,

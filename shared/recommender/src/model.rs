@@ -113,7 +113,10 @@ impl RecConfig {
             ModelKind::Gru4rec => 0.01,
             ModelKind::Caser => 1.0 / (base.dim as f64).sqrt(),
         };
-        RecConfig { item_init_std, ..base }
+        RecConfig {
+            item_init_std,
+            ..base
+        }
     }
 
     /// Rejects settings no network can be built or trained with.

@@ -20,7 +20,9 @@ use std::path::PathBuf;
 pub fn emit() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let Some(libtorch) = std::env::var_os("LIBTORCH").map(PathBuf::from) else {
-        println!("cargo:warning=LIBTORCH is not set: run scripts/setup.sh once (it writes .cargo/config.toml)");
+        println!(
+            "cargo:warning=LIBTORCH is not set: run scripts/setup.sh once (it writes .cargo/config.toml)"
+        );
         return;
     };
     let lib = libtorch.join("lib");
