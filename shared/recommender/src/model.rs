@@ -77,9 +77,11 @@ pub struct RecConfig {
     pub caser_h_filters: usize,
     /// Caser: vertical filters; the paper's n_v.
     pub caser_v_filters: usize,
-    /// Standard deviation of the N(0, s) item-embedding init. Per kind by default: SASRec 1.0
-    /// (nn.Embedding's default, as LLaRA and the peer anchor), GRU4Rec 0.01 (LLaRA),
-    /// Caser 1/sqrt(dim).
+    /// Standard deviation of the N(0, s) item-embedding init. Per kind by default: SASRec 0.05,
+    /// GRU4Rec 0.01 (LLaRA), Caser 1/sqrt(dim). SASRec departs from nn.Embedding's N(0, 1)
+    /// (LLaRA, the peer anchor): with it SASRec never learned LastFM's 4,606 sparse items
+    /// (test HR@1 0.057), while 0.05 gives 0.287 there and trains faster on MovieLens too
+    /// (docs/results.md).
     pub item_init_std: f64,
 }
 
@@ -109,7 +111,7 @@ impl RecConfig {
             item_init_std: 1.0,
         };
         let item_init_std = match kind {
-            ModelKind::Sasrec => 1.0,
+            ModelKind::Sasrec => 0.05,
             ModelKind::Gru4rec => 0.01,
             ModelKind::Caser => 1.0 / (base.dim as f64).sqrt(),
         };

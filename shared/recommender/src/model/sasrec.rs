@@ -50,7 +50,7 @@ struct SelfAttention {
 impl SasRec {
     pub fn new(path: &nn::Path, config: &RecConfig, num_items: usize) -> Result<SasRec, TchError> {
         let dim = config.dim;
-        // N(0, 1): nn.Embedding's default, as both LLaRA's SASRec and the peer anchor.
+        // N(0, config.item_init_std): 0.05 by default, see RecConfig::item_init_std.
         let item_emb = item_embedding(path, num_items, dim, config.item_init_std)?;
         let pos_emb = (path / "pos_emb").f_var(
             "weight",
