@@ -84,9 +84,10 @@ async fn vectors_are_published_read_back_and_survive_a_redis_restart() {
     )
     .await;
 
-    // Versioned keys appear: every item, the meta record, and the name -> version pointer.
-    wait_until("the meta key", WAIT, || async {
-        redis_exists(&redis, &meta_key(&version))
+    // Versioned keys appear: every item, the meta record, and the name -> version pointer
+    // (written last, so once it is there everything is).
+    wait_until("the model pointer", WAIT, || async {
+        redis_exists(&redis, &model_key(TEST_MODEL))
             .await
             .then_some(())
     })

@@ -294,3 +294,33 @@ mod tests {
         assert_eq!(top_k(&scores, 6, &exclude).len(), 4);
     }
 }
+
+#[cfg(test)]
+mod loading_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn calls_before_the_models_are_loaded_are_unavailable() {
+        let state = Arc::new(ApiState::new(
+            Limits {
+                max_ids: 10,
+                max_history_len: 10,
+            },
+            Duration::ZERO,
+        ));
+        let api = EmbeddingApi::new(state);
+        let status = api
+            .get_item_embeddings(Request::new(GetItemEmbeddingsRequest {
+                model: "m".into(),
+                item_ids: vec![1],
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let status = api
+            .list_models(Request::new(ListModelsRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+}

@@ -49,3 +49,61 @@ impl Readiness {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Pb;
+    use tonic_health::pb::health_client::HealthClient;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn starts_not_serving_and_follows_the_switch() {
+        let (readiness, server) = Readiness::new(&["rsllm.v1.Test"]).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let serve = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async {
+                        let _ = rx.await;
+                    },
+                ),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = HealthClient::new(channel);
+        let mut status = async |service: &str| {
+            client
+                .check(HealthCheckRequest {
+                    service: service.to_owned(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+        };
+        for s in ["", "rsllm.v1.Test"] {
+            assert_eq!(
+                status(s).await,
+                Pb::NotServing as i32,
+                "{s:?} before serving()"
+            );
+        }
+        readiness.serving().await;
+        for s in ["", "rsllm.v1.Test"] {
+            assert_eq!(status(s).await, Pb::Serving as i32, "{s:?} after serving()");
+        }
+        readiness.not_serving().await;
+        assert_eq!(status("").await, Pb::NotServing as i32);
+        tx.send(()).unwrap();
+        serve.await.unwrap().unwrap();
+    }
+}
