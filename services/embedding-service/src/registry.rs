@@ -40,7 +40,9 @@ impl LoadedModel {
             name: name.to_owned(),
             detail,
         };
-        let vectors = model.item_embeddings();
+        let vectors = model
+            .try_item_embeddings()
+            .map_err(|e| bad(format!("item table: {e}")))?;
         let (num_items, dim) = (model.num_items(), model.dim());
         if num_items == 0 || dim == 0 {
             return Err(bad(format!("{num_items} items of dim {dim}")));
