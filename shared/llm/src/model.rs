@@ -1,0 +1,875 @@
+//! A Llama-family decoder on tch, after Hugging Face's `modeling_llama.py` (Touvron et al.
+//! 2023): RMSNorm, rotary position embeddings (rotate-half form, configurable theta),
+//! grouped-query attention through libtorch's `scaled_dot_product_attention`, a SwiGLU MLP
+//! and a tied or separate output head.
+//!
+//! Variables are named exactly as in HF checkpoints (`model.layers.{i}.self_attn.q_proj.weight`,
+//! ...), so a `model.safetensors` maps onto the [`tch::nn::VarStore`] one to one.
+//!
+//! Entry points, in the shape of candle's llama.rs:
+//! - [`Llama::embed`] then [`Llama::forward_embeds`]: the caller may splice vectors into the
+//!   token embeddings first (the ID slots of RSLLM's unified prompts, see [`SlotOverrides`]);
+//! - [`Llama::logits_at`]: the output head only at the positions a loss or a score needs,
+//!   never the 49152-wide row for every position by default.
+//!
+//! Every op on the request path is the fallible `f_` form, so a shape problem is an error,
+//! not a panic.
+
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::config::LlamaConfig;
+use crate::error::{LlmError, Result};
+
+/// A bias-free linear layer holding its `weight` as `[out, in]`, as HF stores it.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+}
+
+impl Linear {
+    fn new(path: &nn::Path, out_dim: usize, in_dim: usize) -> Linear {
+        // Zeros: the weights are always loaded or initialised explicitly afterwards, and
+        // filling 135M random numbers at every load would cost a second for nothing.
+        let weight = path.var(
+            "weight",
+            &[out_dim as i64, in_dim as i64],
+            nn::Init::Const(0.),
+        );
+        Linear { weight }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_linear::<&Tensor>(&self.weight, None)?)
+    }
+}
+
+/// Root-mean-square layer norm; statistics in f32 whatever the activations' dtype (as HF).
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(path: &nn::Path, dim: usize, eps: f64) -> RmsNorm {
+        let weight = path.var("weight", &[dim as i64], nn::Init::Const(1.));
+        RmsNorm { weight, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = x.kind();
+        let x32 = x.f_to_kind(Kind::Float)?;
+        let variance = x32.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
+        let normed = x32.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        Ok(self.weight.f_mul(&normed.f_to_kind(kind)?)?)
+    }
+}
+
+/// Precomputed rotary tables, `[max_positions, head_dim]` in f32, gathered by position.
+#[derive(Debug)]
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(config: &LlamaConfig, device: Device) -> Result<Rotary> {
+        let half = config.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                1.0 / config
+                    .rope_theta
+                    .powf((2 * i) as f64 / config.head_dim as f64) as f32
+            })
+            .collect();
+        let inv_freq = Tensor::f_from_slice(&inv_freq)?.f_to_device(device)?;
+        let positions =
+            Tensor::f_arange(config.max_position_embeddings as i64, (Kind::Float, device))?;
+        let freqs = positions.f_outer(&inv_freq)?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+        Ok(Rotary {
+            cos: emb.f_cos()?,
+            sin: emb.f_sin()?,
+        })
+    }
+
+    /// cos and sin for `positions` `[B, T]`, shaped `[B, 1, T, head_dim]` in `kind`.
+    fn at(&self, positions: &Tensor, kind: Kind) -> Result<(Tensor, Tensor)> {
+        let pick = |table: &Tensor| -> Result<Tensor> {
+            Ok(table
+                .f_index_select(0, &positions.f_flatten(0, -1)?)?
+                .f_view([positions.size()[0], 1, positions.size()[1], -1])?
+                .f_to_kind(kind)?)
+        };
+        Ok((pick(&self.cos)?, pick(&self.sin)?))
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.size().last().copied().unwrap_or(0) / 2;
+    let x1 = x.f_narrow(-1, 0, half)?;
+    let x2 = x.f_narrow(-1, half, half)?;
+    Ok(Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?)
+}
+
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok(x.f_mul(cos)?.f_add(&rotate_half(x)?.f_mul(sin)?)?)
+}
+
+/// Keys and values of every layer for the tokens seen so far, `[B, n_kv_heads, S, head_dim]`,
+/// plus which of those S positions are real tokens (false for padding).
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `[B, S]` bool; `None` while every cached position is a real token.
+    key_valid: Option<Tensor>,
+    len: i64,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> KvCache {
+        KvCache {
+            layers: (0..num_layers).map(|_| None).collect(),
+            key_valid: None,
+            len: 0,
+        }
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The batch size of the cached tensors (None while empty).
+    pub fn batch_size(&self) -> Option<i64> {
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.size()[0])
+    }
+
+    /// A cache for `n` sequences that all continue this one (a batch-1 cache): the shared
+    /// prefix of candidate scoring, encoded once. The copies are views until appended to.
+    pub fn expand_batch(&self, n: i64) -> Result<KvCache> {
+        if self.batch_size().is_some_and(|b| b != 1) {
+            return Err(LlmError::invalid(
+                "only a batch-1 cache can be expanded to several continuations",
+            ));
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            layers.push(match layer {
+                Some((k, v)) => Some((
+                    k.f_expand([n, -1, -1, -1], false)?,
+                    v.f_expand([n, -1, -1, -1], false)?,
+                )),
+                None => None,
+            });
+        }
+        let key_valid = match &self.key_valid {
+            Some(valid) => Some(valid.f_expand([n, -1], false)?),
+            None => None,
+        };
+        Ok(KvCache {
+            layers,
+            key_valid,
+            len: self.len,
+        })
+    }
+
+    /// Appends this step's validity flags (`None`: all real) to the cache's record.
+    fn append_valid(
+        &mut self,
+        new_valid: Option<&Tensor>,
+        batch: i64,
+        steps: i64,
+        device: Device,
+    ) -> Result<()> {
+        self.key_valid = match (&self.key_valid, new_valid) {
+            (None, None) => None,
+            (old, new) => {
+                let old = match old {
+                    Some(t) => t.shallow_clone(),
+                    None => Tensor::f_ones([batch, self.len], (Kind::Bool, device))?,
+                };
+                let new = match new {
+                    Some(t) => t.shallow_clone(),
+                    None => Tensor::f_ones([batch, steps], (Kind::Bool, device))?,
+                };
+                Some(Tensor::f_cat(&[&old, &new], 1)?)
+            }
+        };
+        Ok(())
+    }
+}
+
+/// Input-embedding overrides: row `vectors[i]` replaces the token embedding of sequence
+/// `batch[i]` at position `position[i]` (RSLLM's ID slots carry projected item vectors).
+#[derive(Debug)]
+pub struct SlotOverrides {
+    /// `[N]` int64
+    pub batch: Tensor,
+    /// `[N]` int64, positions within this forward's chunk
+    pub position: Tensor,
+    /// `[N, hidden_size]`, any float kind (cast to the model's)
+    pub vectors: Tensor,
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(path: &nn::Path, c: &LlamaConfig) -> Attention {
+        let d = c.hidden_size;
+        Attention {
+            q_proj: Linear::new(&(path / "q_proj"), c.num_attention_heads * c.head_dim, d),
+            k_proj: Linear::new(&(path / "k_proj"), c.num_key_value_heads * c.head_dim, d),
+            v_proj: Linear::new(&(path / "v_proj"), c.num_key_value_heads * c.head_dim, d),
+            o_proj: Linear::new(&(path / "o_proj"), d, c.num_attention_heads * c.head_dim),
+            num_heads: c.num_attention_heads as i64,
+            num_kv_heads: c.num_key_value_heads as i64,
+            head_dim: c.head_dim as i64,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let heads = |proj: &Linear, n: i64| -> Result<Tensor> {
+            Ok(proj
+                .forward(x)?
+                .f_view([b, t, n, self.head_dim])?
+                .f_transpose(1, 2)?)
+        };
+        let q = apply_rotary(&heads(&self.q_proj, self.num_heads)?, cos, sin)?;
+        let mut k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads)?, cos, sin)?;
+        let mut v = heads(&self.v_proj, self.num_kv_heads)?;
+        if let Some(slot) = cache {
+            if let Some((past_k, past_v)) = slot.as_ref() {
+                k = Tensor::f_cat(&[past_k, &k], 2)?;
+                v = Tensor::f_cat(&[past_v, &v], 2)?;
+            }
+            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        }
+        let (k, v) = self.repeat_kv(k, v)?;
+        let out = match mask {
+            AttentionMask::Causal => Tensor::f_scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, 0.0, true, None, false,
+            )?,
+            AttentionMask::None => Tensor::f_scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, 0.0, false, None, false,
+            )?,
+            AttentionMask::Explicit(m) => Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(m),
+                0.0,
+                false,
+                None,
+                false,
+            )?,
+        };
+        let out = out
+            .f_transpose(1, 2)?
+            .f_reshape([b, t, self.num_heads * self.head_dim])?;
+        self.o_proj.forward(&out)
+    }
+
+    /// Grouped-query attention: each key/value head serves `num_heads / num_kv_heads` query
+    /// heads (HF's `repeat_kv`).
+    fn repeat_kv(&self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let n_rep = self.num_heads / self.num_kv_heads;
+        if n_rep == 1 {
+            return Ok((k, v));
+        }
+        let rep = |x: Tensor| -> Result<Tensor> {
+            let s = x.size();
+            Ok(x.f_unsqueeze(2)?
+                .f_expand([s[0], s[1], n_rep, s[2], s[3]], false)?
+                .f_reshape([s[0], s[1] * n_rep, s[2], s[3]])?)
+        };
+        Ok((rep(k)?, rep(v)?))
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(path: &nn::Path, c: &LlamaConfig) -> Mlp {
+        Mlp {
+            gate_proj: Linear::new(&(path / "gate_proj"), c.intermediate_size, c.hidden_size),
+            up_proj: Linear::new(&(path / "up_proj"), c.intermediate_size, c.hidden_size),
+            down_proj: Linear::new(&(path / "down_proj"), c.hidden_size, c.intermediate_size),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.f_silu()?;
+        self.down_proj
+            .forward(&gate.f_mul(&self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+    span: tracing::Span,
+}
+
+impl Block {
+    fn new(path: &nn::Path, c: &LlamaConfig, index: usize) -> Block {
+        Block {
+            input_layernorm: RmsNorm::new(
+                &(path / "input_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            ),
+            self_attn: Attention::new(&(path / "self_attn"), c),
+            post_attention_layernorm: RmsNorm::new(
+                &(path / "post_attention_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            ),
+            mlp: Mlp::new(&(path / "mlp"), c),
+            span: tracing::trace_span!("block", index),
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;
+        let x = x.f_add(&attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok(x.f_add(&mlp)?)
+    }
+}
+
+/// Which keys each query may see in one forward.
+#[derive(Debug)]
+enum AttentionMask {
+    /// Fresh causal chunk without padding: libtorch's fused causal path.
+    Causal,
+    /// One new token per sequence, every cached key visible.
+    None,
+    /// `[B, 1, T, S]` bool, true where attention is allowed.
+    Explicit(Tensor),
+}
+
+/// The decoder: `model.embed_tokens`, `model.layers.*`, `model.norm` and `lm_head`.
+#[derive(Debug)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    lm_head: Option<Linear>,
+    rotary: Rotary,
+    device: Device,
+}
+
+impl Llama {
+    /// Declares every variable under `root` (zeros; load or initialise them afterwards).
+    pub fn new(root: &nn::Path, config: &LlamaConfig) -> Result<Llama> {
+        let model = root / "model";
+        let embed_tokens = (&model / "embed_tokens").var(
+            "weight",
+            &[config.vocab_size as i64, config.hidden_size as i64],
+            nn::Init::Const(0.),
+        );
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Block::new(&(&model / "layers" / i), config, i))
+            .collect();
+        let norm = RmsNorm::new(&(&model / "norm"), config.hidden_size, config.rms_norm_eps);
+        let lm_head = (!config.tie_word_embeddings)
+            .then(|| Linear::new(&(root / "lm_head"), config.vocab_size, config.hidden_size));
+        Ok(Llama {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: Rotary::new(config, root.device())?,
+            device: root.device(),
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The dtype activations run in (that of the embedding table).
+    pub fn kind(&self) -> Kind {
+        self.embed_tokens.kind()
+    }
+
+    /// The input embedding table `[vocab, hidden]` (RSLLM's L_ui uses title-token means).
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    /// Token embeddings `[B, T, D]` for `ids` `[B, T]` (int64), with `overrides` spliced in.
+    pub fn embed(&self, ids: &Tensor, overrides: Option<&SlotOverrides>) -> Result<Tensor> {
+        let vocab = self.config.vocab_size as i64;
+        if ids.numel() > 0 {
+            let (min, max) = (ids.f_min()?.int64_value(&[]), ids.f_max()?.int64_value(&[]));
+            if min < 0 || max >= vocab {
+                return Err(LlmError::invalid(format!(
+                    "token id out of range: ids span {min}..={max}, vocabulary has {vocab}"
+                )));
+            }
+        }
+        let embeds = Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?;
+        match overrides {
+            None => Ok(embeds),
+            Some(o) => self.splice(embeds, o),
+        }
+    }
+
+    fn splice(&self, embeds: Tensor, o: &SlotOverrides) -> Result<Tensor> {
+        let (b, t, d) = {
+            let s = embeds.size();
+            (s[0], s[1], s[2])
+        };
+        let n = o.batch.size().first().copied().unwrap_or(0);
+        if o.position.size() != [n] || o.batch.size() != [n] || o.vectors.size() != [n, d] {
+            return Err(LlmError::invalid(format!(
+                "slot overrides: batch {:?}, position {:?} and vectors {:?} must be [N], [N], [N, {d}]",
+                o.batch.size(),
+                o.position.size(),
+                o.vectors.size()
+            )));
+        }
+        if n == 0 {
+            return Ok(embeds);
+        }
+        let in_range = |x: &Tensor, bound: i64| -> Result<bool> {
+            Ok(x.f_min()?.int64_value(&[]) >= 0 && x.f_max()?.int64_value(&[]) < bound)
+        };
+        if !in_range(&o.batch, b)? || !in_range(&o.position, t)? {
+            return Err(LlmError::invalid(format!(
+                "slot overrides point outside the [{b}, {t}] prompt batch"
+            )));
+        }
+        let vectors = o.vectors.f_to_kind(embeds.kind())?;
+        // Out of place, so gradients flow into the vectors (the projector) when training.
+        Ok(embeds.f_index_put(&[Some(&o.batch), Some(&o.position)], &vectors, false)?)
+    }
+
+    /// Runs the decoder on `embeds` `[B, T, D]` at absolute `positions` `[B, T]` (int64).
+    /// `valid` `[B, T]` (bool) marks real tokens (false: padding, never attended to). With a
+    /// cache, keys/values are appended and the new tokens also see the cached ones.
+    /// Returns the final-norm hidden states `[B, T, D]`.
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        valid: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let size = embeds.size();
+        let [b, t, d] = size[..] else {
+            return Err(LlmError::invalid(format!(
+                "embeddings must be [B, T, D], got {size:?}"
+            )));
+        };
+        if d != self.config.hidden_size as i64 || positions.size() != [b, t] {
+            return Err(LlmError::invalid(format!(
+                "embeddings {size:?} and positions {:?} do not fit hidden size {}",
+                positions.size(),
+                self.config.hidden_size
+            )));
+        }
+        if t == 0 {
+            return Err(LlmError::invalid("an empty chunk has nothing to run"));
+        }
+        let max_pos = positions.f_max()?.int64_value(&[]);
+        if positions.f_min()?.int64_value(&[]) < 0
+            || max_pos >= self.config.max_position_embeddings as i64
+        {
+            return Err(LlmError::invalid(format!(
+                "positions reach {max_pos}; the model's context is {} tokens",
+                self.config.max_position_embeddings
+            )));
+        }
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        if let Some(c) = cache.as_ref()
+            && c.batch_size().is_some_and(|cb| cb != b)
+        {
+            return Err(LlmError::invalid(format!(
+                "batch of {b} sequences does not match the cache's {:?}",
+                c.batch_size()
+            )));
+        }
+        let mask = self.mask(b, t, past, valid, cache.as_deref())?;
+        let (cos, sin) = self.rotary.at(positions, embeds.kind())?;
+        let mut x = embeds.shallow_clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = match cache.as_deref_mut() {
+                Some(c) => c.layers.get_mut(i),
+                None => None,
+            };
+            x = layer.forward(&x, &cos, &sin, &mask, slot)?;
+        }
+        if let Some(c) = cache {
+            c.append_valid(valid, b, t, self.device)?;
+            c.len += t;
+        }
+        self.norm.forward(&x)
+    }
+
+    fn mask(
+        &self,
+        b: i64,
+        t: i64,
+        past: i64,
+        valid: Option<&Tensor>,
+        cache: Option<&KvCache>,
+    ) -> Result<AttentionMask> {
+        let cached_valid = cache.and_then(|c| c.key_valid.as_ref());
+        if valid.is_none() && cached_valid.is_none() {
+            if past == 0 {
+                return Ok(AttentionMask::Causal);
+            }
+            if t == 1 {
+                return Ok(AttentionMask::None);
+            }
+        }
+        let s = past + t;
+        // Query i sits at cache index past + i and sees keys 0..=past + i.
+        let q_idx = Tensor::f_arange(t, (Kind::Int64, self.device))?.f_add_scalar(past)?;
+        let k_idx = Tensor::f_arange(s, (Kind::Int64, self.device))?;
+        let causal = k_idx.f_unsqueeze(0)?.f_le_tensor(&q_idx.f_unsqueeze(1)?)?; // [T, S]
+        let mut mask = causal.f_view([1, 1, t, s])?.f_expand([b, 1, t, s], false)?;
+        let key_valid = match (cached_valid, valid) {
+            (None, None) => None,
+            (old, new) => {
+                let old = match old {
+                    Some(o) => o.shallow_clone(),
+                    None => Tensor::f_ones([b, past], (Kind::Bool, self.device))?,
+                };
+                let new = match new {
+                    Some(n) => n.f_to_kind(Kind::Bool)?,
+                    None => Tensor::f_ones([b, t], (Kind::Bool, self.device))?,
+                };
+                Some(Tensor::f_cat(&[&old, &new], 1)?)
+            }
+        };
+        if let Some(kv) = key_valid {
+            mask = mask.f_logical_and(&kv.f_view([b, 1, 1, s])?)?;
+            // A padding query that sees no key at all would give NaN rows; let it see
+            // itself (its output is never used).
+            let own = Tensor::f_eye_m(t, s, (Kind::Bool, self.device))?;
+            let own = own.f_roll([past], [1])?.f_view([1, 1, t, s])?;
+            mask = mask.f_logical_or(&own)?;
+        }
+        Ok(AttentionMask::Explicit(mask))
+    }
+
+    /// Logits `[N, vocab]` (f32) of `hidden` `[B, T, D]` at (batch, position) pairs; pass
+    /// `None` positions for every position of every sequence.
+    pub fn logits_at(&self, hidden: &Tensor, at: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        let picked = match at {
+            Some((batch, position)) => hidden.f_index(&[Some(batch), Some(position)])?,
+            None => hidden.f_flatten(0, 1)?,
+        };
+        self.head(&picked)
+    }
+
+    /// Logits at the last position of each sequence `[B, vocab]` (f32).
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let t = hidden.size()[1];
+        self.head(&hidden.f_select(1, t - 1)?)
+    }
+
+    /// The output head on hidden rows `[.., D]`, returning f32 logits.
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(hidden)?,
+            None => hidden.f_linear::<&Tensor>(&self.embed_tokens, None)?,
+        };
+        Ok(logits.f_to_kind(Kind::Float)?)
+    }
+
+    /// Ids to hidden states, positions 0..T, no padding: the plain full forward.
+    pub fn forward_ids(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let (b, t) = (ids.size()[0], ids.size()[1]);
+        let positions = Tensor::f_arange(t, (Kind::Int64, self.device))?
+            .f_add_scalar(past)?
+            .f_unsqueeze(0)?
+            .f_expand([b, t], false)?;
+        let embeds = self.embed(ids, None)?;
+        self.forward_embeds(&embeds, &positions, None, cache)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn tiny_config() -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 97,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 8,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        }
+    }
+
+    /// A tiny model with seeded random weights.
+    pub(crate) fn tiny_model(config: &LlamaConfig) -> (nn::VarStore, Llama) {
+        tch::manual_seed(7);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Llama::new(&vs.root(), config).unwrap();
+        tch::no_grad(|| {
+            for (name, mut var) in vs.variables() {
+                let fresh = if name.ends_with("norm.weight") {
+                    Tensor::ones(var.size(), (Kind::Float, Device::Cpu))
+                        + Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * 0.1
+                } else {
+                    Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * 0.2
+                };
+                var.copy_(&fresh);
+            }
+        });
+        (vs, model)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn variable_names_match_hugging_face() {
+        let (vs, _) = tiny_model(&tiny_config());
+        let names = vs.variables();
+        for name in [
+            "model.embed_tokens.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.k_proj.weight",
+            "model.layers.1.self_attn.v_proj.weight",
+            "model.layers.1.self_attn.o_proj.weight",
+            "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.0.post_attention_layernorm.weight",
+            "model.norm.weight",
+        ] {
+            assert!(names.contains_key(name), "missing {name}");
+        }
+        assert!(
+            !names.contains_key("lm_head.weight"),
+            "tied head has no variable"
+        );
+        assert_eq!(
+            names["model.layers.0.self_attn.k_proj.weight"].size(),
+            [16, 32]
+        );
+        let params: i64 = names.values().map(|t| t.numel() as i64).sum();
+        assert_eq!(params as usize, tiny_config().num_parameters());
+    }
+
+    #[test]
+    fn causal_mask_hides_the_future() {
+        let c = tiny_config();
+        let (_vs, model) = tiny_model(&c);
+        let _g = tch::no_grad_guard();
+        let ids = Tensor::from_slice(&[5i64, 9, 13, 21, 34, 55]).view([1, 6]);
+        let changed = Tensor::from_slice(&[5i64, 9, 13, 80, 81, 82]).view([1, 6]);
+        let a = model.forward_ids(&ids, None).unwrap();
+        let b = model.forward_ids(&changed, None).unwrap();
+        // Positions 0..3 see the same prefix: identical; position 3 onwards differ.
+        assert!(max_abs_diff(&a.narrow(1, 0, 3), &b.narrow(1, 0, 3)) < 1e-6);
+        assert!(max_abs_diff(&a.narrow(1, 3, 1), &b.narrow(1, 3, 1)) > 1e-3);
+    }
+
+    #[test]
+    fn incremental_decoding_equals_the_full_forward() {
+        let c = tiny_config();
+        let (_vs, model) = tiny_model(&c);
+        let _g = tch::no_grad_guard();
+        let ids = Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9, 2, 6, 10, 11, 12, 13]).view([2, 6]);
+        let full = model.forward_ids(&ids, None).unwrap();
+        let mut cache = KvCache::new(c.num_hidden_layers);
+        // A 3-token prefill, then one token at a time.
+        let mut pieces = vec![
+            model
+                .forward_ids(&ids.narrow(1, 0, 3), Some(&mut cache))
+                .unwrap(),
+        ];
+        for i in 3..6 {
+            pieces.push(
+                model
+                    .forward_ids(&ids.narrow(1, i, 1), Some(&mut cache))
+                    .unwrap(),
+            );
+        }
+        assert_eq!(cache.len(), 6);
+        let stepped = Tensor::cat(&pieces, 1);
+        assert!(
+            max_abs_diff(&full, &stepped) < 1e-5,
+            "{}",
+            max_abs_diff(&full, &stepped)
+        );
+        // A 2-token chunk after a cached prefix takes the explicit-mask path: same answer.
+        let mut cache = KvCache::new(c.num_hidden_layers);
+        let a = model
+            .forward_ids(&ids.narrow(1, 0, 4), Some(&mut cache))
+            .unwrap();
+        let b = model
+            .forward_ids(&ids.narrow(1, 4, 2), Some(&mut cache))
+            .unwrap();
+        assert!(max_abs_diff(&full, &Tensor::cat(&[a, b], 1)) < 1e-5);
+    }
+
+    #[test]
+    fn left_padding_does_not_change_the_real_tokens() {
+        let c = tiny_config();
+        let (_vs, model) = tiny_model(&c);
+        let _g = tch::no_grad_guard();
+        let alone = model
+            .forward_ids(&Tensor::from_slice(&[7i64, 8, 9]).view([1, 3]), None)
+            .unwrap();
+        // The same sequence left-padded by two (pad id 0) with positions starting at 0 on the
+        // first real token.
+        let ids = Tensor::from_slice(&[0i64, 0, 7, 8, 9]).view([1, 5]);
+        let positions = Tensor::from_slice(&[0i64, 0, 0, 1, 2]).view([1, 5]);
+        let valid = Tensor::from_slice(&[false, false, true, true, true]).view([1, 5]);
+        let embeds = model.embed(&ids, None).unwrap();
+        let padded = model
+            .forward_embeds(&embeds, &positions, Some(&valid), None)
+            .unwrap();
+        let diff = max_abs_diff(&alone, &padded.narrow(1, 2, 3));
+        assert!(diff < 1e-5, "{diff}");
+        assert!(
+            !bool::try_from(padded.isnan().any()).unwrap(),
+            "padding rows must not be NaN"
+        );
+    }
+
+    #[test]
+    fn overrides_replace_exactly_the_named_slots() {
+        let c = tiny_config();
+        let (_vs, model) = tiny_model(&c);
+        let _g = tch::no_grad_guard();
+        let ids = Tensor::from_slice(&[4i64, 5, 6, 7, 8, 9]).view([2, 3]);
+        let vectors = Tensor::randn([2, 32], (Kind::Float, Device::Cpu));
+        let overrides = SlotOverrides {
+            batch: Tensor::from_slice(&[0i64, 1]),
+            position: Tensor::from_slice(&[1i64, 2]),
+            vectors: vectors.shallow_clone(),
+        };
+        let plain = model.embed(&ids, None).unwrap();
+        let spliced = model.embed(&ids, Some(&overrides)).unwrap();
+        assert!(max_abs_diff(&spliced.get(0).get(1), &vectors.get(0)) < 1e-7);
+        assert!(max_abs_diff(&spliced.get(1).get(2), &vectors.get(1)) < 1e-7);
+        assert!(max_abs_diff(&spliced.get(0).get(0), &plain.get(0).get(0)) < 1e-7);
+        assert!(max_abs_diff(&spliced.get(1).get(1), &plain.get(1).get(1)) < 1e-7);
+        // Out of range: an error naming the problem, not a panic.
+        let bad = SlotOverrides {
+            batch: Tensor::from_slice(&[0i64]),
+            position: Tensor::from_slice(&[3i64]),
+            vectors: Tensor::zeros([1, 32], (Kind::Float, Device::Cpu)),
+        };
+        let err = model.embed(&ids, Some(&bad)).unwrap_err().to_string();
+        assert!(err.contains("outside"), "{err}");
+        let err = model
+            .embed(&Tensor::from_slice(&[97i64]).view([1, 1]), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("out of range"), "{err}");
+    }
+
+    #[test]
+    fn gradients_reach_override_vectors() {
+        let c = tiny_config();
+        let (_vs, model) = tiny_model(&c);
+        let vectors = Tensor::randn([1, 32], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let overrides = SlotOverrides {
+            batch: Tensor::from_slice(&[0i64]),
+            position: Tensor::from_slice(&[1i64]),
+            vectors: vectors.shallow_clone(),
+        };
+        let ids = Tensor::from_slice(&[4i64, 5, 6]).view([1, 3]);
+        let embeds = model.embed(&ids, Some(&overrides)).unwrap();
+        let positions = Tensor::arange(3, (Kind::Int64, Device::Cpu)).view([1, 3]);
+        let hidden = model
+            .forward_embeds(&embeds, &positions, None, None)
+            .unwrap();
+        let logits = model.last_logits(&hidden).unwrap();
+        logits.sum(Kind::Float).backward();
+        let grad = vectors.grad();
+        assert!(grad.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn logits_only_where_asked() {
+        let c = tiny_config();
+        let (_vs, model) = tiny_model(&c);
+        let _g = tch::no_grad_guard();
+        let ids = Tensor::from_slice(&[4i64, 5, 6, 7, 8, 9]).view([2, 3]);
+        let hidden = model.forward_ids(&ids, None).unwrap();
+        let all = model.logits_at(&hidden, None).unwrap();
+        assert_eq!(all.size(), [6, 97]);
+        let some = model
+            .logits_at(
+                &hidden,
+                Some((&Tensor::from_slice(&[1i64]), &Tensor::from_slice(&[2i64]))),
+            )
+            .unwrap();
+        assert_eq!(some.size(), [1, 97]);
+        assert!(max_abs_diff(&some.get(0), &all.get(5)) < 1e-6);
+        let last = model.last_logits(&hidden).unwrap();
+        assert!(max_abs_diff(&last.get(0), &all.get(2)) < 1e-6);
+    }
+}
