@@ -110,6 +110,31 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// This config as a Hugging Face `config.json` (transformers' Llama keys).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids.first(),
+            "torch_dtype": "float32",
+        })
+    }
+
     /// The number of parameters of the model this config describes.
     pub fn num_parameters(&self) -> usize {
         let d = self.hidden_size;

@@ -23,7 +23,7 @@ pub use infer::{
     ContinuationScore, FinishReason, GenerateOptions, Generation, Sampling, generate,
     score_continuations,
 };
-pub use loader::{LoadedModel, ModelFormat, load};
+pub use loader::{LoadedModel, ModelFormat, load, save_hf_dir};
 pub use model::{KvCache, Llama, SlotOverrides};
 pub use tokenizer::LlmTokenizer;
 

@@ -290,9 +290,271 @@ fn copy_into(
     Ok(())
 }
 
+/// Writes `model` as a Hugging Face directory (`config.json`, `model.safetensors` in f32,
+/// `tokenizer.json`), each file atomically (a temporary sibling, then a rename), so that
+/// [`load`] or transformers can read it back. The GGUF default becomes an HF checkpoint this way.
+pub fn save_hf_dir(
+    model: &Llama,
+    vs: &nn::VarStore,
+    tokenizer: &LlmTokenizer,
+    dir: &Path,
+) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| LlmError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let config_path = dir.join("config.json");
+    rsllm_core::artefact::write_json_atomic(&config_path, &model.config.to_hf_json())
+        .map_err(io(&config_path))?;
+    let tokenizer_path = dir.join("tokenizer.json");
+    rsllm_core::artefact::write_atomic(&tokenizer_path, tokenizer.to_json()?.as_bytes())
+        .map_err(io(&tokenizer_path))?;
+
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut f32_named = Vec::with_capacity(named.len());
+    for (name, tensor) in named {
+        f32_named.push((
+            name,
+            tensor.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?,
+        ));
+    }
+    let weights_path = dir.join("model.safetensors");
+    // The temporary name keeps the extension: tch picks the format from it.
+    let temp = dir.join(format!(".model.{}.tmp.safetensors", std::process::id()));
+    Tensor::write_safetensors(&f32_named, &temp)?;
+    std::fs::rename(&temp, &weights_path).map_err(io(&weights_path))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::tests::{tiny_config, tiny_model};
+
+    /// A byte-level BPE tokenizer over the 97 tokens of the tiny model's vocabulary.
+    fn tiny_tokenizer() -> LlmTokenizer {
+        let json = serde_json::json!({
+            "version": "1.0",
+            "added_tokens": [{"id": 2, "content": "<eos>", "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true}],
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "vocab": (0..97u32).map(|i| {
+                let token = match i {
+                    0 => "<unk>".to_owned(),
+                    1 => "<bos>".to_owned(),
+                    2 => "<eos>".to_owned(),
+                    i => format!("t{i}"),
+                };
+                (token, serde_json::Value::from(i))
+            }).collect::<serde_json::Map<String, serde_json::Value>>(), "merges": []}
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        LlmTokenizer::from_file(&path).unwrap()
+    }
+
+    fn saved_tiny_dir() -> (tempfile::TempDir, Llama) {
+        let config = tiny_config();
+        let (vs, model) = tiny_model(&config);
+        let dir = tempfile::tempdir().unwrap();
+        save_hf_dir(&model, &vs, &tiny_tokenizer(), dir.path()).unwrap();
+        (dir, model)
+    }
+
+    #[test]
+    fn hf_directory_round_trip_gives_the_same_logits() {
+        let (dir, model) = saved_tiny_dir();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.contains("tmp")),
+            "temporary files left: {names:?}"
+        );
+        let loaded = load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+        assert_eq!(loaded.format, ModelFormat::HfDirectory);
+        assert_eq!(loaded.model.config, model.config);
+        let ids = Tensor::from_slice(&[5i64, 6, 7, 8]).view([1, 4]);
+        let _g = tch::no_grad_guard();
+        let a = model.forward_ids(&ids, None).unwrap();
+        let b = loaded.model.forward_ids(&ids, None).unwrap();
+        assert!((a - b).abs().max().double_value(&[]) < 1e-6);
+        // bf16 loads too, with its variables cast.
+        let bf16 = load(dir.path(), Device::Cpu, Kind::BFloat16).unwrap();
+        assert_eq!(bf16.model.kind(), Kind::BFloat16);
+        for l in [&loaded, &bf16] {
+            let grads: Vec<String> =
+                l.vs.variables()
+                    .into_iter()
+                    .filter(|(_, t)| t.requires_grad())
+                    .map(|(n, _)| n)
+                    .collect();
+            assert!(grads.is_empty(), "the base model is frozen: {grads:?}");
+        }
+    }
+
+    #[test]
+    fn sharded_checkpoints_load_through_their_index() {
+        let (dir, model) = saved_tiny_dir();
+        let single = dir.path().join("model.safetensors");
+        let all = Tensor::read_safetensors(&single).unwrap();
+        let (first, second): (Vec<_>, Vec<_>) =
+            all.into_iter().partition(|(n, _)| n.contains("layers.0."));
+        Tensor::write_safetensors(&first, dir.path().join("model-00001-of-00002.safetensors"))
+            .unwrap();
+        Tensor::write_safetensors(&second, dir.path().join("model-00002-of-00002.safetensors"))
+            .unwrap();
+        std::fs::remove_file(&single).unwrap();
+        let weight_map: serde_json::Map<String, serde_json::Value> = first
+            .iter()
+            .map(|(n, _)| (n.clone(), "model-00001-of-00002.safetensors".into()))
+            .chain(
+                second
+                    .iter()
+                    .map(|(n, _)| (n.clone(), "model-00002-of-00002.safetensors".into())),
+            )
+            .collect();
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+        )
+        .unwrap();
+        let loaded = load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+        let w = loaded.vs.variables()["model.layers.1.mlp.up_proj.weight"].shallow_clone();
+        let _ = model;
+        assert_eq!(w.size(), [48, 32]);
+    }
+
+    /// Each broken directory gives an error naming the file and what is wrong.
+    #[test]
+    fn broken_hf_directories_are_named_errors() {
+        let check = |mutate: &dyn Fn(&Path), needles: &[&str]| {
+            let (dir, _) = saved_tiny_dir();
+            mutate(dir.path());
+            let err = load(dir.path(), Device::Cpu, Kind::Float)
+                .unwrap_err()
+                .to_string();
+            for needle in needles {
+                assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+            }
+        };
+        let weights = |d: &Path| d.join("model.safetensors");
+        // Truncated weights file.
+        check(
+            &|d| {
+                let bytes = std::fs::read(weights(d)).unwrap();
+                std::fs::write(weights(d), &bytes[..bytes.len() / 2]).unwrap();
+            },
+            &["model.safetensors", "not a readable safetensors file"],
+        );
+        // A tensor missing, one renamed to something the model lacks, one with a wrong shape.
+        let rewrite = |d: &Path, f: &dyn Fn(Vec<(String, Tensor)>) -> Vec<(String, Tensor)>| {
+            let all = Tensor::read_safetensors(weights(d)).unwrap();
+            Tensor::write_safetensors(&f(all), weights(d)).unwrap();
+        };
+        check(
+            &|d| {
+                rewrite(d, &|all| {
+                    all.into_iter()
+                        .filter(|(n, _)| n != "model.norm.weight")
+                        .collect()
+                })
+            },
+            &["missing tensors: model.norm.weight"],
+        );
+        check(
+            &|d| {
+                rewrite(d, &|mut all| {
+                    all.push((
+                        "model.extra.weight".into(),
+                        Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+                    ));
+                    all
+                })
+            },
+            &["tensors the model does not have: model.extra.weight"],
+        );
+        check(
+            &|d| {
+                rewrite(d, &|all| {
+                    all.into_iter()
+                        .map(|(n, t)| {
+                            if n == "model.layers.0.self_attn.q_proj.weight" {
+                                (n, Tensor::zeros([3, 3], (Kind::Float, Device::Cpu)))
+                            } else {
+                                (n, t)
+                            }
+                        })
+                        .collect()
+                })
+            },
+            &[
+                "model.layers.0.self_attn.q_proj.weight",
+                "[3, 3]",
+                "[32, 32]",
+            ],
+        );
+        check(
+            &|d| {
+                rewrite(d, &|all| {
+                    all.into_iter()
+                        .map(|(n, t)| {
+                            if n == "model.norm.weight" {
+                                (n, t.fill(f64::NAN))
+                            } else {
+                                (n, t)
+                            }
+                        })
+                        .collect()
+                })
+            },
+            &["model.norm.weight", "NaN"],
+        );
+        // Config problems.
+        check(
+            &|d| std::fs::write(d.join("config.json"), "{not json").unwrap(),
+            &["config.json", "JSON"],
+        );
+        check(
+            &|d| std::fs::write(d.join("config.json"), r#"{"model_type": "llama"}"#).unwrap(),
+            &["config.json", "not a Llama config"],
+        );
+        check(
+            &|d| std::fs::remove_file(d.join("tokenizer.json")).unwrap(),
+            &["tokenizer.json"],
+        );
+        check(
+            &|d| std::fs::remove_file(weights(d)).unwrap(),
+            &["neither model.safetensors"],
+        );
+    }
+
+    #[test]
+    fn a_missing_or_non_gguf_file_is_a_named_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("absent.gguf");
+        let err = load(&missing, Device::Cpu, Kind::Float)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("absent.gguf") && err.contains("no such file"),
+            "{err}"
+        );
+        let not_gguf = dir.path().join("fake.gguf");
+        std::fs::write(&not_gguf, b"PK\x03\x04 this is a zip").unwrap();
+        let err = load(&not_gguf, Device::Cpu, Kind::Float)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fake.gguf") && err.contains("not a GGUF file"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn gguf_names_map_to_hf_names() {
