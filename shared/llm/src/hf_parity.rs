@@ -261,3 +261,94 @@ fn bf16_stays_close_to_transformers_f32() {
         );
     }
 }
+
+/// Stop rules and sampling on the real model (greedy continues "The capital of France is"
+/// with " Paris.\n\nThe answer is:", per the fixture).
+#[test]
+fn generation_stops_and_samples_as_configured() {
+    let model = loaded(Kind::Float);
+    let prompt = model.tokenizer.encode("The capital of France is").unwrap();
+    let run = |options: GenerateOptions| {
+        generate(
+            &model.model,
+            &model.tokenizer,
+            std::slice::from_ref(&prompt),
+            &options,
+        )
+        .unwrap()
+        .remove(0)
+    };
+    let base = GenerateOptions {
+        max_new_tokens: 8,
+        ..GenerateOptions::default()
+    };
+    let newline = run(GenerateOptions {
+        stop_on_newline: true,
+        ..base.clone()
+    });
+    assert_eq!(newline.finish_reason, crate::FinishReason::Newline);
+    assert_eq!(
+        newline.token_ids,
+        vec![7042, 30, 198],
+        "' Paris', '.', newline"
+    );
+    let stop = run(GenerateOptions {
+        stop_strings: vec!["answer".into()],
+        ..base.clone()
+    });
+    assert_eq!(stop.finish_reason, crate::FinishReason::StopString);
+    assert_eq!(stop.text, " Paris.\n\nThe ");
+    let capped = run(GenerateOptions {
+        max_new_tokens: 2,
+        ..base.clone()
+    });
+    assert_eq!(capped.finish_reason, crate::FinishReason::Length);
+    assert_eq!(capped.token_ids.len(), 2);
+
+    // A vanishing top-p keeps only the most likely token: greedy again.
+    let narrow = run(GenerateOptions {
+        sampling: Sampling::TopP {
+            temperature: 1.0,
+            top_p: 1e-6,
+            seed: 1,
+        },
+        ..base.clone()
+    });
+    assert_eq!(narrow.token_ids, fixture().greedy[0].new_ids);
+    // Hot sampling differs from greedy, and the same seed repeats it exactly.
+    let hot = |seed| {
+        run(GenerateOptions {
+            sampling: Sampling::TopP {
+                temperature: 2.0,
+                top_p: 1.0,
+                seed,
+            },
+            stop_on_eos: false,
+            ..base.clone()
+        })
+        .token_ids
+    };
+    let (a, b) = (hot(7), hot(7));
+    assert_eq!(a, b, "same seed, same tokens");
+    assert_ne!(
+        a,
+        fixture().greedy[0].new_ids,
+        "temperature 2 should leave the greedy path"
+    );
+    let bad = generate(
+        &model.model,
+        &model.tokenizer,
+        std::slice::from_ref(&prompt),
+        &GenerateOptions {
+            sampling: Sampling::TopP {
+                temperature: 0.0,
+                top_p: 0.9,
+                seed: 0,
+            },
+            ..base
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("temperature"), "{bad}");
+}

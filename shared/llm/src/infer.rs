@@ -274,10 +274,17 @@ pub struct ContinuationScore {
     pub mean_logprob: f64,
 }
 
-/// Scores `continuations` (token ids, each non-empty) after `prompt`: the prompt is prefilled
-/// once (batch 1), its cache is shared by all continuations, which run together right-padded
-/// (padding after a sequence's tokens never influences them under the causal mask). Only the
-/// rows of logits that score a continuation token are computed.
+/// Continuation tokens packed into one row per forward: bounds the `[T, P + T]` attention
+/// mask and the attention weights of one packed pass.
+const MAX_PACKED_TOKENS: usize = 512;
+
+/// Scores `continuations` (token ids, each non-empty) after `prompt`. The prompt is prefilled
+/// once (batch 1) into a KV cache. The continuations are then packed end to end into one row
+/// (several rows when they exceed `MAX_PACKED_TOKENS`) that runs over the cached prompt under
+/// a block mask: each continuation sees the whole prompt and its own earlier tokens, at the
+/// positions it would have after the prompt, and nothing of the others. No padding is
+/// computed and the prompt's cache is never copied per continuation. Only the rows that
+/// predict a continuation token go through the output head.
 pub fn score_continuations(
     model: &Llama,
     prompt: &[u32],
@@ -307,56 +314,52 @@ pub fn score_continuations(
     // The prompt's last position predicts every continuation's first token.
     let first = model
         .last_logits(&prompt_hidden)?
-        .f_log_softmax(-1, Kind::Float)?; // [1, V]
-
-    let n = continuations.len() as i64;
-    let width = longest as i64;
-    let pad = i64::from(continuations[0][0]);
-    let mut flat = Vec::with_capacity((n * width) as usize);
-    for c in continuations {
-        flat.extend(c.iter().map(|&t| i64::from(t)));
-        flat.extend(std::iter::repeat_n(pad, longest - c.len()));
-    }
-    let cont_ids = Tensor::f_from_slice(&flat)?
-        .f_view([n, width])?
-        .f_to_device(device)?;
-
-    // Rows of the continuation pass that predict a token: position j predicts token j + 1.
-    let (mut rows_b, mut rows_p, mut targets) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, c) in continuations.iter().enumerate() {
-        for (j, &token) in c.iter().enumerate().skip(1) {
-            rows_b.push(i as i64);
-            rows_p.push(j as i64 - 1);
-            targets.push(i64::from(token));
-        }
-    }
-    let later = if targets.is_empty() {
-        Vec::new()
-    } else {
-        let mut shared = cache.expand_batch(n)?;
-        let hidden = model.forward_ids(&cont_ids, Some(&mut shared))?;
-        let rows_b = Tensor::f_from_slice(&rows_b)?.f_to_device(device)?;
-        let rows_p = Tensor::f_from_slice(&rows_p)?.f_to_device(device)?;
-        let targets = Tensor::f_from_slice(&targets)?.f_to_device(device)?;
-        let logp = model
-            .logits_at(&hidden, Some((&rows_b, &rows_p)))?
-            .f_log_softmax(-1, Kind::Float)?
-            .f_gather(1, &targets.f_unsqueeze(1)?, false)?
-            .f_squeeze_dim(1)?;
-        Vec::<f32>::try_from(logp.f_to_device(Device::Cpu)?)?
-    };
+        .f_log_softmax(-1, Kind::Float)?
+        .f_squeeze_dim(0)?;
     let first_targets: Vec<i64> = continuations.iter().map(|c| i64::from(c[0])).collect();
-    let first_logp = first.f_squeeze_dim(0)?.f_index_select(
+    let first_logp = first.f_index_select(
         0,
         &Tensor::f_from_slice(&first_targets)?.f_to_device(device)?,
     )?;
     let first_logp = Vec::<f32>::try_from(first_logp.f_to_device(Device::Cpu)?)?;
 
-    let mut later = later.into_iter();
+    // Log-probs of tokens 1.. of each continuation, filled group by group.
+    let mut later: Vec<Vec<f32>> = continuations
+        .iter()
+        .map(|c| Vec::with_capacity(c.len()))
+        .collect();
+    let mut group: Vec<usize> = Vec::new();
+    let mut group_tokens = 0;
+    for (i, c) in continuations.iter().enumerate() {
+        if !group.is_empty() && group_tokens + c.len() > MAX_PACKED_TOKENS {
+            score_packed(
+                model,
+                &cache,
+                prompt.len(),
+                continuations,
+                &group,
+                &mut later,
+            )?;
+            group.clear();
+            group_tokens = 0;
+        }
+        group.push(i);
+        group_tokens += c.len();
+    }
+    score_packed(
+        model,
+        &cache,
+        prompt.len(),
+        continuations,
+        &group,
+        &mut later,
+    )?;
+
     let mut scores = Vec::with_capacity(continuations.len());
-    for (c, first) in continuations.iter().zip(first_logp) {
-        let mut token_logprobs = vec![first];
-        token_logprobs.extend(later.by_ref().take(c.len() - 1));
+    for ((c, first), rest) in continuations.iter().zip(first_logp).zip(later) {
+        let mut token_logprobs = Vec::with_capacity(c.len());
+        token_logprobs.push(first);
+        token_logprobs.extend(rest);
         let sum: f64 = token_logprobs.iter().map(|&x| f64::from(x)).sum();
         scores.push(ContinuationScore {
             continuation_ids: c.clone(),
@@ -366,6 +369,74 @@ pub fn score_continuations(
         });
     }
     Ok(scores)
+}
+
+/// One packed pass over the cached prompt for the continuations in `group`: writes the
+/// log-probs of their tokens 1.. into `later`.
+fn score_packed(
+    model: &Llama,
+    prompt_cache: &KvCache,
+    prompt_len: usize,
+    continuations: &[Vec<u32>],
+    group: &[usize],
+    later: &mut [Vec<f32>],
+) -> Result<()> {
+    let device = model.device();
+    let (mut ids, mut positions, mut segment) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut rows, mut targets, mut owners) = (Vec::new(), Vec::new(), Vec::new());
+    for (g, &i) in group.iter().enumerate() {
+        let start = ids.len() as i64;
+        for (j, &token) in continuations[i].iter().enumerate() {
+            ids.push(i64::from(token));
+            positions.push((prompt_len + j) as i64);
+            segment.push(g as i64);
+            if j > 0 {
+                // Row start + j - 1 predicts token j.
+                rows.push(start + j as i64 - 1);
+                targets.push(i64::from(token));
+                owners.push(i);
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let t = ids.len() as i64;
+    let p = prompt_len as i64;
+    let ids = Tensor::f_from_slice(&ids)?
+        .f_view([1, t])?
+        .f_to_device(device)?;
+    let positions = Tensor::f_from_slice(&positions)?
+        .f_view([1, t])?
+        .f_to_device(device)?;
+    let segment = Tensor::f_from_slice(&segment)?.f_to_device(device)?;
+    // Query row q sees every prompt key, and the packed keys k <= q of its own continuation.
+    let idx = Tensor::f_arange(t, (Kind::Int64, device))?;
+    let causal = idx.f_unsqueeze(0)?.f_le_tensor(&idx.f_unsqueeze(1)?)?;
+    let same = segment
+        .f_unsqueeze(0)?
+        .f_eq_tensor(&segment.f_unsqueeze(1)?)?;
+    let packed = causal.f_logical_and(&same)?;
+    let to_prompt = Tensor::f_ones([t, p], (Kind::Bool, device))?;
+    let mask = Tensor::f_cat(&[&to_prompt, &packed], 1)?.f_view([1, 1, t, p + t])?;
+
+    let embeds = model.embed(&ids, None)?;
+    let hidden = model.forward_masked(&embeds, &positions, &mask, Some(prompt_cache))?;
+    let rows_t = Tensor::f_from_slice(&rows)?.f_to_device(device)?;
+    let zeros = Tensor::f_zeros_like(&rows_t)?;
+    let targets = Tensor::f_from_slice(&targets)?.f_to_device(device)?;
+    let logp = model
+        .logits_at(&hidden, Some((&zeros, &rows_t)))?
+        .f_log_softmax(-1, Kind::Float)?
+        .f_gather(1, &targets.f_unsqueeze(1)?, false)?
+        .f_squeeze_dim(1)?;
+    let logp = Vec::<f32>::try_from(logp.f_to_device(Device::Cpu)?)?;
+    for (owner, value) in owners.into_iter().zip(logp) {
+        if let Some(slot) = later.get_mut(owner) {
+            slot.push(value);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -404,6 +475,25 @@ mod tests {
             let sum: f64 = want.iter().map(|&x| f64::from(x)).sum();
             assert!((score.sum_logprob - sum).abs() < 1e-4);
             assert!((score.mean_logprob - sum / cont.len() as f64).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn continuations_beyond_one_packed_row_score_the_same() {
+        let c = tiny_config();
+        let (_vs, model) = tiny_model(&c);
+        let prompt = vec![5u32, 6, 7];
+        // 45 continuations of 12 tokens: 540 tokens, more than one packed row holds.
+        let conts: Vec<Vec<u32>> = (0..45u32)
+            .map(|i| (0..12u32).map(|j| 3 + (i * 13 + j * 7) % 90).collect())
+            .collect();
+        assert!(conts.iter().map(Vec::len).sum::<usize>() > MAX_PACKED_TOKENS);
+        let scores = score_continuations(&model, &prompt, &conts).unwrap();
+        for i in [0usize, 20, 41, 44] {
+            let want = reference(&model, &prompt, &conts[i]);
+            for (a, b) in scores[i].token_logprobs.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "continuation {i}: {a} vs {b}");
+            }
         }
     }
 

@@ -153,35 +153,6 @@ impl KvCache {
             .map(|(k, _)| k.size()[0])
     }
 
-    /// A cache for `n` sequences that all continue this one (a batch-1 cache): the shared
-    /// prefix of candidate scoring, encoded once. The copies are views until appended to.
-    pub fn expand_batch(&self, n: i64) -> Result<KvCache> {
-        if self.batch_size().is_some_and(|b| b != 1) {
-            return Err(LlmError::invalid(
-                "only a batch-1 cache can be expanded to several continuations",
-            ));
-        }
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            layers.push(match layer {
-                Some((k, v)) => Some((
-                    k.f_expand([n, -1, -1, -1], false)?,
-                    v.f_expand([n, -1, -1, -1], false)?,
-                )),
-                None => None,
-            });
-        }
-        let key_valid = match &self.key_valid {
-            Some(valid) => Some(valid.f_expand([n, -1], false)?),
-            None => None,
-        };
-        Ok(KvCache {
-            layers,
-            key_valid,
-            len: self.len,
-        })
-    }
-
     /// Appends this step's validity flags (`None`: all real) to the cache's record.
     fn append_valid(
         &mut self,
@@ -206,6 +177,15 @@ impl KvCache {
         };
         Ok(())
     }
+}
+
+/// How one layer uses the KV cache in a forward.
+enum LayerCache<'a> {
+    Off,
+    /// Attend to the cached keys and append this chunk's.
+    Append(&'a mut Option<(Tensor, Tensor)>),
+    /// Attend to the cached keys, leave them as they are (packed scoring over one prompt).
+    ReadOnly(Option<&'a (Tensor, Tensor)>),
 }
 
 /// Input-embedding overrides: row `vectors[i]` replaces the token embedding of sequence
@@ -251,7 +231,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &AttentionMask,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: LayerCache<'_>,
     ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let heads = |proj: &Linear, n: i64| -> Result<Tensor> {
@@ -263,52 +243,38 @@ impl Attention {
         let q = apply_rotary(&heads(&self.q_proj, self.num_heads)?, cos, sin)?;
         let mut k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads)?, cos, sin)?;
         let mut v = heads(&self.v_proj, self.num_kv_heads)?;
-        if let Some(slot) = cache {
-            if let Some((past_k, past_v)) = slot.as_ref() {
+        match cache {
+            LayerCache::Append(slot) => {
+                if let Some((past_k, past_v)) = slot.as_ref() {
+                    k = Tensor::f_cat(&[past_k, &k], 2)?;
+                    v = Tensor::f_cat(&[past_v, &v], 2)?;
+                }
+                *slot = Some((k.shallow_clone(), v.shallow_clone()));
+            }
+            LayerCache::ReadOnly(Some((past_k, past_v))) => {
                 k = Tensor::f_cat(&[past_k, &k], 2)?;
                 v = Tensor::f_cat(&[past_v, &v], 2)?;
             }
-            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+            LayerCache::ReadOnly(None) | LayerCache::Off => {}
         }
-        let (k, v) = self.repeat_kv(k, v)?;
+        // Grouped-query attention: each key/value head serves num_heads / num_kv_heads query
+        // heads; libtorch's kernel does the sharing without materialising repeated keys.
+        let gqa = self.num_heads != self.num_kv_heads;
         let out = match mask {
             AttentionMask::Causal => Tensor::f_scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, true, None, false,
+                &q, &k, &v, None, 0.0, true, None, gqa,
             )?,
             AttentionMask::None => Tensor::f_scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, false, None, false,
+                &q, &k, &v, None, 0.0, false, None, gqa,
             )?,
-            AttentionMask::Explicit(m) => Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                Some(m),
-                0.0,
-                false,
-                None,
-                false,
-            )?,
+            AttentionMask::Explicit(m) => {
+                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa)?
+            }
         };
         let out = out
             .f_transpose(1, 2)?
             .f_reshape([b, t, self.num_heads * self.head_dim])?;
         self.o_proj.forward(&out)
-    }
-
-    /// Grouped-query attention: each key/value head serves `num_heads / num_kv_heads` query
-    /// heads (HF's `repeat_kv`).
-    fn repeat_kv(&self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let n_rep = self.num_heads / self.num_kv_heads;
-        if n_rep == 1 {
-            return Ok((k, v));
-        }
-        let rep = |x: Tensor| -> Result<Tensor> {
-            let s = x.size();
-            Ok(x.f_unsqueeze(2)?
-                .f_expand([s[0], s[1], n_rep, s[2], s[3]], false)?
-                .f_reshape([s[0], s[1] * n_rep, s[2], s[3]])?)
-        };
-        Ok((rep(k)?, rep(v)?))
     }
 }
 
@@ -369,7 +335,7 @@ impl Block {
         cos: &Tensor,
         sin: &Tensor,
         mask: &AttentionMask,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: LayerCache<'_>,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
         let attn =
@@ -522,15 +488,7 @@ impl Llama {
         if t == 0 {
             return Err(LlmError::invalid("an empty chunk has nothing to run"));
         }
-        let max_pos = positions.f_max()?.int64_value(&[]);
-        if positions.f_min()?.int64_value(&[]) < 0
-            || max_pos >= self.config.max_position_embeddings as i64
-        {
-            return Err(LlmError::invalid(format!(
-                "positions reach {max_pos}; the model's context is {} tokens",
-                self.config.max_position_embeddings
-            )));
-        }
+        self.check_positions(positions)?;
         let past = cache.as_ref().map_or(0, |c| c.len);
         if let Some(c) = cache.as_ref()
             && c.batch_size().is_some_and(|cb| cb != b)
@@ -544,9 +502,9 @@ impl Llama {
         let (cos, sin) = self.rotary.at(positions, embeds.kind())?;
         let mut x = embeds.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = match cache.as_deref_mut() {
-                Some(c) => c.layers.get_mut(i),
-                None => None,
+            let slot = match cache.as_deref_mut().and_then(|c| c.layers.get_mut(i)) {
+                Some(slot) => LayerCache::Append(slot),
+                None => LayerCache::Off,
             };
             x = layer.forward(&x, &cos, &sin, &mask, slot)?;
         }
@@ -555,6 +513,68 @@ impl Llama {
             c.len += t;
         }
         self.norm.forward(&x)
+    }
+
+    /// Runs the decoder under a caller-built attention mask `[B, 1, T, P + T]` (bool, true
+    /// where a query row may attend to a key column; every row must allow at least its own
+    /// position), after the `P` positions of `prefix` if given. The prefix cache is read,
+    /// never extended. Packed sequences use it: several continuations of one prompt in one
+    /// row, each seeing the prompt and its own earlier tokens only.
+    pub fn forward_masked(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        prefix: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        let size = embeds.size();
+        let [b, t, d] = size[..] else {
+            return Err(LlmError::invalid(format!(
+                "embeddings must be [B, T, D], got {size:?}"
+            )));
+        };
+        let past = prefix.map_or(0, |c| c.len);
+        if prefix.is_some_and(|c| c.key_valid.is_some() || c.batch_size().is_some_and(|cb| cb != b))
+        {
+            return Err(LlmError::invalid(
+                "a prefix cache for a masked forward must hold unpadded rows of the same batch",
+            ));
+        }
+        if d != self.config.hidden_size as i64
+            || positions.size() != [b, t]
+            || mask.size() != [b, 1, t, past + t]
+        {
+            return Err(LlmError::invalid(format!(
+                "embeddings {size:?}, positions {:?} and mask {:?} do not fit [B, T, {}], [B, T], [B, 1, T, {past} + T]",
+                positions.size(),
+                mask.size(),
+                self.config.hidden_size
+            )));
+        }
+        self.check_positions(positions)?;
+        let mask = AttentionMask::Explicit(mask.f_to_kind(Kind::Bool)?);
+        let (cos, sin) = self.rotary.at(positions, embeds.kind())?;
+        let mut x = embeds.shallow_clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let past_kv = prefix
+                .and_then(|c| c.layers.get(i))
+                .and_then(Option::as_ref);
+            x = layer.forward(&x, &cos, &sin, &mask, LayerCache::ReadOnly(past_kv))?;
+        }
+        self.norm.forward(&x)
+    }
+
+    fn check_positions(&self, positions: &Tensor) -> Result<()> {
+        let max_pos = positions.f_max()?.int64_value(&[]);
+        if positions.f_min()?.int64_value(&[]) < 0
+            || max_pos >= self.config.max_position_embeddings as i64
+        {
+            return Err(LlmError::invalid(format!(
+                "positions reach {max_pos}; the model's context is {} tokens",
+                self.config.max_position_embeddings
+            )));
+        }
+        Ok(())
     }
 
     fn mask(
