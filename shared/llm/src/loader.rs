@@ -453,7 +453,8 @@ mod tests {
             &["model.safetensors", "not a readable safetensors file"],
         );
         // A tensor missing, one renamed to something the model lacks, one with a wrong shape.
-        let rewrite = |d: &Path, f: &dyn Fn(Vec<(String, Tensor)>) -> Vec<(String, Tensor)>| {
+        type Named = Vec<(String, Tensor)>;
+        let rewrite = |d: &Path, f: &dyn Fn(Named) -> Named| {
             let all = Tensor::read_safetensors(weights(d)).unwrap();
             Tensor::write_safetensors(&f(all), weights(d)).unwrap();
         };
