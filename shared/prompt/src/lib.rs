@@ -1,0 +1,24 @@
+//! rsllm-prompt: prompt assembly for RSLLM (METHOD.md, "Item representations and prompts").
+//!
+//! Given a domain's templates (LLaRA's three per domain, kept as data in `templates/*.json`), a
+//! catalog of titles, a history and a candidate set, `PromptBuilder::build` gives the prompt
+//! text, its token ids, the positions of the ID slots (unified Text-ID mode: one slot token
+//! after each title, whose embedding the LLM side replaces with the projected ID embedding),
+//! the token span of each title, and the answer tokens (target title and "\n").
+//!
+//! No tch here: the tokenizer is reached through the `TextEncoder` trait, so the
+//! prompt-service and the trainer share this code without linking libtorch.
+
+pub mod builder;
+pub mod encoder;
+pub mod error;
+pub mod templates;
+pub mod testing;
+
+pub use builder::{
+    BuiltPrompt, CandidateSpan, ItemSpan, PromptBuilder, PromptMode, PromptOptions, SLOT_MARKER,
+    Slot, SlotRole, TemplateChoice,
+};
+pub use encoder::{TextEncoder, TokenOffsets};
+pub use error::PromptError;
+pub use templates::{Template, Templates, template_domain};
