@@ -1,0 +1,18 @@
+//! RSLLM training building blocks (issue 4): an AdamW whose state can be saved and restored
+//! ([`optim`]), LLaRA's learning-rate schedule ([`schedule`]), resumable checkpoints that hold
+//! only what was trained ([`checkpoint`]), and the three loss terms of METHOD.md ([`losses`]).
+//!
+//! Why an own AdamW: tch's optimizers keep their moment buffers inside libtorch with no API to
+//! read or write them, so a killed run could not resume with its optimizer state. Here the
+//! moments are plain tensors, saved beside the weights.
+
+pub mod checkpoint;
+pub mod error;
+pub mod losses;
+pub mod optim;
+pub mod schedule;
+
+pub use checkpoint::{Checkpoint, CheckpointManifest};
+pub use error::{Result, TrainError};
+pub use optim::{AdamW, AdamWConfig};
+pub use schedule::LrSchedule;
