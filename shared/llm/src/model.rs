@@ -15,15 +15,21 @@
 //! Every op on the request path is the fallible `f_` form, so a shape problem is an error,
 //! not a panic.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::config::LlamaConfig;
 use crate::error::{LlmError, Result};
 
-/// A bias-free linear layer holding its `weight` as `[out, in]`, as HF stores it.
+/// A bias-free linear layer holding its `weight` as `[out, in]`, as HF stores it, with an
+/// optional LoRA adapter beside it.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
+    lora: Option<Lora>,
 }
 
 impl Linear {
@@ -35,11 +41,107 @@ impl Linear {
             &[out_dim as i64, in_dim as i64],
             nn::Init::Const(0.),
         );
-        Linear { weight }
+        Linear { weight, lora: None }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear::<&Tensor>(&self.weight, None)?)
+        let base = x.f_linear::<&Tensor>(&self.weight, None)?;
+        match &self.lora {
+            None => Ok(base),
+            Some(lora) => Ok(base.f_add(&lora.forward(x)?)?),
+        }
+    }
+}
+
+/// LoRA settings (Hu et al. 2021); the defaults are LLaRA's: rank 8, alpha 32, dropout 0.1 on
+/// every projection of every block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Which projections get an adapter: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    /// down_proj.
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            rank: 8,
+            alpha: 32.0,
+            dropout: 0.1,
+            targets: LORA_TARGETS.iter().map(|t| (*t).to_owned()).collect(),
+        }
+    }
+}
+
+/// The projections LoRA can adapt, by their HF names.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// `scale * B(A(dropout(x)))` with `A` `[r, in]` (Kaiming-uniform) and `B` `[out, r]` (zeros),
+/// so a fresh adapter leaves the model unchanged. Named as PEFT names them
+/// (`...q_proj.lora_A.weight`), in the caller's trainable store.
+#[derive(Debug)]
+struct Lora {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    dropout: f64,
+    training: Arc<AtomicBool>,
+}
+
+impl Lora {
+    fn new(
+        path: &nn::Path,
+        out_dim: i64,
+        in_dim: i64,
+        config: &LoraConfig,
+        training: Arc<AtomicBool>,
+    ) -> Lora {
+        let rank = config.rank as i64;
+        // PEFT's init: kaiming_uniform(a = sqrt(5)) for A, i.e. U(-1/sqrt(in), 1/sqrt(in)).
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let a = (path / "lora_A").var(
+            "weight",
+            &[rank, in_dim],
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        );
+        let b = (path / "lora_B").var("weight", &[out_dim, rank], nn::Init::Const(0.));
+        Lora {
+            a,
+            b,
+            scale: config.alpha / config.rank as f64,
+            dropout: config.dropout,
+            training,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let train = self.training.load(Ordering::Relaxed);
+        let x = if train && self.dropout > 0.0 {
+            x.f_dropout(self.dropout, true)?
+        } else {
+            x.shallow_clone()
+        };
+        let kind = x.kind();
+        // The adapter's own dtype may differ from the base's (f32 adapters on a bf16 base).
+        let a = self.a.f_to_kind(kind)?;
+        let b = self.b.f_to_kind(kind)?;
+        Ok(x.f_linear::<&Tensor>(&a, None)?
+            .f_linear::<&Tensor>(&b, None)?
+            .f_mul_scalar(self.scale)?)
     }
 }
 
@@ -371,6 +473,8 @@ pub struct Llama {
     lm_head: Option<Linear>,
     rotary: Rotary,
     device: Device,
+    /// Dropout switch shared with every LoRA adapter.
+    training: Arc<AtomicBool>,
 }
 
 impl Llama {
@@ -396,11 +500,69 @@ impl Llama {
             lm_head,
             rotary: Rotary::new(config, root.device())?,
             device: root.device(),
+            training: Arc::new(AtomicBool::new(false)),
         })
     }
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// Training mode turns adapter dropout on; inference mode (the default) off.
+    pub fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed);
+    }
+
+    /// Adds LoRA adapters to the projections `config.targets` names in every block, their
+    /// variables under `root` (a separate, trainable store) with PEFT's names, e.g.
+    /// `model.layers.0.self_attn.q_proj.lora_A.weight`.
+    pub fn attach_lora(&mut self, root: &nn::Path, config: &LoraConfig) -> Result<()> {
+        // Written so that NaN fails too.
+        let valid = config.rank > 0 && config.alpha > 0.0 && (0.0..1.0).contains(&config.dropout);
+        if !valid {
+            return Err(LlmError::invalid(format!(
+                "LoRA rank ({}) must be positive, alpha ({}) positive, dropout ({}) in [0, 1)",
+                config.rank, config.alpha, config.dropout
+            )));
+        }
+        if let Some(bad) = config
+            .targets
+            .iter()
+            .find(|t| !LORA_TARGETS.contains(&t.as_str()))
+        {
+            return Err(LlmError::invalid(format!(
+                "LoRA target {bad:?} is not one of {LORA_TARGETS:?}"
+            )));
+        }
+        let wants = |name: &str| config.targets.iter().any(|t| t == name);
+        for (i, block) in self.layers.iter_mut().enumerate() {
+            let layer = root / "model" / "layers" / i;
+            let attn = &layer / "self_attn";
+            let mlp = &layer / "mlp";
+            let sites: [(&str, &nn::Path, &mut Linear); 7] = [
+                ("q_proj", &attn, &mut block.self_attn.q_proj),
+                ("k_proj", &attn, &mut block.self_attn.k_proj),
+                ("v_proj", &attn, &mut block.self_attn.v_proj),
+                ("o_proj", &attn, &mut block.self_attn.o_proj),
+                ("gate_proj", &mlp, &mut block.mlp.gate_proj),
+                ("up_proj", &mlp, &mut block.mlp.up_proj),
+                ("down_proj", &mlp, &mut block.mlp.down_proj),
+            ];
+            for (name, parent, linear) in sites {
+                if !wants(name) {
+                    continue;
+                }
+                let size = linear.weight.size();
+                linear.lora = Some(Lora::new(
+                    &(parent / name),
+                    size[0],
+                    size[1],
+                    config,
+                    self.training.clone(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The dtype activations run in (that of the embedding table).
@@ -870,6 +1032,66 @@ pub(crate) mod tests {
         logits.sum(Kind::Float).backward();
         let grad = vectors.grad();
         assert!(grad.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn lora_starts_as_identity_and_trains_only_its_adapters() {
+        use tch::nn::OptimizerConfig;
+        let c = tiny_config();
+        let (mut base_vs, mut model) = tiny_model(&c);
+        base_vs.freeze();
+        let ids = Tensor::from_slice(&[4i64, 5, 6, 7, 8, 9]).view([1, 6]);
+        let before = tch::no_grad(|| model.forward_ids(&ids, None).unwrap());
+        let lora_vs = nn::VarStore::new(Device::Cpu);
+        model
+            .attach_lora(&lora_vs.root(), &LoraConfig::default())
+            .unwrap();
+        let names = lora_vs.variables();
+        assert_eq!(names.len(), 2 * 7 * c.num_hidden_layers);
+        assert_eq!(
+            names["model.layers.1.mlp.down_proj.lora_A.weight"].size(),
+            [8, 48]
+        );
+        assert_eq!(
+            names["model.layers.0.self_attn.k_proj.lora_B.weight"].size(),
+            [16, 8]
+        );
+        let after = tch::no_grad(|| model.forward_ids(&ids, None).unwrap());
+        assert!(
+            max_abs_diff(&before, &after) < 1e-7,
+            "B = 0: a fresh adapter changes nothing"
+        );
+
+        // Next-token loss on a fixed sequence falls while the base weights stay put.
+        let base_before = base_vs.variables()["model.layers.0.self_attn.q_proj.weight"].copy();
+        let mut opt = nn::Adam::default().build(&lora_vs, 1e-2).unwrap();
+        model.set_training(true);
+        let loss = |m: &Llama| {
+            let hidden = m.forward_ids(&ids.narrow(1, 0, 5), None).unwrap();
+            let logits = m.logits_at(&hidden, None).unwrap();
+            logits.cross_entropy_for_logits(&ids.narrow(1, 1, 5).reshape([-1]))
+        };
+        let first = loss(&model).double_value(&[]);
+        for _ in 0..30 {
+            opt.backward_step(&loss(&model));
+        }
+        model.set_training(false);
+        let last = loss(&model).double_value(&[]);
+        assert!(last < first * 0.5, "loss {first} -> {last}");
+        let base_after = &base_vs.variables()["model.layers.0.self_attn.q_proj.weight"];
+        assert!(
+            base_before.equal(base_after),
+            "the frozen base must not move"
+        );
+        let bad = LoraConfig {
+            targets: vec!["wq".into()],
+            ..LoraConfig::default()
+        };
+        let err = model
+            .attach_lora(&lora_vs.root(), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wq"), "{err}");
     }
 
     #[test]
