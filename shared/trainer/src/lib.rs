@@ -6,13 +6,16 @@
 //! read or write them, so a killed run could not resume with its optimizer state. Here the
 //! moments are plain tensors, saved beside the weights.
 
+pub mod batch;
 pub mod checkpoint;
 pub mod error;
 pub mod losses;
+pub mod objective;
 pub mod optim;
 pub mod schedule;
 
 pub use checkpoint::{Checkpoint, CheckpointManifest};
 pub use error::{Result, TrainError};
+pub use objective::{ItemTable, LossConfig, Losses, RsllmHeads};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::LrSchedule;

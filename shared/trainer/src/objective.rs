@@ -1,0 +1,439 @@
+//! RSLLM's objective on one batch (METHOD.md, "Objective"):
+//! `L = L_lm + lambda_ui * L_ui + lambda_it * L_it`, each term switchable.
+//!
+//! - ID slots get `P(e_i)`: the frozen recommender's item vector through the projector.
+//! - `t_i`, an item's text vector: the mean of the LLM's input embeddings of its title tokens.
+//! - L_lm: cross-entropy on the answer tokens (the prompt is masked).
+//! - L_it: symmetric InfoNCE between `P(e_i)` and `t_i` over the batch's distinct items.
+//! - L_ui: InfoNCE between `u = W_u h` (h: last hidden state at the final prompt token) and
+//!   `v_i = W_v (P(e_i) + t_i)` (text-only prompts: `W_v t_i`); a row's positive is its target,
+//!   its negatives its other candidates and the batch's other targets.
+
+use std::collections::BTreeSet;
+
+use rsllm_core::ItemId;
+use rsllm_llm::{Llama, Projector, SlotOverrides};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor, nn};
+
+use crate::batch::Batch;
+use crate::error::{Result, TrainError};
+use crate::losses::{lm_loss, masked_info_nce, symmetric_info_nce};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LossConfig {
+    pub use_lm: bool,
+    pub lambda_ui: f64,
+    pub lambda_it: f64,
+    pub tau: f64,
+}
+
+impl Default for LossConfig {
+    /// METHOD.md's starting point: lambda_ui = lambda_it = 0.1, tau = 0.07.
+    fn default() -> Self {
+        LossConfig {
+            use_lm: true,
+            lambda_ui: 0.1,
+            lambda_it: 0.1,
+            tau: 0.07,
+        }
+    }
+}
+
+/// What RSLLM trains besides the LLM's adapters: the projector and the two alignment heads
+/// (`heads.w_u`, `heads.w_v`), all under one trainable path.
+#[derive(Debug)]
+pub struct RsllmHeads {
+    pub projector: Projector,
+    w_u: Tensor,
+    w_v: Tensor,
+}
+
+impl RsllmHeads {
+    pub fn new(path: &nn::Path, d_id: usize, d_llm: usize) -> RsllmHeads {
+        let d = d_llm as i64;
+        let init = nn::Init::Uniform {
+            lo: -1.0 / (d as f64).sqrt(),
+            up: 1.0 / (d as f64).sqrt(),
+        };
+        RsllmHeads {
+            projector: Projector::new(path, d_id, d_llm),
+            w_u: (path / "heads").var("w_u", &[d, d], init),
+            w_v: (path / "heads").var("w_v", &[d, d], init),
+        }
+    }
+}
+
+/// The frozen side of an item: its recommender vector and its title's token ids.
+#[derive(Debug)]
+pub struct ItemTable {
+    /// `[num_items, d_id]`, on the model's device.
+    pub vectors: Tensor,
+    /// Title token ids per item id.
+    pub title_ids: Vec<Vec<u32>>,
+}
+
+impl ItemTable {
+    fn check(&self, item: ItemId) -> Result<()> {
+        let n = self.title_ids.len();
+        if item as usize >= n || self.vectors.size().first().copied() != Some(n as i64) {
+            return Err(TrainError::Invalid(format!(
+                "item {item} is outside the item table of {n} items (vectors {:?})",
+                self.vectors.size()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `[K, D]` mean input embedding of each item's title tokens.
+    fn text_vectors(&self, model: &Llama, items: &[ItemId]) -> Result<Tensor> {
+        let device = model.device();
+        let width = items
+            .iter()
+            .map(|&i| self.title_ids[i as usize].len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        for &item in items {
+            let title = &self.title_ids[item as usize];
+            if title.is_empty() {
+                return Err(TrainError::Invalid(format!(
+                    "item {item} has an empty title"
+                )));
+            }
+            ids.extend(title.iter().map(|&t| i64::from(t)));
+            ids.extend(std::iter::repeat_n(0, width - title.len()));
+            mask.extend(std::iter::repeat_n(1f32, title.len()));
+            mask.extend(std::iter::repeat_n(0f32, width - title.len()));
+        }
+        let k = items.len() as i64;
+        let ids = Tensor::f_from_slice(&ids)?
+            .f_view([k, width as i64])?
+            .f_to_device(device)?;
+        let mask = Tensor::f_from_slice(&mask)?
+            .f_view([k, width as i64, 1])?
+            .f_to_device(device)?;
+        let embeds = model.embed(&ids, None)?.f_to_kind(Kind::Float)?;
+        let summed =
+            embeds
+                .f_mul(&mask)?
+                .f_sum_dim_intlist([1i64].as_slice(), false, Kind::Float)?;
+        Ok(summed.f_div(&mask.f_sum_dim_intlist([1i64].as_slice(), false, Kind::Float)?)?)
+    }
+}
+
+/// The loss terms of one batch (each 0 when switched off).
+#[derive(Debug)]
+pub struct Losses {
+    pub total: Tensor,
+    pub lm: f64,
+    pub ui: f64,
+    pub it: f64,
+}
+
+/// Forward pass and losses for one batch. Gradients flow into whatever requires them: the
+/// LoRA adapters, the projector and the heads (or the whole model when fully fine-tuned).
+pub fn losses(
+    model: &Llama,
+    heads: &RsllmHeads,
+    items: &ItemTable,
+    batch: &Batch,
+    config: &LossConfig,
+) -> Result<Losses> {
+    let slot_items: Vec<i64> = Vec::<i64>::try_from(&batch.slot_items)?;
+    for &item in &slot_items {
+        items.check(item as ItemId)?;
+    }
+    let overrides = if slot_items.is_empty() {
+        None
+    } else {
+        let vectors = items.vectors.f_index_select(0, &batch.slot_items)?;
+        Some(SlotOverrides {
+            batch: batch.slot_batch.shallow_clone(),
+            position: batch.slot_position.shallow_clone(),
+            vectors: heads.projector.forward(&vectors)?,
+        })
+    };
+    let embeds = model.embed(&batch.ids, overrides.as_ref())?;
+    let hidden = model.forward_embeds(&embeds, &batch.positions, None, None)?;
+    let device = model.device();
+    let mut total = Tensor::f_zeros([], (Kind::Float, device))?;
+    let mut out = Losses {
+        total: total.shallow_clone(),
+        lm: 0.0,
+        ui: 0.0,
+        it: 0.0,
+    };
+    if config.use_lm {
+        let logits =
+            model.logits_at(&hidden, Some((&batch.answer_batch, &batch.answer_position)))?;
+        let lm = lm_loss(&logits, &batch.answer_targets)?;
+        out.lm = lm.double_value(&[]);
+        total = total.f_add(&lm)?;
+    }
+    let unified = !slot_items.is_empty();
+    if config.lambda_ui > 0.0 || (config.lambda_it > 0.0 && unified) {
+        // The items of this batch: every candidate (the targets are among them).
+        let distinct: BTreeSet<ItemId> = batch.candidates.iter().flatten().copied().collect();
+        let distinct: Vec<ItemId> = distinct.into_iter().collect();
+        for &item in &distinct {
+            items.check(item)?;
+        }
+        let index_of = |item: ItemId| distinct.binary_search(&item).unwrap_or(0) as i64;
+        let text = items.text_vectors(model, &distinct)?;
+        let ids: Vec<i64> = distinct.iter().map(|&i| i64::from(i)).collect();
+        let ids = Tensor::f_from_slice(&ids)?.f_to_device(device)?;
+        let projected = if unified {
+            Some(
+                heads
+                    .projector
+                    .forward(&items.vectors.f_index_select(0, &ids)?)?
+                    .f_to_kind(Kind::Float)?,
+            )
+        } else {
+            None
+        };
+        if config.lambda_it > 0.0
+            && let Some(p) = &projected
+        {
+            let it = symmetric_info_nce(p, &text, config.tau)?;
+            out.it = it.double_value(&[]);
+            total = total.f_add(&it.f_mul_scalar(config.lambda_it)?)?;
+        }
+        if config.lambda_ui > 0.0 {
+            let item_side = match &projected {
+                Some(p) => p.f_add(&text)?,
+                None => text.shallow_clone(),
+            };
+            let v = item_side.f_matmul(&heads.w_v.f_transpose(0, 1)?)?;
+            let h = hidden
+                .f_index(&[
+                    Some(&Tensor::f_arange(hidden.size()[0], (Kind::Int64, device))?),
+                    Some(&batch.last_prompt),
+                ])?
+                .f_to_kind(Kind::Float)?;
+            let u = h.f_matmul(&heads.w_u.f_transpose(0, 1)?)?;
+            let k = distinct.len();
+            let mut allowed = vec![false; batch.targets.len() * k];
+            let mut positives = Vec::with_capacity(batch.targets.len());
+            for (row, (target, candidates)) in
+                batch.targets.iter().zip(&batch.candidates).enumerate()
+            {
+                for &c in candidates.iter().chain(&batch.targets) {
+                    allowed[row * k + index_of(c) as usize] = true;
+                }
+                positives.push(index_of(*target));
+            }
+            let allowed = Tensor::f_from_slice(&allowed)?
+                .f_view([batch.targets.len() as i64, k as i64])?
+                .f_to_device(device)?;
+            let positives = Tensor::f_from_slice(&positives)?.f_to_device(device)?;
+            let ui = masked_info_nce(&u, &v, &positives, &allowed, config.tau)?;
+            out.ui = ui.double_value(&[]);
+            total = total.f_add(&ui.f_mul_scalar(config.lambda_ui)?)?;
+        }
+    }
+    out.total = total;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::collate;
+    use crate::optim::{AdamW, AdamWConfig};
+    use rsllm_core::Catalog;
+    use rsllm_llm::{LlamaConfig, LoraConfig};
+    use rsllm_prompt::testing::{PAD_ID, tiny_tokenizer};
+    use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions, TemplateChoice, TextEncoder};
+    use tch::Device;
+
+    struct Setup {
+        _base: nn::VarStore,
+        trained: nn::VarStore,
+        model: Llama,
+        heads: RsllmHeads,
+        items: ItemTable,
+        catalog: Catalog,
+        tokenizer: tokenizers::Tokenizer,
+    }
+
+    fn setup() -> Setup {
+        tch::manual_seed(11);
+        let titles: Vec<String> = (0..12).map(|i| format!("Film number {i}")).collect();
+        let catalog = Catalog {
+            dataset: "movielens".into(),
+            titles: titles.clone(),
+        };
+        let mut corpus = titles.clone();
+        corpus.push("This user has watched in the previous. Please predict the next movie".into());
+        let tokenizer = tiny_tokenizer(&corpus, 300).unwrap();
+        let config = LlamaConfig {
+            vocab_size: 320,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 8,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 512,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        };
+        let mut base = nn::VarStore::new(Device::Cpu);
+        let mut model = Llama::new(&base.root(), &config).unwrap();
+        tch::no_grad(|| {
+            for (name, mut var) in base.variables() {
+                let value = if name.ends_with("norm.weight") {
+                    Tensor::ones(var.size(), (Kind::Float, Device::Cpu))
+                } else {
+                    Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * 0.1
+                };
+                var.copy_(&value);
+            }
+        });
+        base.freeze();
+        let trained = nn::VarStore::new(Device::Cpu);
+        model
+            .attach_lora(&trained.root(), &LoraConfig::default())
+            .unwrap();
+        let heads = RsllmHeads::new(&trained.root(), 8, 32);
+        let title_ids = titles
+            .iter()
+            .map(|t| tokenizer.encode(&format!(" {t}")).unwrap())
+            .collect();
+        let items = ItemTable {
+            vectors: Tensor::randn([12, 8], (Kind::Float, Device::Cpu)),
+            title_ids,
+        };
+        Setup {
+            _base: base,
+            trained,
+            model,
+            heads,
+            items,
+            catalog,
+            tokenizer,
+        }
+    }
+
+    fn batch(s: &Setup, mode: PromptMode) -> Batch {
+        let builder =
+            PromptBuilder::with_builtin_templates("movielens", PromptOptions::new(PAD_ID)).unwrap();
+        let rows = [
+            (vec![0u32, 1, 2], vec![5u32, 6, 7, 8], 6u32),
+            (vec![3, 4], vec![9, 10, 11, 5], 11),
+        ];
+        let prompts: Vec<_> = rows
+            .iter()
+            .map(|(h, c, t)| {
+                builder
+                    .build(
+                        &s.tokenizer,
+                        &s.catalog,
+                        h,
+                        c,
+                        Some(*t),
+                        mode,
+                        TemplateChoice::Fixed(0),
+                    )
+                    .unwrap()
+            })
+            .collect();
+        collate(&prompts, PAD_ID, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn collated_rows_hold_prompt_then_answer_and_slots() {
+        let s = setup();
+        let b = batch(&s, PromptMode::Unified);
+        assert_eq!(b.ids.size()[0], 2);
+        // 3 + 4 slots in row 0, 2 + 4 in row 1.
+        assert_eq!(b.slot_items.size(), [13]);
+        let slot_rows = Vec::<i64>::try_from(&b.slot_batch).unwrap();
+        assert_eq!(slot_rows.iter().filter(|&&r| r == 0).count(), 7);
+        // Every slot position holds the slot token, every answer row predicts the next id.
+        let ids = Vec::<i64>::try_from(b.ids.flatten(0, 1)).unwrap();
+        let width = b.ids.size()[1];
+        for (row, pos) in slot_rows
+            .iter()
+            .zip(Vec::<i64>::try_from(&b.slot_position).unwrap())
+        {
+            assert_eq!(ids[(row * width + pos) as usize], i64::from(PAD_ID));
+        }
+        let targets = Vec::<i64>::try_from(&b.answer_targets).unwrap();
+        let rows = Vec::<i64>::try_from(&b.answer_batch).unwrap();
+        let positions = Vec::<i64>::try_from(&b.answer_position).unwrap();
+        for ((row, pos), target) in rows.iter().zip(positions).zip(targets) {
+            assert_eq!(ids[(row * width + pos + 1) as usize], target);
+        }
+        assert_eq!(b.targets, vec![6, 11]);
+    }
+
+    #[test]
+    fn each_term_switches_and_training_lowers_the_total() {
+        let s = setup();
+        let b = batch(&s, PromptMode::Unified);
+        let only = |lm: bool, ui: f64, it: f64| {
+            let c = LossConfig {
+                use_lm: lm,
+                lambda_ui: ui,
+                lambda_it: it,
+                tau: 0.07,
+            };
+            losses(&s.model, &s.heads, &s.items, &b, &c).unwrap()
+        };
+        let all = only(true, 0.1, 0.1);
+        assert!(all.lm > 0.0 && all.ui > 0.0 && all.it > 0.0);
+        let lm_only = only(true, 0.0, 0.0);
+        assert_eq!((lm_only.ui, lm_only.it), (0.0, 0.0));
+        assert!((lm_only.total.double_value(&[]) - all.lm).abs() < 1e-5);
+        let it_only = only(false, 0.0, 1.0);
+        assert_eq!(it_only.lm, 0.0);
+        assert!((it_only.total.double_value(&[]) - all.it).abs() < 1e-5);
+
+        // Text-only prompts: no slots, so no L_it and the projector gets no gradient.
+        let text = batch(&s, PromptMode::TextOnly);
+        let t = losses(&s.model, &s.heads, &s.items, &text, &LossConfig::default()).unwrap();
+        assert_eq!(t.it, 0.0);
+        assert!(t.ui > 0.0);
+
+        let mut opt = AdamW::for_var_store(&s.trained, AdamWConfig::default()).unwrap();
+        s.model.set_training(true);
+        let config = LossConfig::default();
+        let first = losses(&s.model, &s.heads, &s.items, &b, &config)
+            .unwrap()
+            .total
+            .double_value(&[]);
+        for _ in 0..40 {
+            opt.zero_grad();
+            let l = losses(&s.model, &s.heads, &s.items, &b, &config).unwrap();
+            l.total.backward();
+            opt.clip_grad_norm(1.0).unwrap();
+            opt.step(3e-3).unwrap();
+        }
+        s.model.set_training(false);
+        let last = losses(&s.model, &s.heads, &s.items, &b, &config)
+            .unwrap()
+            .total
+            .double_value(&[]);
+        assert!(last < 0.6 * first, "total loss {first} -> {last}");
+        let grad = s.trained.variables()["projector.fc1.weight"].grad();
+        assert!(grad.defined() && grad.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn unknown_items_are_named() {
+        let s = setup();
+        let mut b = batch(&s, PromptMode::Unified);
+        b.slot_items = Tensor::full_like(&b.slot_items, 40);
+        let err = losses(&s.model, &s.heads, &s.items, &b, &LossConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("item 40"), "{err}");
+    }
+}
