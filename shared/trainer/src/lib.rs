@@ -13,9 +13,13 @@ pub mod losses;
 pub mod objective;
 pub mod optim;
 pub mod schedule;
+#[cfg(test)]
+mod test_support;
+pub mod train_loop;
 
 pub use checkpoint::{Checkpoint, CheckpointManifest};
 pub use error::{Result, TrainError};
 pub use objective::{ItemTable, LossConfig, Losses, RsllmHeads};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::LrSchedule;
+pub use train_loop::{ExampleSource, StepReport, TrainConfig, TrainSummary, Trainee, train};

@@ -241,111 +241,10 @@ pub fn losses(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::collate;
     use crate::optim::{AdamW, AdamWConfig};
-    use rsllm_core::Catalog;
-    use rsllm_llm::{LlamaConfig, LoraConfig};
-    use rsllm_prompt::testing::{PAD_ID, tiny_tokenizer};
-    use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions, TemplateChoice, TextEncoder};
-    use tch::Device;
-
-    struct Setup {
-        _base: nn::VarStore,
-        trained: nn::VarStore,
-        model: Llama,
-        heads: RsllmHeads,
-        items: ItemTable,
-        catalog: Catalog,
-        tokenizer: tokenizers::Tokenizer,
-    }
-
-    fn setup() -> Setup {
-        tch::manual_seed(11);
-        let titles: Vec<String> = (0..12).map(|i| format!("Film number {i}")).collect();
-        let catalog = Catalog {
-            dataset: "movielens".into(),
-            titles: titles.clone(),
-        };
-        let mut corpus = titles.clone();
-        corpus.push("This user has watched in the previous. Please predict the next movie".into());
-        let tokenizer = tiny_tokenizer(&corpus, 300).unwrap();
-        let config = LlamaConfig {
-            vocab_size: 320,
-            hidden_size: 32,
-            intermediate_size: 48,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: 8,
-            rope_theta: 10_000.0,
-            rms_norm_eps: 1e-5,
-            max_position_embeddings: 512,
-            tie_word_embeddings: true,
-            bos_token_id: None,
-            eos_token_ids: vec![],
-        };
-        let mut base = nn::VarStore::new(Device::Cpu);
-        let mut model = Llama::new(&base.root(), &config).unwrap();
-        tch::no_grad(|| {
-            for (name, mut var) in base.variables() {
-                let value = if name.ends_with("norm.weight") {
-                    Tensor::ones(var.size(), (Kind::Float, Device::Cpu))
-                } else {
-                    Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * 0.1
-                };
-                var.copy_(&value);
-            }
-        });
-        base.freeze();
-        let trained = nn::VarStore::new(Device::Cpu);
-        model
-            .attach_lora(&trained.root(), &LoraConfig::default())
-            .unwrap();
-        let heads = RsllmHeads::new(&trained.root(), 8, 32);
-        let title_ids = titles
-            .iter()
-            .map(|t| tokenizer.encode(&format!(" {t}")).unwrap())
-            .collect();
-        let items = ItemTable {
-            vectors: Tensor::randn([12, 8], (Kind::Float, Device::Cpu)),
-            title_ids,
-        };
-        Setup {
-            _base: base,
-            trained,
-            model,
-            heads,
-            items,
-            catalog,
-            tokenizer,
-        }
-    }
-
-    fn batch(s: &Setup, mode: PromptMode) -> Batch {
-        let builder =
-            PromptBuilder::with_builtin_templates("movielens", PromptOptions::new(PAD_ID)).unwrap();
-        let rows = [
-            (vec![0u32, 1, 2], vec![5u32, 6, 7, 8], 6u32),
-            (vec![3, 4], vec![9, 10, 11, 5], 11),
-        ];
-        let prompts: Vec<_> = rows
-            .iter()
-            .map(|(h, c, t)| {
-                builder
-                    .build(
-                        &s.tokenizer,
-                        &s.catalog,
-                        h,
-                        c,
-                        Some(*t),
-                        mode,
-                        TemplateChoice::Fixed(0),
-                    )
-                    .unwrap()
-            })
-            .collect();
-        collate(&prompts, PAD_ID, Device::Cpu).unwrap()
-    }
+    use crate::test_support::{batch, rng_lock, setup};
+    use rsllm_prompt::PromptMode;
+    use rsllm_prompt::testing::PAD_ID;
 
     #[test]
     fn collated_rows_hold_prompt_then_answer_and_slots() {
@@ -376,6 +275,7 @@ mod tests {
 
     #[test]
     fn each_term_switches_and_training_lowers_the_total() {
+        let _rng = rng_lock();
         let s = setup();
         let b = batch(&s, PromptMode::Unified);
         let only = |lm: bool, ui: f64, it: f64| {

@@ -1,0 +1,140 @@
+//! Shared test fixtures: a tiny random Llama with LoRA, RSLLM heads, a 12-item catalog and a
+//! tiny tokenizer trained on its titles.
+
+use rsllm_core::Catalog;
+use rsllm_llm::{Llama, LlamaConfig, LoraConfig};
+use rsllm_prompt::testing::{PAD_ID, tiny_tokenizer};
+use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions, TemplateChoice, TextEncoder};
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::batch::{Batch, collate};
+use crate::objective::{ItemTable, RsllmHeads};
+
+pub(crate) struct Setup {
+    pub _base: nn::VarStore,
+    pub trained: nn::VarStore,
+    pub model: Llama,
+    pub heads: RsllmHeads,
+    pub items: ItemTable,
+    pub catalog: Catalog,
+    pub tokenizer: tokenizers::Tokenizer,
+}
+
+pub(crate) fn setup() -> Setup {
+    tch::manual_seed(11);
+    let titles: Vec<String> = (0..12).map(|i| format!("Film number {i}")).collect();
+    let catalog = Catalog {
+        dataset: "movielens".into(),
+        titles: titles.clone(),
+    };
+    let mut corpus = titles.clone();
+    corpus.push("This user has watched in the previous. Please predict the next movie".into());
+    let tokenizer = tiny_tokenizer(&corpus, 300).unwrap();
+    let config = LlamaConfig {
+        vocab_size: 320,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 512,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    };
+    let mut base = nn::VarStore::new(Device::Cpu);
+    let mut model = Llama::new(&base.root(), &config).unwrap();
+    tch::no_grad(|| {
+        // Sorted: HashMap order differs between stores, and two setups must be equal.
+        let mut vars: Vec<_> = base.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, mut var) in vars {
+            let value = if name.ends_with("norm.weight") {
+                Tensor::ones(var.size(), (Kind::Float, Device::Cpu))
+            } else {
+                Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * 0.1
+            };
+            var.copy_(&value);
+        }
+    });
+    base.freeze();
+    let trained = nn::VarStore::new(Device::Cpu);
+    model
+        .attach_lora(&trained.root(), &LoraConfig::default())
+        .unwrap();
+    let heads = RsllmHeads::new(&trained.root(), 8, 32);
+    let title_ids = titles
+        .iter()
+        .map(|t| tokenizer.encode(&format!(" {t}")).unwrap())
+        .collect();
+    let items = ItemTable {
+        vectors: Tensor::randn([12, 8], (Kind::Float, Device::Cpu)),
+        title_ids,
+    };
+    Setup {
+        _base: base,
+        trained,
+        model,
+        heads,
+        items,
+        catalog,
+        tokenizer,
+    }
+}
+
+pub(crate) fn batch(s: &Setup, mode: PromptMode) -> Batch {
+    let builder =
+        PromptBuilder::with_builtin_templates("movielens", PromptOptions::new(PAD_ID)).unwrap();
+    let rows = [
+        (vec![0u32, 1, 2], vec![5u32, 6, 7, 8], 6u32),
+        (vec![3, 4], vec![9, 10, 11, 5], 11),
+    ];
+    let prompts: Vec<_> = rows
+        .iter()
+        .map(|(h, c, t)| {
+            builder
+                .build(
+                    &s.tokenizer,
+                    &s.catalog,
+                    h,
+                    c,
+                    Some(*t),
+                    mode,
+                    TemplateChoice::Fixed(0),
+                )
+                .unwrap()
+        })
+        .collect();
+    collate(&prompts, PAD_ID, Device::Cpu).unwrap()
+}
+
+/// libtorch's generator is global: tests that seed it and then draw from it (dropout) hold
+/// this lock so that parallel tests do not interleave their draws.
+pub(crate) static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub(crate) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A setup whose every tensor (base, trained, item vectors) and tokenizer equal `like`'s:
+/// two "processes" of one experiment.
+pub(crate) fn setup_like(like: &Setup) -> Setup {
+    let mut s = setup();
+    let copy_all = |from: &nn::VarStore, to: &nn::VarStore| {
+        let source = from.variables();
+        tch::no_grad(|| {
+            for (name, mut var) in to.variables() {
+                var.copy_(&source[&name]);
+            }
+        });
+    };
+    copy_all(&like._base, &s._base);
+    copy_all(&like.trained, &s.trained);
+    s.items.vectors = like.items.vectors.copy();
+    s.items.title_ids = like.items.title_ids.clone();
+    s.tokenizer = like.tokenizer.clone();
+    s
+}
