@@ -7,7 +7,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{LlmError, Result};
-use crate::model::{KvCache, Llama};
+use crate::model::{KvCache, Llama, SlotOverrides};
 use crate::tokenizer::LlmTokenizer;
 
 /// How the next token is chosen.
@@ -91,6 +91,19 @@ pub fn generate(
     prompts: &[Vec<u32>],
     options: &GenerateOptions,
 ) -> Result<Vec<Generation>> {
+    generate_with(model, tokenizer, prompts, None, options)
+}
+
+/// [`generate`] with input-embedding overrides in the prompts (the ID slots of unified
+/// prompts): `overrides.batch` indexes `prompts`, `overrides.position` is the position within
+/// that prompt (the left padding is accounted for here).
+pub fn generate_with(
+    model: &Llama,
+    tokenizer: &LlmTokenizer,
+    prompts: &[Vec<u32>],
+    overrides: Option<&SlotOverrides>,
+    options: &GenerateOptions,
+) -> Result<Vec<Generation>> {
     let _guard = tch::no_grad_guard();
     if prompts.is_empty() {
         return Ok(Vec::new());
@@ -159,7 +172,21 @@ pub fn generate(
     };
 
     let mut cache = KvCache::new(model.config.num_hidden_layers);
-    let embeds = model.embed(&ids, None)?;
+    let shifted = match overrides {
+        None => None,
+        Some(o) => {
+            // Left padding moves prompt i right by (longest - len_i).
+            let pads: Vec<i64> = prompts.iter().map(|p| longest - p.len() as i64).collect();
+            let pads = Tensor::f_from_slice(&pads)?.f_to_device(device)?;
+            let shift = pads.f_index_select(0, &o.batch.f_to_device(device)?)?;
+            Some(SlotOverrides {
+                batch: o.batch.f_to_device(device)?,
+                position: o.position.f_to_device(device)?.f_add(&shift)?,
+                vectors: o.vectors.shallow_clone(),
+            })
+        }
+    };
+    let embeds = model.embed(&ids, shifted.as_ref())?;
     let hidden = model.forward_embeds(&embeds, &positions_t, valid_t.as_ref(), Some(&mut cache))?;
     let mut logits = model.last_logits(&hidden)?;
     let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
@@ -290,6 +317,17 @@ pub fn score_continuations(
     prompt: &[u32],
     continuations: &[Vec<u32>],
 ) -> Result<Vec<ContinuationScore>> {
+    score_continuations_with(model, prompt, None, continuations)
+}
+
+/// [`score_continuations`] with input-embedding overrides in the prompt (batch index 0,
+/// positions within the prompt): the ranking evaluation of unified prompts.
+pub fn score_continuations_with(
+    model: &Llama,
+    prompt: &[u32],
+    overrides: Option<&SlotOverrides>,
+    continuations: &[Vec<u32>],
+) -> Result<Vec<ContinuationScore>> {
     let _guard = tch::no_grad_guard();
     check_prompt(model, prompt, "prompt")?;
     for (i, c) in continuations.iter().enumerate() {
@@ -310,7 +348,11 @@ pub fn score_continuations(
 
     let mut cache = KvCache::new(model.config.num_hidden_layers);
     let prompt_ids = ids_tensor(prompt, device)?.f_view([1, -1])?;
-    let prompt_hidden = model.forward_ids(&prompt_ids, Some(&mut cache))?;
+    let prompt_positions =
+        Tensor::f_arange(prompt.len() as i64, (Kind::Int64, device))?.f_view([1, -1])?;
+    let prompt_embeds = model.embed(&prompt_ids, overrides)?;
+    let prompt_hidden =
+        model.forward_embeds(&prompt_embeds, &prompt_positions, None, Some(&mut cache))?;
     // The prompt's last position predicts every continuation's first token.
     let first = model
         .last_logits(&prompt_hidden)?
@@ -495,6 +537,46 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "continuation {i}: {a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn overrides_reach_scoring_and_generation() {
+        let c = tiny_config();
+        let (_vs, model) = tiny_model(&c);
+        let prompt = vec![5u32, 6, 7, 8];
+        let conts = vec![vec![9u32, 10], vec![11]];
+        let vector = Tensor::randn([1, 32], (Kind::Float, Device::Cpu));
+        let slot = |batch: i64| SlotOverrides {
+            batch: Tensor::from_slice(&[batch]),
+            position: Tensor::from_slice(&[2i64]),
+            vectors: vector.shallow_clone(),
+        };
+        let plain = score_continuations(&model, &prompt, &conts).unwrap();
+        let with = score_continuations_with(&model, &prompt, Some(&slot(0)), &conts).unwrap();
+        assert!(
+            (plain[0].sum_logprob - with[0].sum_logprob).abs() > 1e-4,
+            "the slot must matter"
+        );
+        // Same as a full forward over embeddings with the slot spliced in.
+        let all: Vec<i64> = [5i64, 6, 7, 8, 9, 10].to_vec();
+        let ids = Tensor::from_slice(&all).view([1, 6]);
+        let embeds = model.embed(&ids, Some(&slot(0))).unwrap();
+        let positions = Tensor::arange(6, (Kind::Int64, Device::Cpu)).view([1, 6]);
+        let hidden = tch::no_grad(|| {
+            model
+                .forward_embeds(&embeds, &positions, None, None)
+                .unwrap()
+        });
+        let logp = model
+            .logits_at(&hidden, None)
+            .unwrap()
+            .log_softmax(-1, Kind::Float);
+        let want = logp.double_value(&[3, 9]) + logp.double_value(&[4, 10]);
+        assert!(
+            (with[0].sum_logprob - want).abs() < 1e-4,
+            "{} vs {want}",
+            with[0].sum_logprob
+        );
     }
 
     #[test]

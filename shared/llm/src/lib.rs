@@ -22,7 +22,7 @@ pub use config::{HfLlamaConfig, LlamaConfig};
 pub use error::{LlmError, Result};
 pub use infer::{
     ContinuationScore, FinishReason, GenerateOptions, Generation, Sampling, generate,
-    score_continuations,
+    generate_with, score_continuations, score_continuations_with,
 };
 pub use loader::{LoadedModel, ModelFormat, load, save_hf_dir};
 pub use model::{KvCache, LORA_TARGETS, Llama, LoraConfig, SlotOverrides};
