@@ -74,6 +74,21 @@ impl LlmTokenizer {
         })
     }
 
+    /// Wraps an already built tokenizer with the special ids generation needs.
+    pub fn from_tokenizer(
+        inner: Tokenizer,
+        bos_id: Option<u32>,
+        eos_id: Option<u32>,
+        pad_id: Option<u32>,
+    ) -> LlmTokenizer {
+        LlmTokenizer {
+            inner,
+            bos_id,
+            eos_id,
+            pad_id,
+        }
+    }
+
     /// Rebuilds the tokenizer a GGUF file declares (`tokenizer.ggml.model = "gpt2"`, the
     /// byte-level BPE of GPT-2, Llama 3, SmolLM, ...).
     pub fn from_gguf(file: &GgufFile, path: &Path) -> Result<LlmTokenizer> {
@@ -191,6 +206,11 @@ impl LlmTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The wrapped Hugging Face tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
     /// The equivalent `tokenizer.json`.
     pub fn to_json(&self) -> Result<String> {
         self.inner
@@ -217,5 +237,19 @@ fn pre_tokenizer(name: &str) -> std::result::Result<PreTokenizerWrapper, String>
         other => Err(format!(
             "tokenizer.ggml.pre {other:?} is not supported (gpt2, smollm, starcoder, refact)"
         )),
+    }
+}
+
+/// Prompt assembly (rsllm-prompt, no tch) reaches the model's tokenizer through this.
+impl rsllm_prompt::TextEncoder for LlmTokenizer {
+    fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
+        rsllm_prompt::TextEncoder::encode(&self.inner, text)
+    }
+
+    fn encode_with_offsets(
+        &self,
+        text: &str,
+    ) -> std::result::Result<(Vec<u32>, rsllm_prompt::TokenOffsets), String> {
+        self.inner.encode_with_offsets(text)
     }
 }

@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod error;
+pub mod eval;
 pub mod losses;
 pub mod objective;
 pub mod optim;

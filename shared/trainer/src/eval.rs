@@ -1,0 +1,461 @@
+//! Evaluation in both modes of METHOD.md, on the stored candidate sets:
+//!
+//! - generative (LLaRA's definition): greedy decoding, at most 64 new tokens, the first line
+//!   kept; lower-case and strip it and every candidate title; the candidates whose title
+//!   occurs in the line are its matches; valid iff exactly one matches; correct iff valid and
+//!   that title is the target's. ValidRatio = valid / n, HitRatio@1 = correct / n.
+//! - ranking (our addition): each candidate's continuation `" title\n"` scored by its summed
+//!   log-likelihood after the prompt (the prompt encoded once, candidates packed over its
+//!   cache); HR@1, HR@5 and NDCG@5 from the target's rank (ties pessimistic).
+//!
+//! Every number comes with its row count and a 95% interval; every row is kept for the CSV.
+
+use std::path::Path;
+
+use rsllm_core::metrics::{MeanCi, RankingMetrics, rank_of_target, ranking_metrics, wilson};
+use rsllm_core::{Catalog, ItemId, SeqExample};
+use rsllm_llm::{GenerateOptions, Llama, LlmTokenizer, Sampling, SlotOverrides};
+use rsllm_prompt::{BuiltPrompt, PromptBuilder, PromptMode, TemplateChoice};
+use serde::Serialize;
+use tch::Tensor;
+
+use crate::error::{Result, TrainError};
+use crate::objective::{ItemTable, RsllmHeads};
+
+/// What LLaRA's matching rule says about one generated answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Judgement {
+    /// The first line of the generation, stripped and lower-cased.
+    pub line: String,
+    pub matches: Vec<ItemId>,
+    pub valid: bool,
+    pub correct: bool,
+}
+
+/// LLaRA's rule (model_interface.py): substring matches of the lower-cased, stripped titles.
+pub fn judge(
+    generated: &str,
+    catalog: &Catalog,
+    candidates: &[ItemId],
+    target: ItemId,
+) -> Judgement {
+    let line = generated
+        .trim()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_lowercase();
+    let title = |id: ItemId| catalog.title(id).unwrap_or("").trim().to_lowercase();
+    let matches: Vec<ItemId> = candidates
+        .iter()
+        .copied()
+        .filter(|&c| {
+            let t = title(c);
+            !t.is_empty() && line.contains(&t)
+        })
+        .collect();
+    let valid = matches.len() == 1;
+    let correct = valid && matches.first().is_some_and(|&m| title(m) == title(target));
+    Judgement {
+        line,
+        matches,
+        valid,
+        correct,
+    }
+}
+
+/// One evaluated row, as written to the CSV.
+#[derive(Debug, Clone, Serialize)]
+pub struct RowResult {
+    pub row: usize,
+    pub user: u32,
+    pub target: ItemId,
+    pub candidates: Vec<ItemId>,
+    pub generated: Option<String>,
+    pub judgement: Option<Judgement>,
+    /// Summed log-likelihood per candidate (ranking mode), in candidate order.
+    pub scores: Option<Vec<f64>>,
+    pub rank: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub n: usize,
+    /// Generative mode.
+    pub valid_ratio: Option<MeanCi>,
+    pub hr1_generative: Option<MeanCi>,
+    /// Ranking mode.
+    pub ranking: Option<RankingMetrics>,
+    pub rows: Vec<RowResult>,
+}
+
+/// The model side of an evaluation: the LLM, and for unified prompts the projector and the
+/// recommender's item vectors.
+pub struct Evaluated<'a> {
+    pub model: &'a Llama,
+    pub tokenizer: &'a LlmTokenizer,
+    pub heads: Option<&'a RsllmHeads>,
+    pub items: Option<&'a ItemTable>,
+}
+
+pub struct EvalOptions {
+    pub prompt_mode: PromptMode,
+    pub generative: bool,
+    pub ranking: bool,
+    /// Rows generated together (left-padded batch).
+    pub generation_batch: usize,
+    pub max_new_tokens: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            prompt_mode: PromptMode::TextOnly,
+            generative: true,
+            ranking: true,
+            generation_batch: 8,
+            max_new_tokens: 64,
+        }
+    }
+}
+
+/// The projected slot vectors of one prompt (batch index `row` in a batch), or None.
+fn slot_overrides(e: &Evaluated<'_>, prompts: &[&BuiltPrompt]) -> Result<Option<SlotOverrides>> {
+    let (mut rows, mut positions, mut items) = (Vec::new(), Vec::new(), Vec::new());
+    for (row, p) in prompts.iter().enumerate() {
+        for slot in &p.slots {
+            rows.push(row as i64);
+            positions.push(slot.position as i64);
+            items.push(i64::from(slot.item));
+        }
+    }
+    if items.is_empty() {
+        return Ok(None);
+    }
+    let (Some(heads), Some(table)) = (e.heads, e.items) else {
+        return Err(TrainError::Invalid(
+            "unified prompts need the projector and the recommender's item vectors".into(),
+        ));
+    };
+    let device = e.model.device();
+    let ids = Tensor::f_from_slice(&items)?.f_to_device(device)?;
+    let vectors = heads
+        .projector
+        .forward(&table.vectors.f_index_select(0, &ids)?)?
+        .f_to_kind(e.model.kind())?;
+    Ok(Some(SlotOverrides {
+        batch: Tensor::f_from_slice(&rows)?.f_to_device(device)?,
+        position: Tensor::f_from_slice(&positions)?.f_to_device(device)?,
+        vectors,
+    }))
+}
+
+fn prompt_error(row: usize, err: impl std::fmt::Display) -> TrainError {
+    TrainError::Invalid(format!("row {row}: {err}"))
+}
+
+/// Evaluates `rows` (with their stored candidates) in the modes `options` asks for.
+pub fn evaluate(
+    e: &Evaluated<'_>,
+    builder: &PromptBuilder,
+    catalog: &Catalog,
+    rows: &[SeqExample],
+    options: &EvalOptions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<EvalReport> {
+    let _guard = tch::no_grad_guard();
+    e.model.set_training(false);
+    let prompts = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            builder
+                .build(
+                    e.tokenizer,
+                    catalog,
+                    &r.history,
+                    &r.candidates,
+                    Some(r.target),
+                    options.prompt_mode,
+                    TemplateChoice::Fixed(0),
+                )
+                .map_err(|err| prompt_error(i, err))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut results: Vec<RowResult> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| RowResult {
+            row: i,
+            user: r.user,
+            target: r.target,
+            candidates: r.candidates.clone(),
+            generated: None,
+            judgement: None,
+            scores: None,
+            rank: None,
+        })
+        .collect();
+
+    if options.generative {
+        let generate = GenerateOptions {
+            max_new_tokens: options.max_new_tokens,
+            sampling: Sampling::Greedy,
+            stop_on_eos: true,
+            // Only the first line is judged: stopping there gives the same line sooner.
+            stop_on_newline: true,
+            stop_strings: Vec::new(),
+        };
+        let indices: Vec<usize> = (0..prompts.len()).collect();
+        for chunk in indices.chunks(options.generation_batch.max(1)) {
+            let batch: Vec<&BuiltPrompt> = chunk.iter().map(|&i| &prompts[i]).collect();
+            let ids: Vec<Vec<u32>> = batch.iter().map(|p| p.input_ids.clone()).collect();
+            let overrides = slot_overrides(e, &batch)?;
+            let outputs = rsllm_llm::generate_with(
+                e.model,
+                e.tokenizer,
+                &ids,
+                overrides.as_ref(),
+                &generate,
+            )?;
+            for (&i, out) in chunk.iter().zip(outputs) {
+                let r = &rows[i];
+                results[i].judgement = Some(judge(&out.text, catalog, &r.candidates, r.target));
+                results[i].generated = Some(out.text);
+            }
+            progress(chunk.len());
+        }
+    }
+    if options.ranking {
+        for (i, p) in prompts.iter().enumerate() {
+            let overrides = slot_overrides(e, &[p])?;
+            let continuations = rows[i]
+                .candidates
+                .iter()
+                .map(|&c| {
+                    builder
+                        .continuation(e.tokenizer, catalog, c)
+                        .map(|(_, ids)| ids)
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|err| prompt_error(i, err))?;
+            let scores = rsllm_llm::score_continuations_with(
+                e.model,
+                &p.input_ids,
+                overrides.as_ref(),
+                &continuations,
+            )?;
+            let sums: Vec<f64> = scores.iter().map(|s| s.sum_logprob).collect();
+            let as_f32: Vec<f32> = sums.iter().map(|&s| s as f32).collect();
+            let target_index = p
+                .target_index
+                .ok_or_else(|| prompt_error(i, "target not among the candidates"))?;
+            results[i].rank = Some(rank_of_target(&as_f32, target_index));
+            results[i].scores = Some(sums);
+            if !options.generative {
+                progress(1);
+            }
+        }
+    }
+    let n = results.len();
+    let count = |f: &dyn Fn(&Judgement) -> bool| {
+        results
+            .iter()
+            .filter(|r| r.judgement.as_ref().is_some_and(f))
+            .count()
+    };
+    let ranks: Vec<usize> = results.iter().filter_map(|r| r.rank).collect();
+    Ok(EvalReport {
+        n,
+        valid_ratio: options.generative.then(|| wilson(count(&|j| j.valid), n)),
+        hr1_generative: options.generative.then(|| wilson(count(&|j| j.correct), n)),
+        ranking: options.ranking.then(|| ranking_metrics(&ranks)),
+        rows: results,
+    })
+}
+
+/// Writes one line per row: row, user, target, candidates, generated first line, matches,
+/// valid, correct, rank, scores. Atomic (temporary file, then rename).
+pub fn write_csv(path: &Path, report: &EvalReport) -> Result<()> {
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let join = |ids: &[ItemId]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
+    let mut out =
+        String::from("row,user,target,candidates,generated,matches,valid,correct,rank,scores\n");
+    for r in &report.rows {
+        let (generated, matches, valid, correct) = match &r.judgement {
+            Some(j) => (
+                quote(&j.line),
+                join(&j.matches),
+                j.valid.to_string(),
+                j.correct.to_string(),
+            ),
+            None => (String::new(), String::new(), String::new(), String::new()),
+        };
+        let scores = r
+            .scores
+            .as_ref()
+            .map(|s| {
+                s.iter()
+                    .map(|x| format!("{x:.4}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{}\n",
+            r.row,
+            r.user,
+            r.target,
+            join(&r.candidates),
+            generated,
+            matches,
+            valid,
+            correct,
+            r.rank.map(|x| x.to_string()).unwrap_or_default(),
+            scores
+        ));
+    }
+    rsllm_core::artefact::write_atomic(path, out.as_bytes()).map_err(|source| TrainError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> Catalog {
+        Catalog {
+            dataset: "movielens".into(),
+            titles: vec![
+                "Heat".into(),
+                "The Heat Is On".into(),
+                "Fargo".into(),
+                "Scream".into(),
+            ],
+        }
+    }
+
+    #[test]
+    fn llara_matching_rule() {
+        let c = catalog();
+        // Exactly one candidate in the first line, case-insensitive: valid and correct.
+        let j = judge("  FARGO is my guess\nHeat", &c, &[2, 3], 2);
+        assert_eq!(
+            (j.valid, j.correct, j.matches.clone()),
+            (true, true, vec![2])
+        );
+        assert_eq!(j.line, "fargo is my guess");
+        // Valid but wrong.
+        let j = judge("Scream", &c, &[2, 3], 2);
+        assert!(j.valid && !j.correct);
+        // Two titles: invalid (a title inside another counts, as in LLaRA).
+        let j = judge("The Heat Is On", &c, &[0, 1], 1);
+        assert_eq!(j.matches, vec![0, 1]);
+        assert!(!j.valid && !j.correct);
+        // Nothing: invalid.
+        let j = judge("I don't know", &c, &[2, 3], 2);
+        assert!(!j.valid && j.matches.is_empty());
+        // Only candidates count, not every title of the catalog.
+        let j = judge("Heat", &c, &[2, 3], 2);
+        assert!(!j.valid);
+    }
+
+    #[test]
+    fn unified_evaluation_ranks_with_projected_slots() {
+        use crate::test_support::setup;
+        use rsllm_prompt::PromptOptions;
+        use rsllm_prompt::testing::PAD_ID;
+        let s = setup();
+        let tokenizer = LlmTokenizer::from_tokenizer(s.tokenizer.clone(), None, None, Some(PAD_ID));
+        let builder =
+            PromptBuilder::with_builtin_templates("movielens", PromptOptions::new(PAD_ID)).unwrap();
+        let rows: Vec<SeqExample> = (0..3u32)
+            .map(|i| SeqExample {
+                user: i,
+                history: vec![i, i + 1],
+                target: i + 4,
+                candidates: vec![i + 3, i + 4, i + 5],
+            })
+            .collect();
+        let e = Evaluated {
+            model: &s.model,
+            tokenizer: &tokenizer,
+            heads: Some(&s.heads),
+            items: Some(&s.items),
+        };
+        let options = EvalOptions {
+            prompt_mode: PromptMode::Unified,
+            max_new_tokens: 4,
+            ..EvalOptions::default()
+        };
+        let mut seen = 0;
+        let report = evaluate(&e, &builder, &s.catalog, &rows, &options, &mut |k| {
+            seen += k
+        })
+        .unwrap();
+        assert_eq!(report.n, 3);
+        assert_eq!(seen, 3);
+        let ranking = report.ranking.as_ref().unwrap();
+        assert_eq!(ranking.n, 3);
+        // The ranking score is the candidate's continuation log-likelihood with the slots
+        // filled: recompute row 0's target score by hand.
+        let p = builder
+            .build(
+                &tokenizer,
+                &s.catalog,
+                &rows[0].history,
+                &rows[0].candidates,
+                Some(4),
+                PromptMode::Unified,
+                TemplateChoice::Fixed(0),
+            )
+            .unwrap();
+        let o = slot_overrides(&e, &[&p]).unwrap().unwrap();
+        let (_, ids) = builder.continuation(&tokenizer, &s.catalog, 4).unwrap();
+        let want =
+            rsllm_llm::score_continuations_with(&s.model, &p.input_ids, Some(&o), &[ids]).unwrap();
+        let got = report.rows[0].scores.as_ref().unwrap()[1];
+        assert!((got - want[0].sum_logprob).abs() < 1e-6);
+        for r in &report.rows {
+            assert!(r.rank.unwrap() < 3 && r.judgement.is_some());
+        }
+        // Unified prompts without the projector are refused by name.
+        let bare = Evaluated { heads: None, ..e };
+        let err = evaluate(&bare, &builder, &s.catalog, &rows, &options, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("projector"), "{err}");
+    }
+
+    #[test]
+    fn csv_quotes_generated_text() {
+        let report = EvalReport {
+            n: 1,
+            valid_ratio: None,
+            hr1_generative: None,
+            ranking: None,
+            rows: vec![RowResult {
+                row: 0,
+                user: 7,
+                target: 2,
+                candidates: vec![2, 3],
+                generated: Some("x".into()),
+                judgement: Some(judge("Fargo, \"the\" film", &catalog(), &[2, 3], 2)),
+                scores: Some(vec![-1.5, -2.25]),
+                rank: Some(0),
+            }],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.csv");
+        write_csv(&path, &report).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.lines().nth(1).unwrap(),
+            "0,7,2,2 3,\"fargo, \"\"the\"\" film\",2,true,true,0,-1.5000 -2.2500"
+        );
+    }
+}
