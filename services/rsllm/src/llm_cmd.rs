@@ -82,7 +82,7 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn load(&self) -> anyhow::Result<LoadedModel> {
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let path = match &self.model {
             Some(p) => p.clone(),
             None => rsllm_llm::default_model_path().context(

@@ -3,6 +3,7 @@
 //! method.
 
 mod data_cmd;
+mod eval_cmd;
 mod llm_cmd;
 mod rec_cmd;
 
@@ -29,6 +30,8 @@ enum Command {
         #[command(subcommand)]
         command: data_cmd::DataCommand,
     },
+    /// The LLM on a split's stored candidates (generative and ranking); zero-shot for now.
+    Eval(eval_cmd::EvalArgs),
     /// The LLM engine: model info, generation, continuation scoring.
     Llm {
         #[command(subcommand)]
@@ -48,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         Command::Data { command } => data_cmd::run(command),
         Command::Rec { command } => rec_cmd::run(command),
         Command::Llm { command } => llm_cmd::run(command),
+        Command::Eval(args) => eval_cmd::run(args),
     }
 }
 

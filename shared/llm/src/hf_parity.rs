@@ -292,6 +292,29 @@ fn generation_stops_and_samples_as_configured() {
         vec![7042, 30, 198],
         "' Paris', '.', newline"
     );
+    // A leading newline does not end the answer (LLaRA strips before taking the first line):
+    // the LLaRA prompt's greedy answer starts with one.
+    let llara = &fixture().greedy[2];
+    assert_eq!(
+        llara.new_ids[0], 198,
+        "the fixture's LLaRA answer starts with a newline"
+    );
+    let skipped = generate(
+        &model.model,
+        &model.tokenizer,
+        std::slice::from_ref(&llara.prompt_ids),
+        &GenerateOptions {
+            stop_on_newline: true,
+            ..base.clone()
+        },
+    )
+    .unwrap()
+    .remove(0);
+    assert!(skipped.token_ids.len() > 1, "{:?}", skipped.token_ids);
+    assert_eq!(
+        skipped.token_ids[..],
+        llara.new_ids[..skipped.token_ids.len()]
+    );
     let stop = run(GenerateOptions {
         stop_strings: vec!["answer".into()],
         ..base.clone()

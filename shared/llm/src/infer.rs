@@ -28,6 +28,7 @@ pub struct GenerateOptions {
     pub max_new_tokens: usize,
     pub sampling: Sampling,
     pub stop_on_eos: bool,
+    /// Stop at the first newline that follows some text (leading newlines do not count).
     pub stop_on_newline: bool,
     /// Generation stops once the new text contains one of these; the text is cut before it.
     pub stop_strings: Vec<String>,
@@ -252,7 +253,12 @@ fn stop_reason(
     if options.stop_on_eos && tokenizer.eos_id == Some(token) {
         return Ok(Some(FinishReason::Eos));
     }
-    if options.stop_on_newline && tokenizer.decode(&[token], false)?.contains('\n') {
+    // A newline ends the answer once some text precedes it: leading newlines are skipped, as
+    // LLaRA strips the output before keeping its first line.
+    if options.stop_on_newline
+        && tokenizer.decode(&[token], false)?.contains('\n')
+        && tokenizer.decode(so_far, true)?.trim_start().contains('\n')
+    {
         return Ok(Some(FinishReason::Newline));
     }
     if !options.stop_strings.is_empty() {

@@ -1,0 +1,156 @@
+//! `rsllm eval`: the LLM on a split's stored candidates, in generative and ranking mode, with
+//! per-row outputs in a CSV. Without trained adapters this is the zero-shot row of the table.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use rsllm_core::{Paths, SplitPart};
+use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions};
+use rsllm_trainer::eval::{EvalOptions, Evaluated, evaluate, write_csv};
+use serde_json::json;
+
+use crate::data_cmd::SplitArgs;
+use crate::llm_cmd::ModelArgs;
+use crate::rec_cmd::Part;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Modes {
+    Both,
+    Generative,
+    Ranking,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    split: SplitArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Which rows: test (default) or val.
+    #[arg(long, default_value = "test")]
+    part: Part,
+    /// Which evaluation modes to run.
+    #[arg(long, default_value = "both")]
+    modes: Modes,
+    /// Evaluate only the first N rows (quick looks; reported as such).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Rows generated together.
+    #[arg(long, default_value_t = 8)]
+    generation_batch: usize,
+    /// Where rows.csv and metrics.json go (default: runs/eval-<dataset>-<protocol>-<part>-<time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let paths = Paths::from_env()?;
+    let (data, _) = rsllm_core::dataset::prepare_or_reuse(
+        args.split.dataset,
+        args.split.protocol,
+        &args.split.options(),
+        &paths,
+    )?;
+    let part = match args.part {
+        Part::Val => SplitPart::Val,
+        Part::Test => SplitPart::Test,
+    };
+    let mut rows = data.rows(part).to_vec();
+    if let Some(limit) = args.limit {
+        rows.truncate(limit);
+    }
+    let loaded = args.model.load()?;
+    let slot = loaded.tokenizer.pad_id.unwrap_or(0);
+    let builder = PromptBuilder::with_builtin_templates(
+        &args.split.dataset.to_string(),
+        PromptOptions::new(slot),
+    )?;
+    let evaluated = Evaluated {
+        model: &loaded.model,
+        tokenizer: &loaded.tokenizer,
+        heads: None,
+        items: None,
+    };
+    let options = EvalOptions {
+        prompt_mode: PromptMode::TextOnly,
+        generative: args.modes != Modes::Ranking,
+        ranking: args.modes != Modes::Generative,
+        generation_batch: args.generation_batch,
+        ..EvalOptions::default()
+    };
+    let bar = indicatif::ProgressBar::new(
+        (rows.len() * (usize::from(options.generative) + usize::from(options.ranking))) as u64,
+    );
+    let started = Instant::now();
+    let report = evaluate(
+        &evaluated,
+        &builder,
+        &data.catalog,
+        &rows,
+        &options,
+        &mut |k| bar.inc(k as u64),
+    )?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+
+    let out = args.out.unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "eval-{}-{}-{}-{}",
+            args.split.dataset,
+            args.split.protocol,
+            part.as_str(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        ))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    write_csv(&out.join("rows.csv"), &report)?;
+    let metrics = json!({
+        "method": "zero-shot",
+        "dataset": args.split.dataset.to_string(),
+        "protocol": args.split.protocol.to_string(),
+        "part": part.as_str(),
+        "model": loaded.path,
+        "dtype": args.model.dtype,
+        "n": report.n,
+        "limit": args.limit,
+        "valid_ratio": report.valid_ratio,
+        "hr1_generative": report.hr1_generative,
+        "ranking": report.ranking,
+        "seconds": seconds,
+    });
+    rsllm_core::artefact::write_json_atomic(&out.join("metrics.json"), &metrics)?;
+    if args.json {
+        println!("{metrics}");
+    } else {
+        println!("| mode | n | HR@1 | ValidRatio | HR@5 | NDCG@5 |");
+        println!("|---|---|---|---|---|---|");
+        let ci = |m: &rsllm_core::metrics::MeanCi| {
+            format!("{:.3} [{:.3}, {:.3}]", m.mean, m.low, m.high)
+        };
+        if let (Some(hr), Some(valid)) = (&report.hr1_generative, &report.valid_ratio) {
+            println!(
+                "| generative | {} | {} | {} | | |",
+                report.n,
+                ci(hr),
+                ci(valid)
+            );
+        }
+        if let Some(r) = &report.ranking {
+            println!(
+                "| ranking | {} | {} | 1 | {} | {} |",
+                r.n,
+                ci(&r.hr1),
+                ci(&r.hr5),
+                ci(&r.ndcg5)
+            );
+        }
+        println!("rows and metrics: {} ({seconds:.0} s)", out.display());
+    }
+    Ok(())
+}
