@@ -34,6 +34,10 @@ pub struct EvalArgs {
     /// Which evaluation modes to run.
     #[arg(long, default_value = "both")]
     modes: Modes,
+    /// A trained stage's output directory (from `rsllm train`): its adapters, projector and
+    /// prompt mode are used. Without it the base model is evaluated zero-shot.
+    #[arg(long)]
+    stage_dir: Option<PathBuf>,
     /// Evaluate only the first N rows (quick looks; reported as such).
     #[arg(long)]
     limit: Option<usize>,
@@ -63,20 +67,38 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if let Some(limit) = args.limit {
         rows.truncate(limit);
     }
-    let loaded = args.model.load()?;
+    let mut loaded = args.model.load()?;
     let slot = loaded.tokenizer.pad_id.unwrap_or(0);
     let builder = PromptBuilder::with_builtin_templates(
         &args.split.dataset.to_string(),
         PromptOptions::new(slot),
     )?;
+    let (trained, prompt_mode, method) = match &args.stage_dir {
+        None => (None, PromptMode::TextOnly, "zero-shot".to_owned()),
+        Some(dir) => {
+            let spec = rsllm_trainer::stage::read_spec(dir)?;
+            if spec.dataset != args.split.dataset.to_string() {
+                anyhow::bail!(
+                    "{} was trained on {}, not {}",
+                    dir.display(),
+                    spec.dataset,
+                    args.split.dataset
+                );
+            }
+            let rsllm = rsllm_trainer::stage::build_rsllm(&mut loaded, &spec, &data.catalog)?;
+            let step = rsllm_trainer::stage::load_trained(&rsllm.trained, dir)?;
+            let method = format!("stage {} ({}, step {step})", spec.stage, dir.display());
+            (Some(rsllm), spec.prompt_mode(), method)
+        }
+    };
     let evaluated = Evaluated {
         model: &loaded.model,
         tokenizer: &loaded.tokenizer,
-        heads: None,
-        items: None,
+        heads: trained.as_ref().map(|t| &t.heads),
+        items: trained.as_ref().map(|t| &t.items),
     };
     let options = EvalOptions {
-        prompt_mode: PromptMode::TextOnly,
+        prompt_mode,
         generative: args.modes != Modes::Ranking,
         ranking: args.modes != Modes::Generative,
         generation_batch: args.generation_batch,
@@ -111,7 +133,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     write_csv(&out.join("rows.csv"), &report)?;
     let metrics = json!({
-        "method": "zero-shot",
+        "method": method,
         "dataset": args.split.dataset.to_string(),
         "protocol": args.split.protocol.to_string(),
         "part": part.as_str(),

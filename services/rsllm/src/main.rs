@@ -6,6 +6,7 @@ mod data_cmd;
 mod eval_cmd;
 mod llm_cmd;
 mod rec_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -30,8 +31,11 @@ enum Command {
         #[command(subcommand)]
         command: data_cmd::DataCommand,
     },
-    /// The LLM on a split's stored candidates (generative and ranking); zero-shot for now.
+    /// The LLM on a split's stored candidates (generative and ranking): zero-shot, or a trained
+    /// stage with --stage-dir.
     Eval(eval_cmd::EvalArgs),
+    /// One RSLLM fine-tuning stage (1: text-only, 2: unified Text-ID), resumable.
+    Train(train_cmd::TrainArgs),
     /// The LLM engine: model info, generation, continuation scoring.
     Llm {
         #[command(subcommand)]
@@ -52,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         Command::Rec { command } => rec_cmd::run(command),
         Command::Llm { command } => llm_cmd::run(command),
         Command::Eval(args) => eval_cmd::run(args),
+        Command::Train(args) => train_cmd::run(args),
     }
 }
 

@@ -83,7 +83,7 @@ impl Kind {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Kind::Sasrec => "sasrec",
             Kind::Gru4rec => "gru4rec",

@@ -14,6 +14,7 @@ pub mod losses;
 pub mod objective;
 pub mod optim;
 pub mod schedule;
+pub mod stage;
 #[cfg(test)]
 mod test_support;
 pub mod train_loop;

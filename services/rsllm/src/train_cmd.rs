@@ -1,0 +1,177 @@
+//! `rsllm train --stage 1|2`: one RSLLM fine-tuning stage on a prepared dataset (resumes
+//! from its last checkpoint when its output directory already holds one).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use rsllm_core::Paths;
+use rsllm_llm::LoraConfig;
+use rsllm_trainer::stage::{StageSpec, default_out, run_stage};
+use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
+
+use crate::data_cmd::SplitArgs;
+use crate::llm_cmd::ModelArgs;
+use crate::rec_cmd::{Kind, model_dir};
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// 1: text-only prompts; 2: unified Text-ID prompts with the recommender's vectors.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    stage: u8,
+    #[command(flatten)]
+    split: SplitArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The recommender whose item vectors fill the ID slots (stage 2).
+    #[arg(long, env = "RSLLM_REC_MODEL", default_value = "sasrec")]
+    rec_model: Kind,
+    /// A finished stage's output directory to start from (stage 1's for stage 2).
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// Use only the first N training rows (the quick profile).
+    #[arg(long, env = "RSLLM_TRAIN_LIMIT")]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    epochs: u64,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long, default_value_t = 4)]
+    micro_batch: usize,
+    #[arg(long, default_value_t = 4)]
+    grad_accum: usize,
+    /// Peak learning rate (LLaRA MovieLens: 8e-4).
+    #[arg(long, default_value_t = 8e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: u64,
+    #[arg(long, default_value_t = 0.1)]
+    lambda_ui: f64,
+    #[arg(long, default_value_t = 0.1)]
+    lambda_it: f64,
+    #[arg(long, default_value_t = 0.07)]
+    tau: f64,
+    /// Output directory (default runs/<dataset>-stage<N>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let paths = Paths::from_env()?;
+    let (data, _) = rsllm_core::dataset::prepare_or_reuse(
+        args.split.dataset,
+        args.split.protocol,
+        &args.split.options(),
+        &paths,
+    )?;
+    let mut base = args.model.load()?;
+    let base_sha = if base.path.is_file() {
+        rsllm_core::artefact::sha256_file(&base.path)
+            .with_context(|| format!("hashing {}", base.path.display()))?
+    } else {
+        rsllm_core::artefact::sha256_file(&base.path.join("model.safetensors"))
+            .with_context(|| format!("hashing {}/model.safetensors", base.path.display()))?
+    };
+    let recommender = (args.stage == 2).then(|| model_dir(&paths, &args.split, args.rec_model));
+    if let Some(dir) = &recommender
+        && !dir.join("manifest.json").is_file()
+    {
+        anyhow::bail!(
+            "stage 2 needs a trained recommender at {}: run `rsllm rec train --dataset {} --model {}` first",
+            dir.display(),
+            args.split.dataset,
+            args.rec_model.name()
+        );
+    }
+    let dataset = args.split.dataset.to_string();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| default_out(&dataset, args.stage));
+    let spec = StageSpec {
+        stage: args.stage,
+        dataset: dataset.clone(),
+        base_model: base.path.clone(),
+        base_model_sha256: base_sha,
+        recommender,
+        init_from: args.init_from.clone(),
+        train_limit: args.limit,
+        num_candidates: args.split.num_candidates,
+        lora: LoraConfig::default(),
+        train: TrainConfig {
+            epochs: args.epochs,
+            max_steps: args.max_steps,
+            micro_batch: args.micro_batch,
+            grad_accum: args.grad_accum,
+            peak_lr: args.lr,
+            warmup_fraction: 0.05,
+            max_grad_norm: 1.0,
+            seed: args.seed,
+            checkpoint_every: args.checkpoint_every,
+            keep_last: 2,
+            pad_id: base.tokenizer.pad_id.unwrap_or(0),
+            loss: LossConfig {
+                use_lm: true,
+                lambda_ui: args.lambda_ui,
+                lambda_it: args.lambda_it,
+                tau: args.tau,
+            },
+            adamw: AdamWConfig::default(),
+        },
+    };
+    let rows = args
+        .limit
+        .map_or(data.train.len(), |n| n.min(data.train.len()));
+    let total = spec.train.total_steps(rows);
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let summary = run_stage(
+        &spec,
+        &mut base,
+        &data.catalog,
+        &data.train,
+        &out,
+        &mut |r| {
+            bar.set_position(r.step);
+            bar.set_message(format!(
+                "loss {:.3} (lm {:.3} ui {:.3} it {:.3}) lr {:.1e}",
+                r.loss, r.lm, r.ui, r.it, r.lr
+            ));
+            tracing::debug!(
+                step = r.step,
+                loss = r.loss,
+                lm = r.lm,
+                ui = r.ui,
+                it = r.it,
+                lr = r.lr,
+                "step"
+            );
+        },
+    )?;
+    bar.finish_and_clear();
+    println!(
+        "stage {} on {dataset}: {} steps ({} resumed), {:.0} s; last loss {}; output {}",
+        args.stage,
+        summary.steps,
+        summary
+            .resumed_from
+            .map_or("none".to_owned(), |s| format!("from step {s}")),
+        started.elapsed().as_secs_f64(),
+        summary.last.as_ref().map_or("-".to_owned(), |r| format!(
+            "{:.4} (lm {:.4}, ui {:.4}, it {:.4})",
+            r.loss, r.lm, r.ui, r.it
+        )),
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! One RSLLM stage on a prepared dataset, end to end: the base model with LoRA adapters, the
+//! projector and heads, the recommender's item vectors (stage 2), training rows turned into
+//! prompts with freshly drawn candidates, the stage loop, and the written artefacts.
+//!
+//! Stage 1 trains on text-only prompts, stage 2 on unified Text-ID prompts, continuing from
+//! stage 1's trained tensors when `init_from` names its output (METHOD.md, "Two stages").
+//! The `stage.json` beside the checkpoints records the spec, so evaluation can rebuild the
+//! exact model.
+
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rsllm_core::dataset::candidates::draw_candidates;
+use rsllm_core::{Catalog, SeqExample};
+use rsllm_llm::{LlmTokenizer, LoadedModel, LoraConfig};
+use rsllm_prompt::{
+    BuiltPrompt, PromptBuilder, PromptMode, PromptOptions, TemplateChoice, TextEncoder,
+};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::checkpoint;
+use crate::error::{Result, TrainError};
+use crate::objective::{ItemTable, RsllmHeads};
+use crate::train_loop::{ExampleSource, StepReport, TrainConfig, TrainSummary, Trainee, train};
+
+/// Everything a stage needs to be run again or evaluated: written to `<out>/stage.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageSpec {
+    /// 1: text-only prompts; 2: unified Text-ID prompts.
+    pub stage: u8,
+    /// Dataset name (`movielens`, ...) the prompts' templates and catalog belong to.
+    pub dataset: String,
+    /// The base model (GGUF file or HF directory) and its sha256.
+    pub base_model: PathBuf,
+    pub base_model_sha256: String,
+    /// Recommender artefact directory whose item vectors fill the ID slots (stage 2).
+    pub recommender: Option<PathBuf>,
+    /// A previous stage's output directory to start from (stage 1 for stage 2).
+    pub init_from: Option<PathBuf>,
+    /// Training rows used (the first N of the split's training rows; all when None).
+    pub train_limit: Option<usize>,
+    /// Candidates per training prompt, the target included (LLaRA: 20).
+    pub num_candidates: usize,
+    pub lora: LoraConfig,
+    pub train: TrainConfig,
+}
+
+impl StageSpec {
+    pub fn prompt_mode(&self) -> PromptMode {
+        if self.stage >= 2 {
+            PromptMode::Unified
+        } else {
+            PromptMode::TextOnly
+        }
+    }
+}
+
+pub const SPEC_FILE: &str = "stage.json";
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+
+/// The trainable side built over a loaded base model.
+pub struct Rsllm {
+    pub trained: nn::VarStore,
+    pub heads: RsllmHeads,
+    pub items: ItemTable,
+    pub recommender_version: Option<String>,
+}
+
+/// Attaches LoRA, builds projector and heads, loads the recommender's item vectors (a zero
+/// table when the stage has none: text-only prompts never read it) and the title tokens.
+pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) -> Result<Rsllm> {
+    let device = base.model.device();
+    let trained = nn::VarStore::new(device);
+    base.model.attach_lora(&trained.root(), &spec.lora)?;
+    let (vectors, d_id, version) = match &spec.recommender {
+        Some(dir) => {
+            let rec = rsllm_recommender::RecModel::load(dir, Device::Cpu)
+                .map_err(|e| TrainError::Invalid(format!("{}: {e}", dir.display())))?;
+            if rec.num_items() != catalog.num_items() {
+                return Err(TrainError::Invalid(format!(
+                    "{}: the recommender knows {} items, the catalog {}",
+                    dir.display(),
+                    rec.num_items(),
+                    catalog.num_items()
+                )));
+            }
+            let values = rec
+                .try_item_embeddings()
+                .map_err(|e| TrainError::Invalid(format!("{}: {e}", dir.display())))?;
+            let table = Tensor::f_from_slice(&values)?
+                .f_view([rec.num_items() as i64, rec.dim() as i64])?
+                .f_to_device(device)?;
+            (table, rec.dim(), Some(rec.version().to_owned()))
+        }
+        None => (
+            Tensor::f_zeros([catalog.num_items() as i64, 64], (Kind::Float, device))?,
+            64,
+            None,
+        ),
+    };
+    let heads = RsllmHeads::new(&trained.root(), d_id, base.model.config.hidden_size);
+    let title_ids = catalog
+        .titles
+        .iter()
+        .map(|t| {
+            TextEncoder::encode(&base.tokenizer, &format!(" {t}")).map_err(TrainError::Invalid)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Rsllm {
+        trained,
+        heads,
+        items: ItemTable { vectors, title_ids },
+        recommender_version: version,
+    })
+}
+
+/// Copies the trained tensors of a stage output (its latest checkpoint) into `trained`.
+/// Names present on only one side are reported, so a stage-1 run without ID heads cannot be
+/// silently half-loaded.
+pub fn load_trained(trained: &nn::VarStore, stage_dir: &Path) -> Result<u64> {
+    let root = stage_dir.join(CHECKPOINT_DIR);
+    let Some(ckpt) = checkpoint::latest(&root)? else {
+        return Err(TrainError::BadCheckpoint {
+            path: root,
+            reason: "no checkpoint yet".into(),
+        });
+    };
+    let (tensors, _) = ckpt.load()?;
+    let mut variables = trained.variables();
+    let _guard = tch::no_grad_guard();
+    for (name, tensor) in tensors {
+        let Some(mut var) = variables.remove(&name) else {
+            return Err(TrainError::BadCheckpoint {
+                path: ckpt.dir.clone(),
+                reason: format!("holds {name}, which this model does not have"),
+            });
+        };
+        if var.size() != tensor.size() {
+            return Err(TrainError::BadCheckpoint {
+                path: ckpt.dir.clone(),
+                reason: format!(
+                    "{name}: shape {:?}, the model {:?}",
+                    tensor.size(),
+                    var.size()
+                ),
+            });
+        }
+        var.f_copy_(&tensor.f_to_device(var.device())?)?;
+    }
+    if let Some(missing) = variables.keys().next() {
+        return Err(TrainError::BadCheckpoint {
+            path: ckpt.dir.clone(),
+            reason: format!("lacks {missing}"),
+        });
+    }
+    Ok(ckpt.manifest.step)
+}
+
+/// Training rows as prompts: candidates drawn per (epoch, row) from the template seed, as
+/// LLaRA draws its training negatives on the fly.
+pub struct TrainRows<'a> {
+    pub rows: &'a [SeqExample],
+    pub catalog: &'a Catalog,
+    pub tokenizer: &'a LlmTokenizer,
+    pub builder: PromptBuilder,
+    pub mode: PromptMode,
+    pub num_candidates: usize,
+}
+
+impl ExampleSource for TrainRows<'_> {
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn build(&self, index: usize, template_seed: u64) -> Result<BuiltPrompt> {
+        let row = self
+            .rows
+            .get(index)
+            .ok_or_else(|| TrainError::Invalid(format!("training row {index} does not exist")))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(template_seed ^ 0xC0FF_EE00_D15E_A5E5);
+        let candidates = draw_candidates(
+            &row.history,
+            row.target,
+            self.catalog.num_items(),
+            self.num_candidates,
+            &mut rng,
+        )
+        .map_err(|e| TrainError::Invalid(format!("training row {index}: {e}")))?;
+        self.builder
+            .build(
+                self.tokenizer,
+                self.catalog,
+                &row.history,
+                &candidates,
+                Some(row.target),
+                self.mode,
+                TemplateChoice::Seeded(template_seed),
+            )
+            .map_err(|e| TrainError::Invalid(format!("training row {index}: {e}")))
+    }
+}
+
+/// Runs (or resumes) one stage into `out`: `stage.json`, `checkpoints/`.
+pub fn run_stage(
+    spec: &StageSpec,
+    base: &mut LoadedModel,
+    catalog: &Catalog,
+    train_rows: &[SeqExample],
+    out: &Path,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<TrainSummary> {
+    if !(1..=2).contains(&spec.stage) {
+        return Err(TrainError::Invalid(format!(
+            "stage {} is not 1 or 2",
+            spec.stage
+        )));
+    }
+    if spec.stage == 2 && spec.recommender.is_none() {
+        return Err(TrainError::Invalid(
+            "stage 2 needs the recommender's item vectors".into(),
+        ));
+    }
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| TrainError::Io { path, source }
+    };
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let spec_path = out.join(SPEC_FILE);
+    if spec_path.exists() {
+        let text = std::fs::read_to_string(&spec_path).map_err(io(&spec_path))?;
+        let previous: StageSpec =
+            serde_json::from_str(&text).map_err(|e| TrainError::BadCheckpoint {
+                path: spec_path.clone(),
+                reason: format!("not a stage spec: {e}"),
+            })?;
+        if &previous != spec {
+            return Err(TrainError::Invalid(format!(
+                "{} holds a different stage spec; resume with the same settings or use a new output directory",
+                spec_path.display()
+            )));
+        }
+    } else {
+        rsllm_core::artefact::write_json_atomic(&spec_path, spec).map_err(io(&spec_path))?;
+    }
+    let rsllm = build_rsllm(base, spec, catalog)?;
+    let checkpoints = out.join(CHECKPOINT_DIR);
+    if let Some(init) = &spec.init_from
+        && checkpoint::latest(&checkpoints)?.is_none()
+    {
+        load_init(&rsllm.trained, init)?;
+    }
+    let rows = match spec.train_limit {
+        Some(n) => &train_rows[..n.min(train_rows.len())],
+        None => train_rows,
+    };
+    let slot = base.tokenizer.pad_id.unwrap_or(0);
+    let source = TrainRows {
+        rows,
+        catalog,
+        tokenizer: &base.tokenizer,
+        builder: PromptBuilder::with_builtin_templates(&spec.dataset, PromptOptions::new(slot))
+            .map_err(|e| TrainError::Invalid(e.to_string()))?,
+        mode: spec.prompt_mode(),
+        num_candidates: spec.num_candidates,
+    };
+    let trainee = Trainee {
+        model: &base.model,
+        heads: &rsllm.heads,
+        trained: &rsllm.trained,
+        items: &rsllm.items,
+        base_model_sha256: spec.base_model_sha256.clone(),
+        recommender_version: rsllm.recommender_version.clone(),
+    };
+    train(&trainee, &source, &spec.train, &checkpoints, None, on_step)
+}
+
+/// Stage 2 starts from stage 1's adapters; stage 1 trains no ID heads worth keeping apart
+/// from the same names, so every tensor of the previous stage is copied.
+fn load_init(trained: &nn::VarStore, init: &Path) -> Result<()> {
+    load_trained(trained, init).map(|_| ())
+}
+
+/// `<out>/stage.json` of a finished or running stage.
+pub fn read_spec(out: &Path) -> Result<StageSpec> {
+    let path = out.join(SPEC_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| TrainError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| TrainError::BadCheckpoint {
+        path: path.clone(),
+        reason: format!("not a stage spec: {e}"),
+    })
+}
+
+/// The output directory a stage writes to by default: `runs/<dataset>-stage<N>`.
+pub fn default_out(dataset: &str, stage: u8) -> PathBuf {
+    PathBuf::from("runs").join(format!("{dataset}-stage{stage}"))
+}
