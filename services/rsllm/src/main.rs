@@ -5,6 +5,7 @@
 mod data_cmd;
 mod eval_cmd;
 mod llm_cmd;
+mod pipeline_cmd;
 mod rec_cmd;
 mod train_cmd;
 
@@ -34,6 +35,8 @@ enum Command {
     /// The LLM on a split's stored candidates (generative and ranking): zero-shot, or a trained
     /// stage with --stage-dir.
     Eval(eval_cmd::EvalArgs),
+    /// The whole method: data, SASRec, stage 1, stage 2, evaluation, report.
+    Pipeline(pipeline_cmd::PipelineArgs),
     /// One RSLLM fine-tuning stage (1: text-only, 2: unified Text-ID), resumable.
     Train(train_cmd::TrainArgs),
     /// The LLM engine: model info, generation, continuation scoring.
@@ -57,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Command::Llm { command } => llm_cmd::run(command),
         Command::Eval(args) => eval_cmd::run(args),
         Command::Train(args) => train_cmd::run(args),
+        Command::Pipeline(args) => pipeline_cmd::run(args),
     }
 }
 
