@@ -128,33 +128,7 @@ pub fn load_trained(trained: &nn::VarStore, stage_dir: &Path) -> Result<u64> {
         });
     };
     let (tensors, _) = ckpt.load()?;
-    let mut variables = trained.variables();
-    let _guard = tch::no_grad_guard();
-    for (name, tensor) in tensors {
-        let Some(mut var) = variables.remove(&name) else {
-            return Err(TrainError::BadCheckpoint {
-                path: ckpt.dir.clone(),
-                reason: format!("holds {name}, which this model does not have"),
-            });
-        };
-        if var.size() != tensor.size() {
-            return Err(TrainError::BadCheckpoint {
-                path: ckpt.dir.clone(),
-                reason: format!(
-                    "{name}: shape {:?}, the model {:?}",
-                    tensor.size(),
-                    var.size()
-                ),
-            });
-        }
-        var.f_copy_(&tensor.f_to_device(var.device())?)?;
-    }
-    if let Some(missing) = variables.keys().next() {
-        return Err(TrainError::BadCheckpoint {
-            path: ckpt.dir.clone(),
-            reason: format!("lacks {missing}"),
-        });
-    }
+    crate::train_loop::restore(trained, tensors, &ckpt.dir)?;
     Ok(ckpt.manifest.step)
 }
 
@@ -249,7 +223,8 @@ pub fn run_stage(
     if let Some(init) = &spec.init_from
         && checkpoint::latest(&checkpoints)?.is_none()
     {
-        load_init(&rsllm.trained, init)?;
+        // Stage 1 trains the same tensors (adapters, projector, heads): all carry over.
+        load_trained(&rsllm.trained, init)?;
     }
     let rows = match spec.train_limit {
         Some(n) => &train_rows[..n.min(train_rows.len())],
@@ -274,12 +249,6 @@ pub fn run_stage(
         recommender_version: rsllm.recommender_version.clone(),
     };
     train(&trainee, &source, &spec.train, &checkpoints, None, on_step)
-}
-
-/// Stage 2 starts from stage 1's adapters; stage 1 trains no ID heads worth keeping apart
-/// from the same names, so every tensor of the previous stage is copied.
-fn load_init(trained: &nn::VarStore, init: &Path) -> Result<()> {
-    load_trained(trained, init).map(|_| ())
 }
 
 /// `<out>/stage.json` of a finished or running stage.

@@ -267,7 +267,11 @@ pub fn train(
 }
 
 /// Copies checkpointed tensors into the trained store: the same names, the same shapes.
-fn restore(vs: &nn::VarStore, saved: Vec<(String, tch::Tensor)>, dir: &Path) -> Result<()> {
+pub(crate) fn restore(
+    vs: &nn::VarStore,
+    saved: Vec<(String, tch::Tensor)>,
+    dir: &Path,
+) -> Result<()> {
     let mut variables = vs.variables();
     let _guard = tch::no_grad_guard();
     for (name, tensor) in saved {
