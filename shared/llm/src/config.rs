@@ -301,6 +301,7 @@ mod tests {
 
     #[test]
     fn hf_config_resolves_defaults_and_rope_parameters() {
+        let _rng = crate::test_rng_lock();
         let json = r#"{"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
@@ -317,6 +318,7 @@ mod tests {
 
     #[test]
     fn hf_config_refuses_what_the_model_code_does_not_implement() {
+        let _rng = crate::test_rng_lock();
         let base = r#""vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4"#;
         for (extra, needle) in [
@@ -337,6 +339,7 @@ mod tests {
 
     #[test]
     fn parameter_count_of_smollm2_135m() {
+        let _rng = crate::test_rng_lock();
         let c = LlamaConfig {
             vocab_size: 49152,
             hidden_size: 576,

@@ -138,6 +138,7 @@ fn check_tokenizer(tokenizer: &LlmTokenizer, label: &str) {
 
 #[test]
 fn gguf_tokenizer_gives_transformers_ids() {
+    let _rng = crate::test_rng_lock();
     let tokenizer = gguf_tokenizer();
     assert_eq!(tokenizer.vocab_size(), 49152);
     assert_eq!(tokenizer.eos_id, Some(2));
@@ -146,6 +147,7 @@ fn gguf_tokenizer_gives_transformers_ids() {
 
 #[test]
 fn tokenizer_json_round_trip_gives_the_same_ids() {
+    let _rng = crate::test_rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");
     std::fs::write(&path, gguf_tokenizer().to_json().unwrap()).unwrap();
@@ -157,6 +159,7 @@ fn tokenizer_json_round_trip_gives_the_same_ids() {
 
 #[test]
 fn f32_log_probs_match_transformers_within_1e_3() {
+    let _rng = crate::test_rng_lock();
     let model = loaded(Kind::Float);
     for case in &fixture().score {
         let prompt = model.tokenizer.encode(&case.prompt).unwrap();
@@ -186,6 +189,7 @@ fn f32_log_probs_match_transformers_within_1e_3() {
 
 #[test]
 fn f32_last_logits_match_transformers() {
+    let _rng = crate::test_rng_lock();
     let model = loaded(Kind::Float);
     for case in &fixture().last_logits {
         let ids: Vec<i64> = case.prompt_ids.iter().map(|&i| i64::from(i)).collect();
@@ -206,6 +210,7 @@ fn f32_last_logits_match_transformers() {
 
 #[test]
 fn greedy_generation_matches_transformers() {
+    let _rng = crate::test_rng_lock();
     let model = loaded(Kind::Float);
     let options = GenerateOptions {
         max_new_tokens: 8,
@@ -241,6 +246,7 @@ fn greedy_generation_matches_transformers() {
 
 #[test]
 fn bf16_stays_close_to_transformers_f32() {
+    let _rng = crate::test_rng_lock();
     let model = loaded(Kind::BFloat16);
     assert_eq!(model.model.kind(), Kind::BFloat16);
     for case in &fixture().score {
@@ -266,6 +272,7 @@ fn bf16_stays_close_to_transformers_f32() {
 /// with " Paris.\n\nThe answer is:", per the fixture).
 #[test]
 fn generation_stops_and_samples_as_configured() {
+    let _rng = crate::test_rng_lock();
     let model = loaded(Kind::Float);
     let prompt = model.tokenizer.encode("The capital of France is").unwrap();
     let run = |options: GenerateOptions| {
@@ -380,6 +387,7 @@ fn generation_stops_and_samples_as_configured() {
 /// alone (the padding shift is applied), so batched and single generation agree.
 #[test]
 fn overrides_in_a_padded_batch_match_single_prompts() {
+    let _rng = crate::test_rng_lock();
     let model = loaded(Kind::Float);
     let prompts: Vec<Vec<u32>> = fixture()
         .greedy

@@ -509,6 +509,7 @@ mod tests {
 
     #[test]
     fn shared_prefix_scoring_equals_separate_full_forwards() {
+        let _rng = crate::test_rng_lock();
         let c = tiny_config();
         let (_vs, model) = tiny_model(&c);
         let prompt = vec![5u32, 6, 7, 8];
@@ -528,6 +529,7 @@ mod tests {
 
     #[test]
     fn continuations_beyond_one_packed_row_score_the_same() {
+        let _rng = crate::test_rng_lock();
         let c = tiny_config();
         let (_vs, model) = tiny_model(&c);
         let prompt = vec![5u32, 6, 7];
@@ -547,6 +549,7 @@ mod tests {
 
     #[test]
     fn overrides_reach_scoring_and_generation() {
+        let _rng = crate::test_rng_lock();
         let c = tiny_config();
         let (_vs, model) = tiny_model(&c);
         let prompt = vec![5u32, 6, 7, 8];
@@ -587,6 +590,7 @@ mod tests {
 
     #[test]
     fn scoring_refuses_bad_input() {
+        let _rng = crate::test_rng_lock();
         let c = tiny_config();
         let (_vs, model) = tiny_model(&c);
         let err = score_continuations(&model, &[], &[vec![1]])

@@ -80,3 +80,14 @@ pub fn default_model_path() -> Option<std::path::PathBuf> {
         .or_else(|| non_empty("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/rsllm")))?;
     Some(cache.join("models").join("llm").join(DEFAULT_MODEL_FILE))
 }
+
+/// libtorch's random generator is global to the process: tests that seed it and expect the same
+/// draws (seeded sampling, seeded tiny models) race with every other test drawing from it in
+/// parallel. The crate's tests hold this lock, so they draw one at a time.
+#[cfg(test)]
+pub(crate) fn test_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TORCH_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

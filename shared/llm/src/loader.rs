@@ -367,6 +367,7 @@ mod tests {
 
     #[test]
     fn hf_directory_round_trip_gives_the_same_logits() {
+        let _rng = crate::test_rng_lock();
         let (dir, model) = saved_tiny_dir();
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -400,6 +401,7 @@ mod tests {
 
     #[test]
     fn sharded_checkpoints_load_through_their_index() {
+        let _rng = crate::test_rng_lock();
         let (dir, model) = saved_tiny_dir();
         let single = dir.path().join("model.safetensors");
         let all = Tensor::read_safetensors(&single).unwrap();
@@ -433,6 +435,7 @@ mod tests {
     /// Each broken directory gives an error naming the file and what is wrong.
     #[test]
     fn broken_hf_directories_are_named_errors() {
+        let _rng = crate::test_rng_lock();
         let check = |mutate: &dyn Fn(&Path), needles: &[&str]| {
             let (dir, _) = saved_tiny_dir();
             mutate(dir.path());
@@ -537,6 +540,7 @@ mod tests {
 
     #[test]
     fn a_missing_or_non_gguf_file_is_a_named_error() {
+        let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("absent.gguf");
         let err = load(&missing, Device::Cpu, Kind::Float)
@@ -559,6 +563,7 @@ mod tests {
 
     #[test]
     fn gguf_names_map_to_hf_names() {
+        let _rng = crate::test_rng_lock();
         assert_eq!(
             hf_name_of_gguf("token_embd.weight").unwrap(),
             "model.embed_tokens.weight"
@@ -577,6 +582,7 @@ mod tests {
 
     #[test]
     fn unpermute_inverts_llama_cpp_permute() {
+        let _rng = crate::test_rng_lock();
         // llama.cpp's permute: reshape(heads, 2, half, in).swapaxes(1, 2).
         let heads = 3;
         let w = Tensor::arange(6 * 4 * 5, (Kind::Float, Device::Cpu)).view([24, 5]);

@@ -872,6 +872,7 @@ pub(crate) mod tests {
 
     #[test]
     fn variable_names_match_hugging_face() {
+        let _rng = crate::test_rng_lock();
         let (vs, _) = tiny_model(&tiny_config());
         let names = vs.variables();
         for name in [
@@ -903,6 +904,7 @@ pub(crate) mod tests {
 
     #[test]
     fn causal_mask_hides_the_future() {
+        let _rng = crate::test_rng_lock();
         let c = tiny_config();
         let (_vs, model) = tiny_model(&c);
         let _g = tch::no_grad_guard();
@@ -917,6 +919,7 @@ pub(crate) mod tests {
 
     #[test]
     fn incremental_decoding_equals_the_full_forward() {
+        let _rng = crate::test_rng_lock();
         let c = tiny_config();
         let (_vs, model) = tiny_model(&c);
         let _g = tch::no_grad_guard();
@@ -956,6 +959,7 @@ pub(crate) mod tests {
 
     #[test]
     fn left_padding_does_not_change_the_real_tokens() {
+        let _rng = crate::test_rng_lock();
         let c = tiny_config();
         let (_vs, model) = tiny_model(&c);
         let _g = tch::no_grad_guard();
@@ -981,6 +985,7 @@ pub(crate) mod tests {
 
     #[test]
     fn overrides_replace_exactly_the_named_slots() {
+        let _rng = crate::test_rng_lock();
         let c = tiny_config();
         let (_vs, model) = tiny_model(&c);
         let _g = tch::no_grad_guard();
@@ -1014,6 +1019,7 @@ pub(crate) mod tests {
 
     #[test]
     fn gradients_reach_override_vectors() {
+        let _rng = crate::test_rng_lock();
         let c = tiny_config();
         let (_vs, model) = tiny_model(&c);
         let vectors = Tensor::randn([1, 32], (Kind::Float, Device::Cpu)).set_requires_grad(true);
@@ -1036,6 +1042,7 @@ pub(crate) mod tests {
 
     #[test]
     fn lora_starts_as_identity_and_trains_only_its_adapters() {
+        let _rng = crate::test_rng_lock();
         use tch::nn::OptimizerConfig;
         let c = tiny_config();
         let (mut base_vs, mut model) = tiny_model(&c);
@@ -1096,6 +1103,7 @@ pub(crate) mod tests {
 
     #[test]
     fn logits_only_where_asked() {
+        let _rng = crate::test_rng_lock();
         let c = tiny_config();
         let (_vs, model) = tiny_model(&c);
         let _g = tch::no_grad_guard();

@@ -51,6 +51,7 @@ mod tests {
 
     #[test]
     fn maps_item_vectors_to_the_llm_width_and_learns() {
+        let _rng = crate::test_rng_lock();
         use tch::nn::OptimizerConfig;
         tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);

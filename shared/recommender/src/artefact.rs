@@ -446,6 +446,7 @@ mod tests {
 
     #[test]
     fn save_load_round_trip_keeps_scores_and_item_vectors() {
+        let _rng = crate::test_rng_lock();
         for kind in ModelKind::ALL {
             let dir = tempfile::tempdir().unwrap();
             let mut original = model(kind);
@@ -492,12 +493,14 @@ mod tests {
     /// The service moves a model onto its worker thread.
     #[test]
     fn models_are_send() {
+        let _rng = crate::test_rng_lock();
         fn assert_send<T: Send>() {}
         assert_send::<RecModel>();
     }
 
     #[test]
     fn untrained_models_are_seeded() {
+        let _rng = crate::test_rng_lock();
         let a = model(ModelKind::Sasrec);
         let b = model(ModelKind::Sasrec);
         assert_eq!(a.item_embeddings(), b.item_embeddings());
@@ -507,6 +510,7 @@ mod tests {
 
     #[test]
     fn load_rejects_tampered_missing_and_corrupt_files() {
+        let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
         model(ModelKind::Sasrec).save(dir.path()).unwrap();
         let weights = dir.path().join(MODEL_FILE);
@@ -555,6 +559,7 @@ mod tests {
 
     #[test]
     fn load_rejects_weights_of_another_shape() {
+        let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
         model(ModelKind::Gru4rec).save(dir.path()).unwrap();
         let path = dir.path().join(MANIFEST_FILE);
@@ -570,6 +575,7 @@ mod tests {
 
     #[test]
     fn scoring_validates_its_inputs() {
+        let _rng = crate::test_rng_lock();
         let model = model(ModelKind::Sasrec);
         let err = model.score_all(&[vec![1], vec![]]).unwrap_err().to_string();
         assert!(err.contains("history 1 is empty"), "{err}");
@@ -601,6 +607,7 @@ mod tests {
 
     #[test]
     fn long_histories_keep_their_last_items() {
+        let _rng = crate::test_rng_lock();
         let model = model(ModelKind::Caser);
         let long: Vec<ItemId> = (0..20).collect();
         let tail = long[15..].to_vec();

@@ -79,6 +79,7 @@ mod tests {
 
     #[test]
     fn ranks_agree_with_candidate_scores() {
+        let _rng = crate::test_rng_lock();
         let model =
             RecModel::new_untrained(ModelKind::Gru4rec, tiny_config(), "t", 30, Device::Cpu)
                 .unwrap();
@@ -98,6 +99,7 @@ mod tests {
 
     #[test]
     fn rows_without_their_target_among_candidates_are_rejected() {
+        let _rng = crate::test_rng_lock();
         let model =
             RecModel::new_untrained(ModelKind::Caser, tiny_config(), "t", 30, Device::Cpu).unwrap();
         let err = target_ranks(&model, &[row(vec![1], 3, vec![4, 5])])

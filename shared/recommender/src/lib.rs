@@ -24,3 +24,14 @@ pub mod train;
 pub use artefact::{RecManifest, RecModel};
 pub use error::RecError;
 pub use model::{ModelKind, RecConfig, SeqRecommender};
+
+/// libtorch's random generator is global to the process: a test that seeds it and expects the
+/// same draws (an untrained model built twice must be identical) races with every other test
+/// drawing from it in parallel. The crate's tests hold this lock, so they draw one at a time.
+#[cfg(test)]
+pub(crate) fn test_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TORCH_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

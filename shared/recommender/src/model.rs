@@ -350,6 +350,7 @@ pub(crate) mod tests {
 
     #[test]
     fn every_kind_encodes_to_dim_and_scores_all_items_without_nan() {
+        let _rng = crate::test_rng_lock();
         for kind in ModelKind::ALL {
             let (_vs, net) = build(kind);
             for train in [false, true] {
@@ -365,6 +366,7 @@ pub(crate) mod tests {
 
     #[test]
     fn backward_reaches_the_item_embeddings_but_not_the_padding_row() {
+        let _rng = crate::test_rng_lock();
         for kind in ModelKind::ALL {
             let (vs, net) = build(kind);
             let states = net.encode(&batch(), true).unwrap();
@@ -396,6 +398,7 @@ pub(crate) mod tests {
 
     #[test]
     fn shorter_windows_are_accepted_and_longer_ones_rejected() {
+        let _rng = crate::test_rng_lock();
         for kind in ModelKind::ALL {
             let (_vs, net) = build(kind);
             let short = Tensor::from_slice(&[3i64, 4]).view([1, 2]);
@@ -411,6 +414,7 @@ pub(crate) mod tests {
 
     #[test]
     fn parameter_names_are_flat_and_stable() {
+        let _rng = crate::test_rng_lock();
         let (vs, _) = build(ModelKind::Sasrec);
         let mut names: Vec<String> = vs.variables().into_keys().collect();
         names.sort();
@@ -427,6 +431,7 @@ pub(crate) mod tests {
 
     #[test]
     fn config_defaults_fill_missing_fields() {
+        let _rng = crate::test_rng_lock();
         let config: RecConfig = serde_json::from_str(r#"{"dim": 16}"#).unwrap();
         assert_eq!(config.dim, 16);
         assert_eq!(config.max_history, 10);

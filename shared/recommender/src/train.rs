@@ -456,21 +456,25 @@ mod tests {
 
     #[test]
     fn sasrec_learns_the_successor_pattern() {
+        let _rng = crate::test_rng_lock();
         train_and_check(ModelKind::Sasrec);
     }
 
     #[test]
     fn gru4rec_learns_the_successor_pattern() {
+        let _rng = crate::test_rng_lock();
         train_and_check(ModelKind::Gru4rec);
     }
 
     #[test]
     fn caser_learns_the_successor_pattern() {
+        let _rng = crate::test_rng_lock();
         train_and_check(ModelKind::Caser);
     }
 
     #[test]
     fn invalid_splits_are_rejected_with_their_name() {
+        let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
         let config = small_config();
         let mut data = synthetic(30, 50, 10);
@@ -546,6 +550,7 @@ mod tests {
     #[test]
     #[ignore = "needs the MovieLens data; minutes in release mode"]
     fn movielens_llara_all_kinds() {
+        let _rng = crate::test_rng_lock();
         let cache = tempfile::tempdir().unwrap();
         let data_dir = rsllm_core::Paths::from_env().unwrap().data_dir;
         let paths = rsllm_core::Paths::new(data_dir, cache.path());
@@ -610,6 +615,7 @@ mod tests {
     #[test]
     #[ignore = "timing benchmark; run in release mode"]
     fn movielens_sized_epoch_timing() {
+        let _rng = crate::test_rng_lock();
         let data = synthetic(1682, 58_000, 1_000);
         for kind in ModelKind::ALL {
             let config = RecConfig {

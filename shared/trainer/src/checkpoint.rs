@@ -224,6 +224,7 @@ mod tests {
 
     #[test]
     fn save_points_latest_at_the_newest_and_prunes() {
+        let _rng = crate::test_support::rng_lock();
         let root = tempfile::tempdir().unwrap();
         assert!(latest(root.path()).unwrap().is_none());
         for step in [10, 20, 30] {
@@ -251,6 +252,7 @@ mod tests {
 
     #[test]
     fn a_tampered_file_is_refused() {
+        let _rng = crate::test_support::rng_lock();
         let root = tempfile::tempdir().unwrap();
         let ckpt = save(root.path(), manifest(5), &tensors(1.0), &tensors(2.0), 3).unwrap();
         Tensor::write_safetensors(&tensors(9.0), ckpt.dir.join(TRAINED_FILE)).unwrap();
@@ -271,6 +273,7 @@ mod tests {
 
     #[test]
     fn a_leftover_temporary_directory_does_not_count() {
+        let _rng = crate::test_support::rng_lock();
         let root = tempfile::tempdir().unwrap();
         save(root.path(), manifest(1), &tensors(1.0), &tensors(1.0), 3).unwrap();
         // As if a run died while writing step 2.

@@ -341,6 +341,7 @@ mod tests {
 
     #[test]
     fn llara_matching_rule() {
+        let _rng = crate::test_support::rng_lock();
         let c = catalog();
         // Exactly one candidate in the first line, case-insensitive: valid and correct.
         let j = judge("  FARGO is my guess\nHeat", &c, &[2, 3], 2);
@@ -366,6 +367,7 @@ mod tests {
 
     #[test]
     fn unified_evaluation_ranks_with_projected_slots() {
+        let _rng = crate::test_support::rng_lock();
         use crate::test_support::setup;
         use rsllm_prompt::PromptOptions;
         use rsllm_prompt::testing::PAD_ID;
@@ -433,6 +435,7 @@ mod tests {
 
     #[test]
     fn csv_quotes_generated_text() {
+        let _rng = crate::test_support::rng_lock();
         let report = EvalReport {
             n: 1,
             valid_ratio: None,

@@ -123,6 +123,7 @@ mod tests {
 
     #[test]
     fn lm_loss_is_the_mean_negative_log_likelihood() {
+        let _rng = crate::test_support::rng_lock();
         let logits = t(&[0.0, 0.0, 0.0, 0.0, 10.0, 0.0], 2); // [2, 3]
         let targets = Tensor::from_slice(&[0i64, 1]);
         let loss = lm_loss(&logits, &targets).unwrap().double_value(&[]);
@@ -134,6 +135,7 @@ mod tests {
 
     #[test]
     fn info_nce_is_low_for_aligned_pairs_and_high_for_shuffled() {
+        let _rng = crate::test_support::rng_lock();
         let a = Tensor::randn([8, 16], (Kind::Float, Device::Cpu));
         let aligned = symmetric_info_nce(&a, &(&a * 2.0), 0.07)
             .unwrap()
@@ -153,6 +155,7 @@ mod tests {
 
     #[test]
     fn masked_keys_do_not_count_as_negatives() {
+        let _rng = crate::test_support::rng_lock();
         let q = t(&[1.0, 0.0], 1);
         let keys = t(&[1.0, 0.0, 1.0, 0.0, 0.0, 1.0], 3); // key 1 duplicates the positive
         let positive = Tensor::from_slice(&[0i64]);

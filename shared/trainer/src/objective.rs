@@ -248,6 +248,7 @@ mod tests {
 
     #[test]
     fn collated_rows_hold_prompt_then_answer_and_slots() {
+        let _rng = crate::test_support::rng_lock();
         let s = setup();
         let b = batch(&s, PromptMode::Unified);
         assert_eq!(b.ids.size()[0], 2);
@@ -328,6 +329,7 @@ mod tests {
 
     #[test]
     fn unknown_items_are_named() {
+        let _rng = crate::test_support::rng_lock();
         let s = setup();
         let mut b = batch(&s, PromptMode::Unified);
         b.slot_items = Tensor::full_like(&b.slot_items, 40);

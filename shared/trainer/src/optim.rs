@@ -221,6 +221,7 @@ mod tests {
 
     #[test]
     fn matches_libtorch_adamw() {
+        let _rng = crate::test_support::rng_lock();
         let config = AdamWConfig {
             weight_decay: 0.01,
             ..AdamWConfig::default()
@@ -251,6 +252,7 @@ mod tests {
 
     #[test]
     fn restored_state_continues_like_an_uninterrupted_run() {
+        let _rng = crate::test_support::rng_lock();
         let config = AdamWConfig::default();
         let run = |w: &Tensor, opt: &mut AdamW, steps: usize| {
             for _ in 0..steps {
@@ -288,6 +290,7 @@ mod tests {
 
     #[test]
     fn clipping_bounds_the_gradient_norm() {
+        let _rng = crate::test_support::rng_lock();
         let (vs, w) = quadratic_store(3);
         let mut opt = AdamW::for_var_store(&vs, AdamWConfig::default()).unwrap();
         (loss(&w) * 100.0).backward();
@@ -299,6 +302,7 @@ mod tests {
 
     #[test]
     fn bad_state_is_refused_by_name() {
+        let _rng = crate::test_support::rng_lock();
         let (vs, _) = quadratic_store(4);
         let mut opt = AdamW::for_var_store(&vs, AdamWConfig::default()).unwrap();
         let err = opt.load_state(Vec::new(), 1).unwrap_err().to_string();

@@ -46,6 +46,7 @@ mod tests {
 
     #[test]
     fn warms_up_linearly_then_decays_by_cosine() {
+        let _rng = crate::test_support::rng_lock();
         let s = LrSchedule::llara(8e-4, 100, 0.05);
         assert_eq!(s.warmup_steps, 5);
         assert!(
@@ -67,6 +68,7 @@ mod tests {
 
     #[test]
     fn no_warm_up_starts_at_the_peak() {
+        let _rng = crate::test_support::rng_lock();
         let s = LrSchedule::llara(1e-3, 10, 0.0);
         assert_eq!(s.lr(0), 1e-3);
     }

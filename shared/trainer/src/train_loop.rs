@@ -306,7 +306,7 @@ pub(crate) fn restore(
 mod tests {
     use super::*;
     use crate::objective::LossConfig;
-    use crate::test_support::{Setup, rng_lock, setup, setup_like};
+    use crate::test_support::{Setup, setup, setup_like};
     use rsllm_prompt::testing::PAD_ID;
     use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions, TemplateChoice};
 
@@ -393,9 +393,9 @@ mod tests {
 
     #[test]
     fn a_killed_run_resumes_to_the_same_end() {
+        let _rng = crate::test_support::rng_lock();
         // 6 examples, 4 per optimizer step: 2 steps per epoch, 4 in all.
         assert_eq!(config().total_steps(6), 4);
-        let _rng = rng_lock();
         let reference = setup();
         let straight_dir = tempfile::tempdir().unwrap();
         let straight = setup_like(&reference);

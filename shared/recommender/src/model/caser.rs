@@ -159,6 +159,7 @@ mod tests {
     /// The matmul forms equal PyTorch's conv2d on the same parameters.
     #[test]
     fn matmul_convolutions_match_conv2d() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);
         let embedded = Tensor::randn([4, 6, 8], (Kind::Float, Device::Cpu));
