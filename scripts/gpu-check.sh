@@ -17,9 +17,12 @@ prepare)
     cargo bench -p rsllm-llm --bench llm_bench --no-run
     bench=$(ls -t target/release/deps/llm_bench-* | grep -v '\.d$' | head -n1)
     mkdir -p .device/bin
-    cp "$bench" .device/bin/llm_bench
-    cp ../shared/bench/hf_anchor.py .device/hf_anchor.py
+    # Stripped: a device call carries at most 64 MiB, and the line tables alone exceed it.
+    strip -o .device/bin/llm_bench "$bench"
+    install -m 644 ../shared/bench/hf_anchor.py .device/hf_anchor.py
     du -sh .device
+    size=$(du -sm .device | cut -f1)
+    [ "$size" -lt 64 ] || { echo ".device holds ${size} MiB; a device call carries at most 64" >&2; exit 1; }
     echo "staged: .device/bin/llm_bench and .device/hf_anchor.py; now run it there with carry [\".device\"]"
     ;;
 run)
