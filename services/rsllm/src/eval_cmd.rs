@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use rsllm_core::{Paths, SplitPart};
+use rsllm_core::Paths;
 use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions};
 use rsllm_trainer::eval::{EvalOptions, Evaluated, evaluate, write_csv};
 use serde_json::json;
@@ -59,10 +59,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         &args.split.options(),
         &paths,
     )?;
-    let part = match args.part {
-        Part::Val => SplitPart::Val,
-        Part::Test => SplitPart::Test,
-    };
+    let part = args.part.split_part();
     let mut rows = data.rows(part).to_vec();
     if let Some(limit) = args.limit {
         rows.truncate(limit);
@@ -76,7 +73,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let (trained, prompt_mode, method) = match &args.stage_dir {
         None => (None, PromptMode::TextOnly, "zero-shot".to_owned()),
         Some(dir) => {
-            let spec = rsllm_trainer::stage::read_spec(dir)?;
+            let (spec, rsllm, step) =
+                rsllm_trainer::stage::open_stage(&mut loaded, dir, &data.catalog)?;
             if spec.dataset != args.split.dataset.to_string() {
                 anyhow::bail!(
                     "{} was trained on {}, not {}",
@@ -85,8 +83,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                     args.split.dataset
                 );
             }
-            let rsllm = rsllm_trainer::stage::build_rsllm(&mut loaded, &spec, &data.catalog)?;
-            let step = rsllm_trainer::stage::load_trained(&rsllm.trained, dir)?;
             let method = format!("stage {} ({}, step {step})", spec.stage, dir.display());
             (Some(rsllm), spec.prompt_mode(), method)
         }

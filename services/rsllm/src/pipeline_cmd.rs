@@ -12,7 +12,7 @@ use rsllm_llm::LoraConfig;
 use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions};
 use rsllm_recommender::{ModelKind, RecConfig, RecModel};
 use rsllm_trainer::eval::{EvalOptions, Evaluated, evaluate, write_csv};
-use rsllm_trainer::stage::{StageSpec, build_rsllm, load_trained, run_stage};
+use rsllm_trainer::stage::{StageSpec, open_stage, run_stage};
 use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
 use serde_json::json;
 
@@ -89,9 +89,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         Profile::Full => (args.limit, 5),
     };
     let base = args.model.load()?;
-    let base_sha = rsllm_core::artefact::sha256_file(&base.path)
-        .or_else(|_| rsllm_core::artefact::sha256_file(&base.path.join("model.safetensors")))
-        .with_context(|| format!("hashing {}", base.path.display()))?;
+    let base_sha = base.weights_sha256()?;
     let spec = |stage: u8, init_from: Option<PathBuf>| StageSpec {
         stage,
         dataset: dataset.clone(),
@@ -163,9 +161,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         let (trained, mode) = match &stage_dir {
             None => (None, PromptMode::TextOnly),
             Some(dir) => {
-                let spec = rsllm_trainer::stage::read_spec(dir)?;
-                let rsllm = build_rsllm(&mut model, &spec, &data.catalog)?;
-                load_trained(&rsllm.trained, dir)?;
+                let (spec, rsllm, _) = open_stage(&mut model, dir, &data.catalog)?;
                 (Some(rsllm), spec.prompt_mode())
             }
         };

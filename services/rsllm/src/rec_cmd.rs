@@ -98,6 +98,15 @@ pub enum Part {
     Test,
 }
 
+impl Part {
+    pub fn split_part(self) -> SplitPart {
+        match self {
+            Part::Val => SplitPart::Val,
+            Part::Test => SplitPart::Test,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
     Auto,
@@ -187,10 +196,7 @@ pub fn run(command: RecCommand) -> anyhow::Result<()> {
             json,
         } => {
             let data = split.prepare(&paths)?;
-            let part = match part {
-                Part::Val => SplitPart::Val,
-                Part::Test => SplitPart::Test,
-            };
+            let part = part.split_part();
             let kinds: Vec<Kind> = match model {
                 Some(kind) => vec![kind],
                 None => Kind::ALL

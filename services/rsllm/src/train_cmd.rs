@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Args;
 use rsllm_core::Paths;
 use rsllm_llm::LoraConfig;
@@ -69,13 +68,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         &paths,
     )?;
     let mut base = args.model.load()?;
-    let base_sha = if base.path.is_file() {
-        rsllm_core::artefact::sha256_file(&base.path)
-            .with_context(|| format!("hashing {}", base.path.display()))?
-    } else {
-        rsllm_core::artefact::sha256_file(&base.path.join("model.safetensors"))
-            .with_context(|| format!("hashing {}/model.safetensors", base.path.display()))?
-    };
+    let base_sha = base.weights_sha256()?;
     let recommender = (args.stage == 2).then(|| model_dir(&paths, &args.split, args.rec_model));
     if let Some(dir) = &recommender
         && !dir.join("manifest.json").is_file()

@@ -47,6 +47,27 @@ impl std::fmt::Debug for LoadedModel {
     }
 }
 
+impl LoadedModel {
+    /// sha256 of the weights as stored: the GGUF file, or an HF directory's
+    /// `model.safetensors` (its `model.safetensors.index.json` when sharded). Checkpoints
+    /// record it as the base model they were trained on.
+    pub fn weights_sha256(&self) -> Result<String> {
+        let file = match self.format {
+            ModelFormat::Gguf => self.path.clone(),
+            ModelFormat::HfDirectory => {
+                let single = self.path.join("model.safetensors");
+                if single.is_file() {
+                    single
+                } else {
+                    self.path.join("model.safetensors.index.json")
+                }
+            }
+        };
+        rsllm_core::artefact::sha256_file(&file)
+            .map_err(|source| LlmError::Io { path: file, source })
+    }
+}
+
 /// Loads a GGUF file or an HF directory (picked by what `path` is) onto `device` in `kind`
 /// (Float or BFloat16).
 pub fn load(path: &Path, device: Device, kind: Kind) -> Result<LoadedModel> {

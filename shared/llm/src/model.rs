@@ -254,31 +254,6 @@ impl KvCache {
             .next()
             .map(|(k, _)| k.size()[0])
     }
-
-    /// Appends this step's validity flags (`None`: all real) to the cache's record.
-    fn append_valid(
-        &mut self,
-        new_valid: Option<&Tensor>,
-        batch: i64,
-        steps: i64,
-        device: Device,
-    ) -> Result<()> {
-        self.key_valid = match (&self.key_valid, new_valid) {
-            (None, None) => None,
-            (old, new) => {
-                let old = match old {
-                    Some(t) => t.shallow_clone(),
-                    None => Tensor::f_ones([batch, self.len], (Kind::Bool, device))?,
-                };
-                let new = match new {
-                    Some(t) => t.shallow_clone(),
-                    None => Tensor::f_ones([batch, steps], (Kind::Bool, device))?,
-                };
-                Some(Tensor::f_cat(&[&old, &new], 1)?)
-            }
-        };
-        Ok(())
-    }
 }
 
 /// How one layer uses the KV cache in a forward.
@@ -660,7 +635,22 @@ impl Llama {
                 c.batch_size()
             )));
         }
-        let mask = self.mask(b, t, past, valid, cache.as_deref())?;
+        // Which of the past + t keys are real tokens (None: all of them).
+        let key_valid = match (cache.as_ref().and_then(|c| c.key_valid.as_ref()), valid) {
+            (None, None) => None,
+            (old, new) => {
+                let old = match old {
+                    Some(o) => o.shallow_clone(),
+                    None => Tensor::f_ones([b, past], (Kind::Bool, self.device))?,
+                };
+                let new = match new {
+                    Some(n) => n.f_to_kind(Kind::Bool)?,
+                    None => Tensor::f_ones([b, t], (Kind::Bool, self.device))?,
+                };
+                Some(Tensor::f_cat(&[&old, &new], 1)?)
+            }
+        };
+        let mask = self.mask(b, t, past, key_valid.as_ref())?;
         let (cos, sin) = self.rotary.at(positions, embeds.kind())?;
         let mut x = embeds.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -671,7 +661,7 @@ impl Llama {
             x = layer.forward(&x, &cos, &sin, &mask, slot)?;
         }
         if let Some(c) = cache {
-            c.append_valid(valid, b, t, self.device)?;
+            c.key_valid = key_valid;
             c.len += t;
         }
         self.norm.forward(&x)
@@ -739,16 +729,8 @@ impl Llama {
         Ok(())
     }
 
-    fn mask(
-        &self,
-        b: i64,
-        t: i64,
-        past: i64,
-        valid: Option<&Tensor>,
-        cache: Option<&KvCache>,
-    ) -> Result<AttentionMask> {
-        let cached_valid = cache.and_then(|c| c.key_valid.as_ref());
-        if valid.is_none() && cached_valid.is_none() {
+    fn mask(&self, b: i64, t: i64, past: i64, key_valid: Option<&Tensor>) -> Result<AttentionMask> {
+        if key_valid.is_none() {
             if past == 0 {
                 return Ok(AttentionMask::Causal);
             }
@@ -762,20 +744,6 @@ impl Llama {
         let k_idx = Tensor::f_arange(s, (Kind::Int64, self.device))?;
         let causal = k_idx.f_unsqueeze(0)?.f_le_tensor(&q_idx.f_unsqueeze(1)?)?; // [T, S]
         let mut mask = causal.f_view([1, 1, t, s])?.f_expand([b, 1, t, s], false)?;
-        let key_valid = match (cached_valid, valid) {
-            (None, None) => None,
-            (old, new) => {
-                let old = match old {
-                    Some(o) => o.shallow_clone(),
-                    None => Tensor::f_ones([b, past], (Kind::Bool, self.device))?,
-                };
-                let new = match new {
-                    Some(n) => n.f_to_kind(Kind::Bool)?,
-                    None => Tensor::f_ones([b, t], (Kind::Bool, self.device))?,
-                };
-                Some(Tensor::f_cat(&[&old, &new], 1)?)
-            }
-        };
         if let Some(kv) = key_valid {
             mask = mask.f_logical_and(&kv.f_view([b, 1, 1, s])?)?;
             // A padding query that sees no key at all would give NaN rows; let it see

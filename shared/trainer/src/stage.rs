@@ -251,6 +251,19 @@ pub fn run_stage(
     train(&trainee, &source, &spec.train, &checkpoints, None, on_step)
 }
 
+/// A trained stage ready to evaluate over `base`: its spec, the trainable side with the
+/// latest checkpoint's tensors loaded, and that checkpoint's step.
+pub fn open_stage(
+    base: &mut LoadedModel,
+    dir: &Path,
+    catalog: &Catalog,
+) -> Result<(StageSpec, Rsllm, u64)> {
+    let spec = read_spec(dir)?;
+    let rsllm = build_rsllm(base, &spec, catalog)?;
+    let step = load_trained(&rsllm.trained, dir)?;
+    Ok((spec, rsllm, step))
+}
+
 /// `<out>/stage.json` of a finished or running stage.
 pub fn read_spec(out: &Path) -> Result<StageSpec> {
     let path = out.join(SPEC_FILE);
