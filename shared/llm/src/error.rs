@@ -38,3 +38,15 @@ impl LlmError {
 }
 
 pub type Result<T, E = LlmError> = std::result::Result<T, E>;
+
+impl From<rsllm_prompt::TokenizerError> for LlmError {
+    fn from(e: rsllm_prompt::TokenizerError) -> Self {
+        match e {
+            rsllm_prompt::TokenizerError::BadFile { path, reason } => {
+                LlmError::BadModel { path, reason }
+            }
+            rsllm_prompt::TokenizerError::Gguf(e) => LlmError::from(e),
+            rsllm_prompt::TokenizerError::Tokenizer(m) => LlmError::Tokenizer(m),
+        }
+    }
+}

