@@ -487,6 +487,141 @@ fn score_packed(
     Ok(())
 }
 
+/// One prompt and its candidate continuations, for [`score_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreRequest<'a> {
+    pub prompt: &'a [u32],
+    pub continuations: &'a [Vec<u32>],
+}
+
+/// Scores several prompts' continuations in one forward pass: the serving path, where
+/// concurrent requests are batched. Each request becomes one row holding its prompt followed
+/// by its continuations packed end to end; a block mask lets every continuation token see the
+/// whole prompt and its own earlier tokens only, at the positions it would have after the
+/// prompt (so the row scores exactly what [`score_continuations`] does), and rows are padded
+/// on the right to the longest. `overrides` index rows by request and positions within the
+/// prompt. Returns, per request, one score per continuation.
+pub fn score_batch(
+    model: &Llama,
+    requests: &[ScoreRequest<'_>],
+    overrides: Option<&SlotOverrides>,
+) -> Result<Vec<Vec<ContinuationScore>>> {
+    let _guard = tch::no_grad_guard();
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let context = model.config.max_position_embeddings;
+    for (r, req) in requests.iter().enumerate() {
+        check_prompt(model, req.prompt, &format!("request {r}: prompt"))?;
+        if req.continuations.is_empty() {
+            return Err(LlmError::invalid(format!("request {r}: no continuations")));
+        }
+        for (i, c) in req.continuations.iter().enumerate() {
+            check_prompt(model, c, &format!("request {r}: continuation {i}"))?;
+        }
+        let longest = req.continuations.iter().map(Vec::len).max().unwrap_or(0);
+        if req.prompt.len() + longest > context {
+            return Err(LlmError::invalid(format!(
+                "request {r}: prompt ({}) plus the longest continuation ({longest}) exceed the context of {context} tokens",
+                req.prompt.len()
+            )));
+        }
+    }
+    let device = model.device();
+    let row_len = |req: &ScoreRequest<'_>| {
+        req.prompt.len() + req.continuations.iter().map(Vec::len).sum::<usize>()
+    };
+    let t = requests.iter().map(row_len).max().unwrap_or(0);
+    let b = requests.len();
+    // Segment of each token: -1 the prompt, j continuation j, -2 padding.
+    const PROMPT: i64 = -1;
+    const PAD: i64 = -2;
+    let mut ids = vec![0i64; b * t];
+    let mut positions = vec![0i64; b * t];
+    let mut segment = vec![PAD; b * t];
+    // (batch row, token row, target token) of every scored token, in request/continuation order.
+    let (mut at_batch, mut at_row, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    for (r, req) in requests.iter().enumerate() {
+        let base = r * t;
+        let p = req.prompt.len();
+        for (i, &tok) in req.prompt.iter().enumerate() {
+            ids[base + i] = i64::from(tok);
+            positions[base + i] = i as i64;
+            segment[base + i] = PROMPT;
+        }
+        let mut start = p;
+        for (j, c) in req.continuations.iter().enumerate() {
+            for (k, &tok) in c.iter().enumerate() {
+                ids[base + start + k] = i64::from(tok);
+                positions[base + start + k] = (p + k) as i64;
+                segment[base + start + k] = j as i64;
+                // Token k is predicted by the prompt's last row (k = 0) or by token k - 1.
+                at_batch.push(r as i64);
+                at_row.push(if k == 0 { p - 1 } else { start + k - 1 } as i64);
+                targets.push(i64::from(tok));
+            }
+            start += c.len();
+        }
+        // Padding keeps increasing positions (any valid position; its rows are never read).
+        for (i, pos) in positions[base + start..base + t].iter_mut().enumerate() {
+            *pos = (p + i).min(context - 1) as i64;
+        }
+    }
+    let (b64, t64) = (b as i64, t as i64);
+    let to_device = |v: &[i64]| -> Result<Tensor> {
+        Ok(Tensor::f_from_slice(v)?
+            .f_view([b64, t64])?
+            .f_to_device(device)?)
+    };
+    let ids = to_device(&ids)?;
+    let positions = to_device(&positions)?;
+    let segment = to_device(&segment)?;
+    // q sees k when k <= q and k is a prompt token or of q's own segment; a padding row sees
+    // only itself (a row with no visible key would give NaNs).
+    let idx = Tensor::f_arange(t64, (Kind::Int64, device))?;
+    let causal = idx.f_unsqueeze(0)?.f_le_tensor(&idx.f_unsqueeze(1)?)?;
+    let seg_q = segment.f_unsqueeze(2)?;
+    let seg_k = segment.f_unsqueeze(1)?;
+    let key_is_prompt = seg_k.f_eq(PROMPT)?;
+    let same = seg_q.f_eq_tensor(&seg_k)?;
+    let diagonal = Tensor::f_eye(t64, (Kind::Bool, device))?.f_unsqueeze(0)?;
+    let mask = causal
+        .f_unsqueeze(0)?
+        .f_logical_and(&key_is_prompt.f_logical_or(&same)?)?
+        .f_logical_or(&diagonal)?
+        .f_unsqueeze(1)?;
+
+    let embeds = model.embed(&ids, overrides)?;
+    let hidden = model.forward_masked(&embeds, &positions, &mask, None)?;
+    let at_batch = Tensor::f_from_slice(&at_batch)?.f_to_device(device)?;
+    let at_row = Tensor::f_from_slice(&at_row)?.f_to_device(device)?;
+    let targets_t = Tensor::f_from_slice(&targets)?.f_to_device(device)?;
+    let logp = model
+        .logits_at(&hidden, Some((&at_batch, &at_row)))?
+        .f_log_softmax(-1, Kind::Float)?
+        .f_gather(1, &targets_t.f_unsqueeze(1)?, false)?
+        .f_squeeze_dim(1)?;
+    let logp = Vec::<f32>::try_from(logp.f_to_device(Device::Cpu)?)?;
+
+    let mut values = logp.into_iter();
+    let mut out = Vec::with_capacity(b);
+    for req in requests {
+        let mut scores = Vec::with_capacity(req.continuations.len());
+        for c in req.continuations {
+            let token_logprobs: Vec<f32> = values.by_ref().take(c.len()).collect();
+            let sum: f64 = token_logprobs.iter().map(|&x| f64::from(x)).sum();
+            scores.push(ContinuationScore {
+                continuation_ids: c.clone(),
+                mean_logprob: sum / c.len() as f64,
+                sum_logprob: sum,
+                token_logprobs,
+            });
+        }
+        out.push(scores);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,6 +660,66 @@ mod tests {
             assert!((score.sum_logprob - sum).abs() < 1e-4);
             assert!((score.mean_logprob - sum / cont.len() as f64).abs() < 1e-4);
         }
+    }
+
+    #[test]
+    fn batched_one_pass_scoring_equals_per_prompt_scoring() {
+        let _rng = crate::test_rng_lock();
+        let c = tiny_config();
+        let (_vs, model) = tiny_model(&c);
+        let prompts = [
+            vec![5u32, 6, 7, 8],
+            vec![20u32, 21],
+            vec![30u32, 31, 32, 33, 34, 35],
+        ];
+        let conts = [
+            vec![vec![9u32], vec![10, 11, 12], vec![13, 14]],
+            vec![vec![40u32, 41, 42, 43, 44]],
+            vec![vec![50u32, 51], vec![52]],
+        ];
+        let vector = Tensor::randn([2, 32], (Kind::Float, Device::Cpu));
+        // Overrides at prompt positions of requests 0 and 2.
+        let overrides = SlotOverrides {
+            batch: Tensor::from_slice(&[0i64, 2]),
+            position: Tensor::from_slice(&[1i64, 3]),
+            vectors: vector.shallow_clone(),
+        };
+        let requests: Vec<ScoreRequest<'_>> = prompts
+            .iter()
+            .zip(&conts)
+            .map(|(p, c)| ScoreRequest {
+                prompt: p,
+                continuations: c,
+            })
+            .collect();
+        let batched = score_batch(&model, &requests, Some(&overrides)).unwrap();
+        for (r, (p, cs)) in prompts.iter().zip(&conts).enumerate() {
+            let single_override = match r {
+                0 => Some((1i64, vector.get(0))),
+                2 => Some((3i64, vector.get(1))),
+                _ => None,
+            }
+            .map(|(pos, v)| SlotOverrides {
+                batch: Tensor::from_slice(&[0i64]),
+                position: Tensor::from_slice(&[pos]),
+                vectors: v.unsqueeze(0),
+            });
+            let single = score_continuations_with(&model, p, single_override.as_ref(), cs).unwrap();
+            assert_eq!(batched[r].len(), single.len());
+            for (a, s) in batched[r].iter().zip(&single) {
+                assert_eq!(a.token_logprobs.len(), s.token_logprobs.len());
+                for (x, y) in a.token_logprobs.iter().zip(&s.token_logprobs) {
+                    assert!((x - y).abs() < 1e-4, "request {r}: {x} vs {y}");
+                }
+            }
+        }
+        // Bad input is an error, not a panic.
+        let empty: Vec<Vec<u32>> = Vec::new();
+        let bad = [ScoreRequest {
+            prompt: &prompts[0],
+            continuations: &empty,
+        }];
+        assert!(score_batch(&model, &bad, None).is_err());
     }
 
     #[test]
