@@ -143,6 +143,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
                 bar.set_position(r.step);
                 bar.set_message(format!("loss {:.3}", r.loss));
                 curve.push(json!([r.step, r.loss, r.lm, r.ui, r.it, r.lr]));
+                std::ops::ControlFlow::Continue(())
             },
         )?;
         bar.finish_and_clear();

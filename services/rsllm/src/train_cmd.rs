@@ -149,6 +149,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 lr = r.lr,
                 "step"
             );
+            std::ops::ControlFlow::Continue(())
         },
     )?;
     bar.finish_and_clear();

@@ -39,6 +39,24 @@ pub fn judge(
     candidates: &[ItemId],
     target: ItemId,
 ) -> Judgement {
+    let titled: Vec<(ItemId, &str)> = candidates
+        .iter()
+        .map(|&c| (c, catalog.title(c).unwrap_or("")))
+        .collect();
+    judge_titles(
+        generated,
+        &titled,
+        Some(catalog.title(target).unwrap_or("")),
+    )
+}
+
+/// [`judge`] over candidates given with their titles (the llm-service has titles from the
+/// prompt-service, not a catalog); `target_title` None when the answer is unknown (serving).
+pub fn judge_titles(
+    generated: &str,
+    candidates: &[(ItemId, &str)],
+    target_title: Option<&str>,
+) -> Judgement {
     let line = generated
         .trim()
         .lines()
@@ -46,20 +64,19 @@ pub fn judge(
         .unwrap_or("")
         .trim()
         .to_lowercase();
-    let title = |id: ItemId| catalog.title(id).unwrap_or("").trim().to_lowercase();
-    let matches: Vec<ItemId> = candidates
+    let norm = |t: &str| t.trim().to_lowercase();
+    let matches: Vec<(ItemId, String)> = candidates
         .iter()
-        .copied()
-        .filter(|&c| {
-            let t = title(c);
-            !t.is_empty() && line.contains(&t)
-        })
+        .map(|&(c, t)| (c, norm(t)))
+        .filter(|(_, t)| !t.is_empty() && line.contains(t.as_str()))
         .collect();
     let valid = matches.len() == 1;
-    let correct = valid && matches.first().is_some_and(|&m| title(m) == title(target));
+    let correct = valid
+        && target_title
+            .is_some_and(|target| matches.first().is_some_and(|(_, t)| *t == norm(target)));
     Judgement {
         line,
-        matches,
+        matches: matches.into_iter().map(|(c, _)| c).collect(),
         valid,
         correct,
     }

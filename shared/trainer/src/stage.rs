@@ -183,7 +183,7 @@ pub fn run_stage(
     catalog: &Catalog,
     train_rows: &[SeqExample],
     out: &Path,
-    on_step: &mut dyn FnMut(&StepReport),
+    on_step: &mut dyn FnMut(&StepReport) -> std::ops::ControlFlow<()>,
 ) -> Result<TrainSummary> {
     if !(1..=2).contains(&spec.stage) {
         return Err(TrainError::Invalid(format!(

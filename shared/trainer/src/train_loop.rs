@@ -7,6 +7,7 @@
 //! run therefore sees exactly the data, templates and dropout masks the uninterrupted run
 //! would have, and its losses match it to floating-point tolerance.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use rand::SeedableRng;
@@ -99,6 +100,9 @@ pub struct TrainSummary {
     pub steps: u64,
     pub resumed_from: Option<u64>,
     pub last: Option<StepReport>,
+    /// True when `on_step` asked to stop before the planned steps (the step it stopped at is
+    /// checkpointed).
+    pub stopped: bool,
 }
 
 /// What the model side of a stage is made of.
@@ -137,7 +141,7 @@ pub fn train(
     config: &TrainConfig,
     checkpoints: &Path,
     stop_after: Option<u64>,
-    on_step: &mut dyn FnMut(&StepReport),
+    on_step: &mut dyn FnMut(&StepReport) -> ControlFlow<()>,
 ) -> Result<TrainSummary> {
     config.check()?;
     if source.is_empty() {
@@ -165,6 +169,7 @@ pub fn train(
     let per_step = config.micro_batch * config.grad_accum;
     let mut last = None;
     let mut taken_here = 0u64;
+    let mut stopped = false;
     trainee.model.set_training(true);
     while step < total_steps && epoch < config.epochs {
         if stop_after.is_some_and(|s| taken_here >= s) {
@@ -232,8 +237,9 @@ pub fn train(
         if let Some(points) = metrics.get_mut("loss").and_then(|l| l.as_array_mut()) {
             points.push(serde_json::json!([step, sum, lm, ui, it, lr]));
         }
-        on_step(&report);
-        if step % config.checkpoint_every == 0 || step == total_steps {
+        // A stop request (a cancelled job) still checkpoints the step it stopped at.
+        let stop = on_step(&report).is_break();
+        if stop || step % config.checkpoint_every == 0 || step == total_steps {
             let manifest = CheckpointManifest {
                 step,
                 epoch,
@@ -257,21 +263,22 @@ pub fn train(
             )?;
         }
         last = Some(report);
+        if stop {
+            stopped = true;
+            break;
+        }
     }
     trainee.model.set_training(false);
     Ok(TrainSummary {
         steps: step,
         resumed_from,
         last,
+        stopped,
     })
 }
 
 /// Copies checkpointed tensors into the trained store: the same names, the same shapes.
-pub(crate) fn restore(
-    vs: &nn::VarStore,
-    saved: Vec<(String, tch::Tensor)>,
-    dir: &Path,
-) -> Result<()> {
+pub fn restore(vs: &nn::VarStore, saved: Vec<(String, tch::Tensor)>, dir: &Path) -> Result<()> {
     let mut variables = vs.variables();
     let _guard = tch::no_grad_guard();
     for (name, tensor) in saved {
@@ -385,7 +392,10 @@ mod tests {
             &config(),
             dir,
             stop_after,
-            &mut |r| losses.push(r.loss),
+            &mut |r| {
+                losses.push(r.loss);
+                ControlFlow::Continue(())
+            },
         )
         .unwrap();
         (summary, losses)
