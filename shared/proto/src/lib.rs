@@ -4,8 +4,9 @@
 //! `build.rs` compiles them with `tonic-prost-build` into `OUT_DIR` on every build, so nothing
 //! generated is committed. Breaking changes go to a new package (`rsllm.v2`) next to v1.
 //!
-//! - [`v1`]: messages, `embedding_service_client::EmbeddingServiceClient` and
-//!   `embedding_service_server::{EmbeddingService, EmbeddingServiceServer}`.
+//! - [`v1`]: messages, and per service (`EmbeddingService`, `PromptService`, `LlmService`) a
+//!   client (`embedding_service_client::EmbeddingServiceClient`, ...) and a server trait with
+//!   its tower service (`embedding_service_server::{EmbeddingService, EmbeddingServiceServer}`).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of all rsllm protos, for reflection.
 
 /// Package `rsllm.v1`.
@@ -22,13 +23,21 @@ pub mod v1 {
 
     /// Fully qualified name of the embedding service, as health and reflection know it.
     pub const EMBEDDING_SERVICE_NAME: &str = embedding_service_server::SERVICE_NAME;
+    /// Fully qualified name of the prompt service.
+    pub const PROMPT_SERVICE_NAME: &str = prompt_service_server::SERVICE_NAME;
+    /// Fully qualified name of the LLM service.
+    pub const LLM_SERVICE_NAME: &str = llm_service_server::SERVICE_NAME;
 }
 
 /// Encoded `FileDescriptorSet` of every proto under `proto/` (for tonic-reflection).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("rsllm_descriptor");
 
 /// The fully qualified names of every public gRPC service in [`v1`].
-pub const V1_SERVICES: &[&str] = &[v1::EMBEDDING_SERVICE_NAME];
+pub const V1_SERVICES: &[&str] = &[
+    v1::EMBEDDING_SERVICE_NAME,
+    v1::PROMPT_SERVICE_NAME,
+    v1::LLM_SERVICE_NAME,
+];
 
 #[cfg(test)]
 mod tests {
@@ -36,12 +45,13 @@ mod tests {
 
     #[test]
     fn descriptor_set_names_the_service() {
-        let needle = b"EmbeddingService";
-        assert!(
-            FILE_DESCRIPTOR_SET
-                .windows(needle.len())
-                .any(|w| w == needle)
-        );
+        for needle in [&b"EmbeddingService"[..], b"PromptService", b"LlmService"] {
+            assert!(
+                FILE_DESCRIPTOR_SET
+                    .windows(needle.len())
+                    .any(|w| w == needle)
+            );
+        }
     }
 
     #[test]
