@@ -7,8 +7,12 @@
 //! - [`health::Readiness`]: a `grpc.health.v1` service that starts NOT_SERVING and is flipped by
 //!   the service as models load and as shutdown begins.
 //! - [`reflection`]: gRPC reflection (v1 and v1alpha) advertising only the `rsllm.v1` services.
+//! - [`server`]: the serve-then-drain sequence, and the caller's deadline (`grpc-timeout`).
+//! - [`metrics`]: Prometheus metrics (registry, RPC latency by status, `GET /metrics`).
 
 pub mod health;
+pub mod metrics;
 pub mod reflection;
+pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -13,6 +13,7 @@
 //! | `rsllm:itemvec:{model_version}:{item_id}` | the item's vector: `dim` f32 values, little-endian, 4·dim bytes, no header |
 //! | `rsllm:itemvec:{model_version}:meta` | JSON [`Meta`]: `{"model","version","dim","count"}`; written after all vectors |
 //! | `rsllm:model:{model_name}` | the version currently published for that name; written last |
+//! | `rsllm:projvec:{adapter_version}:{item_id}` | the llm-service's projected vector (LLM width, f32 LE), cached on first use |
 //!
 //! `model_version` is the model's content hash (sha256 hex of `model.safetensors`), so a
 //! retrained model never serves stale vectors and old versions simply stop being read. Keys
@@ -41,6 +42,16 @@ use serde::{Deserialize, Serialize};
 pub const ITEMVEC_PREFIX: &str = "rsllm:itemvec";
 /// Prefix of the model-name → version pointers.
 pub const MODEL_PREFIX: &str = "rsllm:model";
+
+/// Prefix of the llm-service's projected ID vectors.
+pub const PROJVEC_PREFIX: &str = "rsllm:projvec";
+
+/// `rsllm:projvec:{adapter_version}:{item_id}`: an item's ID vector after an adapter's
+/// projector (LLM hidden width, f32 LE). Keyed by the adapter version, which changes whenever
+/// the projector or the recommender it was trained on does.
+pub fn projected_key(adapter_version: &str, item_id: u32) -> String {
+    format!("{PROJVEC_PREFIX}:{adapter_version}:{item_id}")
+}
 
 /// `rsllm:itemvec:{version}:{item_id}`.
 pub fn item_key(version: &str, item_id: u32) -> String {
