@@ -1,0 +1,259 @@
+//! The `rsllm.v1.PromptService` handlers.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use rsllm_common::metrics::{Counter, Registry, RpcMetrics};
+use rsllm_itemvec::{Reader, ReaderError, Source};
+use rsllm_prompt::{PromptMode, TemplateChoice};
+use rsllm_proto::v1 as pb;
+use rsllm_proto::v1::prompt_service_server::PromptService;
+use tonic::{Code, Request, Response, Status};
+
+use crate::domains::{Domain, Domains};
+use crate::error::ServiceError;
+
+/// Request limits from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_history_len: usize,
+    pub max_candidates: usize,
+}
+
+/// Shared by every handler: the loaded domains (set once loading finishes), the vector reader
+/// and the metrics.
+pub struct ApiState {
+    domains: OnceLock<Arc<Domains>>,
+    reader: Reader,
+    limits: Limits,
+    metrics: RpcMetrics,
+    /// Slot-vector reads by where they were answered (`redis`, `mixed`, `grpc`): the cache
+    /// hit ratio is `redis / sum`.
+    vector_reads: Counter,
+}
+
+impl ApiState {
+    pub fn new(reader: Reader, limits: Limits, registry: &Registry) -> ApiState {
+        ApiState {
+            domains: OnceLock::new(),
+            reader,
+            limits,
+            metrics: RpcMetrics::new(registry, pb::PROMPT_SERVICE_NAME),
+            vector_reads: registry.counter(
+                "rsllm_prompt_vector_reads_total",
+                "Slot-vector reads by source: redis (cache hit), mixed, grpc (miss or Redis down).",
+                &["source"],
+            ),
+        }
+    }
+
+    pub fn set_domains(&self, domains: Arc<Domains>) {
+        let _ = self.domains.set(domains);
+    }
+
+    pub fn reader(&self) -> &Reader {
+        &self.reader
+    }
+
+    fn domains(&self) -> Result<&Arc<Domains>, ServiceError> {
+        self.domains.get().ok_or(ServiceError::Loading)
+    }
+
+    fn domain(&self, name: &str) -> Result<(Arc<Domains>, Arc<Domain>), ServiceError> {
+        let domains = self.domains()?;
+        match domains.by_name.get(name) {
+            Some(d) => Ok((domains.clone(), d.clone())),
+            None => Err(ServiceError::UnknownDomain {
+                domain: name.to_owned(),
+                served: domains.served(),
+            }),
+        }
+    }
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct PromptApi {
+    state: Arc<ApiState>,
+}
+
+impl PromptApi {
+    pub fn new(state: Arc<ApiState>) -> PromptApi {
+        PromptApi { state }
+    }
+
+    async fn build(
+        &self,
+        req: pb::BuildPromptRequest,
+    ) -> Result<pb::BuildPromptResponse, ServiceError> {
+        let limits = self.state.limits;
+        let mode = match pb::PromptMode::try_from(req.mode) {
+            Ok(pb::PromptMode::TextOnly) => PromptMode::TextOnly,
+            Ok(pb::PromptMode::Unified) => PromptMode::Unified,
+            Ok(pb::PromptMode::Unspecified) | Err(_) => {
+                return Err(ServiceError::Invalid(format!(
+                    "mode = {}: expected PROMPT_MODE_TEXT_ONLY or PROMPT_MODE_UNIFIED",
+                    req.mode
+                )));
+            }
+        };
+        if req.history.len() > limits.max_history_len {
+            return Err(ServiceError::Invalid(format!(
+                "history has {} items, more than the limit of {}",
+                req.history.len(),
+                limits.max_history_len
+            )));
+        }
+        if req.candidates.len() > limits.max_candidates {
+            return Err(ServiceError::Invalid(format!(
+                "candidates has {} items, more than the limit of {}",
+                req.candidates.len(),
+                limits.max_candidates
+            )));
+        }
+        let (domains, domain) = self.state.domain(&req.domain)?;
+        let template = req.template_index.unwrap_or(0) as usize;
+        // Tokenising a few hundred tokens is CPU work: off the async workers.
+        let assembled = tokio::task::spawn_blocking(move || {
+            let encoder = domains.tokenizer.as_ref();
+            let built = domain
+                .builder
+                .build(
+                    encoder,
+                    &domain.catalog,
+                    &req.history,
+                    &req.candidates,
+                    None,
+                    mode,
+                    TemplateChoice::Fixed(template),
+                )
+                .map_err(ServiceError::from_prompt)?;
+            let continuations = req
+                .candidates
+                .iter()
+                .map(|&item| {
+                    let (_, token_ids) = domain
+                        .builder
+                        .continuation(encoder, &domain.catalog, item)
+                        .map_err(ServiceError::from_prompt)?;
+                    Ok(pb::CandidateContinuation {
+                        item_id: item,
+                        token_ids,
+                        title: domain.catalog.title(item).unwrap_or_default().to_owned(),
+                    })
+                })
+                .collect::<Result<Vec<_>, ServiceError>>()?;
+            Ok::<_, ServiceError>((built, continuations, domain))
+        })
+        .await
+        .map_err(|e| ServiceError::internal("building the prompt", e))??;
+        let (built, continuations, domain) = assembled;
+
+        let mut response = pb::BuildPromptResponse {
+            input_ids: built.input_ids,
+            slots: built
+                .slots
+                .iter()
+                .map(|s| pb::IdSlot {
+                    position: s.position as u32,
+                    item_id: s.item,
+                })
+                .collect(),
+            candidate_spans: built
+                .candidate_spans
+                .iter()
+                .map(|s| pb::CandidateSpan {
+                    item_id: s.item,
+                    start: s.start as u32,
+                    end: s.end as u32,
+                })
+                .collect(),
+            continuations,
+            text: built.text,
+            template_index: built.template_index as u32,
+            ..Default::default()
+        };
+        if !built.slots.is_empty() {
+            let ids: Vec<u32> = built.slots.iter().map(|s| s.item).collect();
+            let vectors = self
+                .state
+                .reader
+                .get(&domain.recommender, &ids)
+                .await
+                .map_err(|e| vector_error(&domain.recommender, e))?;
+            response.slot_dim = vectors.dim as u32;
+            response.slot_vectors = vectors.values;
+            response.recommender_version = vectors.model_version;
+            response.vectors_from_cache = vectors.source == Source::Redis;
+            let source = match vectors.source {
+                Source::Redis => "redis",
+                Source::Mixed => "mixed",
+                Source::Grpc => "grpc",
+            };
+            self.state.vector_reads.inc(&[source]);
+        }
+        Ok(response)
+    }
+
+    fn list(&self) -> Result<pb::ListDomainsResponse, ServiceError> {
+        let domains = self.state.domains()?;
+        Ok(pb::ListDomainsResponse {
+            domains: domains
+                .by_name
+                .values()
+                .map(|d| pb::DomainInfo {
+                    name: d.name.clone(),
+                    item_count: d.catalog.num_items() as u32,
+                    template_count: d.builder.templates().len() as u32,
+                    recommender: d.recommender.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    fn finish<T>(
+        &self,
+        method: &str,
+        started: Instant,
+        r: Result<T, ServiceError>,
+    ) -> Result<Response<T>, Status> {
+        let code = r.as_ref().map_or_else(ServiceError::code, |_| Code::Ok);
+        self.state.metrics.record(method, code, started.elapsed());
+        r.map(Response::new).map_err(Status::from)
+    }
+}
+
+/// The embedding-service's own verdicts on ids pass through (our ids came from the catalog, so
+/// a NOT_FOUND means the recommender is not loaded there); anything else means it is down.
+fn vector_error(recommender: &str, e: ReaderError) -> ServiceError {
+    match e.code() {
+        Code::InvalidArgument => ServiceError::Invalid(e.to_string()),
+        _ => ServiceError::EmbeddingUnavailable {
+            recommender: recommender.to_owned(),
+            detail: e.to_string(),
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl PromptService for PromptApi {
+    #[tracing::instrument(name = "rsllm.v1.PromptService/BuildPrompt", skip_all)]
+    async fn build_prompt(
+        &self,
+        request: Request<pb::BuildPromptRequest>,
+    ) -> Result<Response<pb::BuildPromptResponse>, Status> {
+        let started = Instant::now();
+        let r = self.build(request.into_inner()).await;
+        self.finish("BuildPrompt", started, r)
+    }
+
+    #[tracing::instrument(name = "rsllm.v1.PromptService/ListDomains", skip_all)]
+    async fn list_domains(
+        &self,
+        _request: Request<pb::ListDomainsRequest>,
+    ) -> Result<Response<pb::ListDomainsResponse>, Status> {
+        let started = Instant::now();
+        let r = self.list();
+        self.finish("ListDomains", started, r)
+    }
+}
