@@ -1,0 +1,3 @@
+fn main() {
+    rsllm_torch_link::emit();
+}
