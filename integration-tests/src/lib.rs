@@ -58,21 +58,20 @@ where
 /// Writes an untrained SASRec artefact (seeded random weights: serving is under test, not
 /// quality) to `models_dir/TEST_MODEL`: 50 items, dim 64, window 10.
 pub fn make_test_model(models_dir: &Path) -> RecManifest {
+    make_rec_model(models_dir, TEST_MODEL, "tiny", TEST_ITEMS)
+}
+
+/// Writes an untrained, seeded SASRec (dim 64, window 10) with `items` items as
+/// `models_dir/name`.
+pub fn make_rec_model(models_dir: &Path, name: &str, dataset: &str, items: usize) -> RecManifest {
     let mut config = RecConfig::default_for(ModelKind::Sasrec);
     config.dim = TEST_DIM;
     config.max_history = TEST_WINDOW;
     config.seed = 7;
-    let mut model = RecModel::new_untrained(
-        ModelKind::Sasrec,
-        config,
-        "tiny",
-        TEST_ITEMS,
-        tch::Device::Cpu,
-    )
-    .expect("untrained model");
-    model
-        .save(&models_dir.join(TEST_MODEL))
-        .expect("save test model")
+    let mut model =
+        RecModel::new_untrained(ModelKind::Sasrec, config, dataset, items, tch::Device::Cpu)
+            .expect("untrained model");
+    model.save(&models_dir.join(name)).expect("save test model")
 }
 
 /// Lines a child process printed (stdout and stderr), shared with reader threads.
@@ -376,5 +375,159 @@ impl ModelsDir {
             .to_str()
             .expect("utf-8 temp path")
             .to_owned()
+    }
+}
+
+/// The datasets: `$RSLLM_DATA_DIR`, else `../shared/data` beside the checkout.
+pub fn data_dir() -> PathBuf {
+    std::env::var_os("RSLLM_DATA_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+}
+
+/// The default LLM (scripts/setup.sh puts it in the cache).
+pub fn llm_model_path() -> PathBuf {
+    let path = rsllm_llm::default_model_path().expect("HOME or RSLLM_CACHE_DIR is set");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/setup.sh (these tests use the real model)",
+        path.display()
+    );
+    path
+}
+
+/// `GET /metrics` of a service, as text.
+pub fn scrape(addr: SocketAddr) -> String {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read /metrics");
+    out
+}
+
+/// The value of the first sample line of `/metrics` text that starts with `series` (a name
+/// with its labels, as rendered); 0 when absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// The service binaries a [`Fleet`] runs (the tests pass cargo's `CARGO_BIN_EXE_*` paths;
+/// `RSLLM_IT_*_SERVICE_BIN` overrides each).
+#[derive(Debug, Clone)]
+pub struct FleetBins {
+    pub embedding: PathBuf,
+    pub prompt: PathBuf,
+    pub llm: PathBuf,
+}
+
+impl FleetBins {
+    pub fn new(embedding: &str, prompt: &str, llm: &str) -> FleetBins {
+        let pick = |var: &str, built: &str| {
+            std::env::var_os(var)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(built))
+        };
+        FleetBins {
+            embedding: pick("RSLLM_IT_EMBEDDING_SERVICE_BIN", embedding),
+            prompt: pick("RSLLM_IT_PROMPT_SERVICE_BIN", prompt),
+            llm: pick("RSLLM_IT_LLM_SERVICE_BIN", llm),
+        }
+    }
+}
+
+/// The three services on loopback over one Redis, serving MovieLens with an untrained
+/// 1682-item SASRec (named `movielens-llara-sasrec`, in a temporary models directory that is
+/// also the llm-service's cache, so training jobs find it) and the real default LLM.
+#[derive(Debug)]
+pub struct Fleet {
+    pub redis: RedisServer,
+    pub embedding: ServiceProcess,
+    pub prompt: ServiceProcess,
+    pub llm: ServiceProcess,
+    pub prompt_metrics: SocketAddr,
+    pub llm_metrics: SocketAddr,
+    pub cache: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// Starts everything and waits until all three are SERVING. `llm_args` go to the
+    /// llm-service after the fleet's own flags.
+    pub async fn start(bins: &FleetBins, llm_args: &[&str]) -> Fleet {
+        let redis = RedisServer::start();
+        let cache = tempfile::tempdir().unwrap();
+        let rec_dir = cache.path().join("models/rec");
+        std::fs::create_dir_all(&rec_dir).unwrap();
+        make_rec_model(&rec_dir, "movielens-llara-sasrec", "movielens", 1682);
+        let data = data_dir();
+        let data = data.to_str().unwrap().to_owned();
+        let cache_str = cache.path().to_str().unwrap().to_owned();
+        let model = llm_model_path();
+        let model = model.to_str().unwrap().to_owned();
+        let env = [
+            ("RSLLM_DATA_DIR", data.as_str()),
+            ("RSLLM_CACHE_DIR", cache_str.as_str()),
+        ];
+        let redis_url = redis.url();
+        let rec_dir = rec_dir.to_str().unwrap().to_owned();
+        let mut embedding = ServiceProcess::start(
+            &bins.embedding,
+            &["--models-dir", &rec_dir, "--redis-url", &redis_url],
+            &env,
+        );
+        let prompt_metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let prompt_metrics_s = prompt_metrics.to_string();
+        let mut prompt = ServiceProcess::start(
+            &bins.prompt,
+            &[
+                "--redis-url",
+                &redis_url,
+                "--embedding-endpoint",
+                &embedding.endpoint(),
+                "--tokenizer",
+                &model,
+                "--metrics-listen",
+                &prompt_metrics_s,
+            ],
+            &env,
+        );
+        let llm_metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let llm_metrics_s = llm_metrics.to_string();
+        let (emb_ep, prompt_ep) = (embedding.endpoint(), prompt.endpoint());
+        let mut args = vec![
+            "--redis-url",
+            &redis_url,
+            "--embedding-endpoint",
+            &emb_ep,
+            "--prompt-endpoint",
+            &prompt_ep,
+            "--model",
+            &model,
+            "--metrics-listen",
+            &llm_metrics_s,
+        ];
+        args.extend_from_slice(llm_args);
+        let mut llm = ServiceProcess::start(&bins.llm, &args, &env);
+        let start = Duration::from_secs(120);
+        embedding.wait_serving(start).await;
+        prompt.wait_serving(start).await;
+        llm.wait_serving(start).await;
+        Fleet {
+            redis,
+            embedding,
+            prompt,
+            llm,
+            prompt_metrics,
+            llm_metrics,
+            cache,
+        }
     }
 }

@@ -5,3 +5,4 @@
 //! another build of `embedding-service` (e.g. `target/release/embedding-service`).
 
 mod embedding;
+mod fleet;

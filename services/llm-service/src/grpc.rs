@@ -579,6 +579,7 @@ impl LlmService for LlmApi {
         request: Request<pb::RecommendRequest>,
     ) -> Result<Response<pb::RecommendResponse>, Status> {
         let started = Instant::now();
+        let _in_flight = self.metrics.in_flight("Recommend");
         let r = self.recommend_inner(request).await;
         self.finish("Recommend", started, r)
     }
@@ -589,6 +590,7 @@ impl LlmService for LlmApi {
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
         let started = Instant::now();
+        let _in_flight = self.metrics.in_flight("Score");
         let r = self.score_inner(request).await;
         self.finish("Score", started, r)
     }
@@ -599,6 +601,7 @@ impl LlmService for LlmApi {
         request: Request<pb::StartTrainingRequest>,
     ) -> Result<Response<pb::StartTrainingResponse>, Status> {
         let started = Instant::now();
+        let _in_flight = self.metrics.in_flight("StartTraining");
         let r = match request.into_inner().spec {
             None => Err(ServiceError::Invalid("spec is missing".into())),
             Some(spec) => self
@@ -617,6 +620,7 @@ impl LlmService for LlmApi {
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let started = Instant::now();
+        let _in_flight = self.metrics.in_flight("WatchJob");
         let id = request.into_inner().job_id;
         let r = self.st().and_then(|st| st.jobs.watch(&id)).map(|mut rx| {
             let (tx, out) = tokio::sync::mpsc::channel(16);
@@ -643,6 +647,7 @@ impl LlmService for LlmApi {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let started = Instant::now();
+        let _in_flight = self.metrics.in_flight("CancelJob");
         let id = request.into_inner().job_id;
         let r = match self.st().and_then(|st| st.jobs.cancel(&id)) {
             Ok(mut rx) => {
@@ -667,6 +672,7 @@ impl LlmService for LlmApi {
         _request: Request<pb::LlmServiceListModelsRequest>,
     ) -> Result<Response<pb::LlmServiceListModelsResponse>, Status> {
         let started = Instant::now();
+        let _in_flight = self.metrics.in_flight("ListModels");
         let r = self.list_models_inner();
         self.finish("ListModels", started, r)
     }

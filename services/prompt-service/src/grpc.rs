@@ -243,6 +243,7 @@ impl PromptService for PromptApi {
         request: Request<pb::BuildPromptRequest>,
     ) -> Result<Response<pb::BuildPromptResponse>, Status> {
         let started = Instant::now();
+        let _in_flight = self.state.metrics.in_flight("BuildPrompt");
         let r = self.build(request.into_inner()).await;
         self.finish("BuildPrompt", started, r)
     }
@@ -253,6 +254,7 @@ impl PromptService for PromptApi {
         _request: Request<pb::ListDomainsRequest>,
     ) -> Result<Response<pb::ListDomainsResponse>, Status> {
         let started = Instant::now();
+        let _in_flight = self.state.metrics.in_flight("ListDomains");
         let r = self.list();
         self.finish("ListDomains", started, r)
     }

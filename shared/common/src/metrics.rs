@@ -282,6 +282,21 @@ impl Histogram {
 pub struct RpcMetrics {
     service: &'static str,
     duration: Histogram,
+    in_flight: Gauge,
+}
+
+/// Counts one call as in flight until dropped.
+#[derive(Debug)]
+pub struct InFlight {
+    gauge: Gauge,
+    labels: [String; 2],
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let [a, b] = &self.labels;
+        self.gauge.add(&[a, b], -1.0);
+    }
 }
 
 impl RpcMetrics {
@@ -294,6 +309,20 @@ impl RpcMetrics {
                 &["service", "method", "code"],
                 LATENCY_BUCKETS,
             ),
+            in_flight: registry.gauge(
+                "rsllm_rpc_in_flight",
+                "gRPC calls being handled, by service and method.",
+                &["service", "method"],
+            ),
+        }
+    }
+
+    /// Marks a call of `method` in flight for the life of the returned guard.
+    pub fn in_flight(&self, method: &str) -> InFlight {
+        self.in_flight.add(&[self.service, method], 1.0);
+        InFlight {
+            gauge: self.in_flight.clone(),
+            labels: [self.service.to_owned(), method.to_owned()],
         }
     }
 

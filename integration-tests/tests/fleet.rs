@@ -1,0 +1,530 @@
+//! The whole fleet end to end: Recommend in both modes over retrieval and the prompt-service,
+//! training jobs over gRPC, Redis going away and coming back, bad input, overload, draining
+//! on SIGTERM during a burst, and the Python client generated from the protos.
+
+use std::time::Duration;
+
+use rsllm_integration_tests::{Fleet, FleetBins, sample, scrape, wait_until};
+use rsllm_proto::v1 as pb;
+use rsllm_proto::v1::llm_service_client::LlmServiceClient;
+use rsllm_proto::v1::prompt_service_client::PromptServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const CALL: Duration = Duration::from_secs(120);
+
+fn bins() -> FleetBins {
+    FleetBins::new(
+        env!("CARGO_BIN_EXE_rsllm-it-embedding-service"),
+        env!("CARGO_BIN_EXE_rsllm-it-prompt-service"),
+        env!("CARGO_BIN_EXE_rsllm-it-llm-service"),
+    )
+}
+
+fn llm(f: &Fleet) -> LlmServiceClient<Channel> {
+    LlmServiceClient::new(f.llm.channel()).max_decoding_message_size(64 << 20)
+}
+
+const HISTORY: [u32; 10] = [49, 180, 1, 120, 8, 55, 97, 226, 14, 302];
+
+fn candidates() -> Vec<u32> {
+    (0..20).map(|i| 400 + i * 13).collect()
+}
+
+fn recommend(
+    history: &[u32],
+    candidates: Vec<u32>,
+    k: u32,
+    mode: pb::RecommendMode,
+) -> pb::RecommendRequest {
+    pb::RecommendRequest {
+        domain: "movielens".into(),
+        history: history.to_vec(),
+        candidates,
+        k,
+        mode: mode as i32,
+        num_candidates: None,
+        adapter_version: None,
+    }
+}
+
+async fn call_recommend(
+    c: &mut LlmServiceClient<Channel>,
+    r: pb::RecommendRequest,
+) -> Result<pb::RecommendResponse, tonic::Status> {
+    let mut req = tonic::Request::new(r);
+    req.set_timeout(CALL);
+    c.recommend(req).await.map(tonic::Response::into_inner)
+}
+
+async fn expect_error(
+    c: &mut LlmServiceClient<Channel>,
+    r: pb::RecommendRequest,
+    code: Code,
+    needle: &str,
+) {
+    let status = call_recommend(c, r).await.expect_err("bad input must fail");
+    assert_eq!(status.code(), code, "{needle}: {}", status.message());
+    assert!(
+        status.message().contains(needle),
+        "{needle:?} not in {:?}",
+        status.message()
+    );
+}
+
+/// Runs a job to its end and returns the last update.
+async fn watch_to_end(c: &mut LlmServiceClient<Channel>, job_id: &str) -> pb::WatchJobResponse {
+    let mut stream = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .expect("WatchJob")
+        .into_inner();
+    let mut last = None;
+    let read = tokio::time::timeout(Duration::from_secs(600), async {
+        while let Some(update) = stream.message().await.expect("stream") {
+            last = Some(update);
+        }
+    });
+    read.await.expect("job ended within 10 minutes");
+    last.expect("at least one update")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
+    let mut fleet = Fleet::start(&bins(), &[]).await;
+    let mut c = llm(&fleet);
+
+    // Zero-shot adapter: ranking over given candidates, and Score agrees with it.
+    let models = c
+        .list_models(pb::LlmServiceListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(models.device, "cpu");
+    assert_eq!(models.adapters.len(), 1);
+    assert_eq!(models.adapters[0].version, "zero-shot");
+    let ranked = call_recommend(
+        &mut c,
+        recommend(&HISTORY, candidates(), 5, pb::RecommendMode::Ranking),
+    )
+    .await
+    .expect("ranking");
+    assert_eq!(ranked.items.len(), 5);
+    assert!(
+        ranked.items.windows(2).all(|w| w[0].score >= w[1].score),
+        "best first"
+    );
+    assert!(
+        ranked
+            .items
+            .iter()
+            .all(|i| candidates().contains(&i.item_id) && !i.title.is_empty())
+    );
+    let versions = ranked.versions.clone().unwrap();
+    assert_eq!(versions.adapter, "zero-shot");
+    assert_eq!(versions.base_model, models.base_model_version);
+    let scored = c
+        .score(pb::ScoreRequest {
+            domain: "movielens".into(),
+            history: HISTORY.to_vec(),
+            candidates: candidates(),
+            adapter_version: None,
+        })
+        .await
+        .expect("Score")
+        .into_inner();
+    assert_eq!(scored.scores.len(), 20);
+    let best = candidates()[scored
+        .scores
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0];
+    assert_eq!(
+        ranked.items[0].item_id, best,
+        "Score and Recommend rank alike"
+    );
+
+    // No candidates: the embedding-service retrieves 20, none from the history.
+    let retrieved = call_recommend(
+        &mut c,
+        recommend(&HISTORY, vec![], 3, pb::RecommendMode::Ranking),
+    )
+    .await
+    .expect("ranking with retrieval");
+    assert_eq!(retrieved.candidates.len(), 20);
+    assert!(retrieved.candidates.iter().all(|i| !HISTORY.contains(i)));
+    assert_eq!(retrieved.versions.unwrap().recommender.len(), 64);
+
+    // Bad input: the status code and the field named.
+    use pb::RecommendMode::{Generative, Ranking};
+    expect_error(
+        &mut c,
+        recommend(&[], candidates(), 1, Ranking),
+        Code::InvalidArgument,
+        "history is empty",
+    )
+    .await;
+    expect_error(
+        &mut c,
+        recommend(&[99_999], candidates(), 1, Ranking),
+        Code::InvalidArgument,
+        "history[0] = 99999",
+    )
+    .await;
+    expect_error(
+        &mut c,
+        recommend(&HISTORY, vec![1, 2, 1], 1, Ranking),
+        Code::InvalidArgument,
+        "candidates[2] = 1",
+    )
+    .await;
+    expect_error(
+        &mut c,
+        recommend(&HISTORY, candidates(), 0, Ranking),
+        Code::InvalidArgument,
+        "k = 0",
+    )
+    .await;
+    expect_error(
+        &mut c,
+        recommend(&HISTORY, candidates(), 21, Ranking),
+        Code::InvalidArgument,
+        "k = 21",
+    )
+    .await;
+    let long: Vec<u32> = (0..10_000).map(|i| i % 1682).collect();
+    expect_error(
+        &mut c,
+        recommend(&long, candidates(), 1, Ranking),
+        Code::InvalidArgument,
+        "history has 10000 items",
+    )
+    .await;
+    let mut unknown = recommend(&HISTORY, candidates(), 1, Ranking);
+    unknown.domain = "nope".into();
+    expect_error(&mut c, unknown, Code::NotFound, "domain = \"nope\"").await;
+    let mut bad_mode = recommend(&HISTORY, candidates(), 1, Ranking);
+    bad_mode.mode = 0;
+    expect_error(&mut c, bad_mode, Code::InvalidArgument, "mode = 0").await;
+    let mut bad_adapter = recommend(&HISTORY, candidates(), 1, Ranking);
+    bad_adapter.adapter_version = Some("f00".into());
+    expect_error(
+        &mut c,
+        bad_adapter,
+        Code::NotFound,
+        "adapter_version = \"f00\"",
+    )
+    .await;
+    // Over the 1 MiB request limit: refused by the transport before decoding.
+    // 600,000 ids of 4 varint bytes each: 2.4 MB.
+    let huge: Vec<u32> = vec![1 << 21; 600_000];
+    let status = call_recommend(&mut c, recommend(&huge, candidates(), 1, Ranking))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "oversized: {status:?}"
+    );
+    for (spec, needle) in [
+        (
+            pb::JobSpec {
+                stage: 3,
+                dataset: "movielens".into(),
+                ..Default::default()
+            },
+            "spec.stage = 3",
+        ),
+        (
+            pb::JobSpec {
+                stage: 1,
+                dataset: "nope".into(),
+                ..Default::default()
+            },
+            "spec.dataset = \"nope\"",
+        ),
+        (
+            pb::JobSpec {
+                stage: 1,
+                dataset: "movielens".into(),
+                micro_batch: Some(0),
+                ..Default::default()
+            },
+            "spec.micro_batch = 0",
+        ),
+    ] {
+        let status = c
+            .start_training(pb::StartTrainingRequest { spec: Some(spec) })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        assert!(status.message().contains(needle), "{}", status.message());
+    }
+    let status = c
+        .start_training(pb::StartTrainingRequest { spec: None })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    // A stage-2 job over gRPC: one at a time, progress streamed, its adapter then serves.
+    let spec = pb::JobSpec {
+        stage: 2,
+        dataset: "movielens".into(),
+        train_limit: Some(4),
+        max_steps: Some(1),
+        micro_batch: Some(2),
+        grad_accum: Some(1),
+        ..Default::default()
+    };
+    let job = c
+        .start_training(pb::StartTrainingRequest {
+            spec: Some(spec.clone()),
+        })
+        .await
+        .expect("StartTraining")
+        .into_inner()
+        .job_id;
+    let busy = c
+        .start_training(pb::StartTrainingRequest { spec: Some(spec) })
+        .await
+        .unwrap_err();
+    assert_eq!(busy.code(), Code::ResourceExhausted, "{}", busy.message());
+    let end = watch_to_end(&mut c, &job).await;
+    assert_eq!(end.state, pb::JobState::Succeeded as i32, "{}", end.message);
+    assert_eq!((end.step, end.total_steps), (1, 1));
+    assert!(end.loss.is_finite() && end.loss > 0.0);
+    assert_eq!(end.adapter_version.len(), 64);
+    let models = c
+        .list_models(pb::LlmServiceListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let trained = models
+        .adapters
+        .iter()
+        .find(|a| a.version == end.adapter_version)
+        .expect("listed");
+    assert!(trained.serving && trained.stage == 2 && trained.job_id == job);
+
+    // Unified prompts with the trained adapter, both modes; the second ranking reads the
+    // projected vectors from Redis.
+    for mode in [Ranking, Generative, Ranking] {
+        let r = call_recommend(&mut c, recommend(&HISTORY, candidates(), 3, mode))
+            .await
+            .expect("unified");
+        let v = r.versions.unwrap();
+        assert_eq!(v.adapter, end.adapter_version);
+        assert_eq!(v.recommender.len(), 64);
+        match mode {
+            Generative => {
+                assert!(!r.generated_text.is_empty());
+                assert!(r.items.iter().all(|i| candidates().contains(&i.item_id)));
+            }
+            _ => assert_eq!(r.items.len(), 3),
+        }
+    }
+    let metrics = scrape(fleet.llm_metrics);
+    assert!(
+        sample(
+            &metrics,
+            "rsllm_llm_projection_cache_total{outcome=\"hit\"}"
+        ) > 0.0,
+        "projected vectors never read back from Redis:\n{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "rsllm_rpc_duration_seconds_count{service=\"rsllm.v1.LlmService\",method=\"Recommend\",code=\"OK\"}"
+        ) >= 5.0
+    );
+
+    // CancelJob stops at the next step and keeps the checkpoint.
+    let long_job = c
+        .start_training(pb::StartTrainingRequest {
+            spec: Some(pb::JobSpec {
+                stage: 1,
+                dataset: "movielens".into(),
+                train_limit: Some(200),
+                micro_batch: Some(1),
+                grad_accum: Some(1),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let mut stream = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: long_job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(300), async {
+        while let Some(u) = stream.message().await.unwrap() {
+            if u.step >= 1 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("a first step");
+    let cancelled = c
+        .cancel_job(pb::CancelJobRequest {
+            job_id: long_job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, pb::JobState::Cancelled as i32);
+    let latest = fleet
+        .cache
+        .path()
+        .join("jobs")
+        .join(&long_job)
+        .join("checkpoints/latest.json");
+    assert!(latest.is_file(), "{} kept", latest.display());
+
+    // Redis killed: calls keep succeeding; back: the vectors are republished and read again.
+    fleet.redis.kill();
+    for mode in [Ranking, Generative] {
+        call_recommend(&mut c, recommend(&HISTORY, candidates(), 2, mode))
+            .await
+            .expect("no Redis");
+    }
+    fleet.redis.restart();
+    let mut prompts = PromptServiceClient::new(fleet.prompt.channel());
+    wait_until(
+        "slot vectors from Redis again",
+        Duration::from_secs(30),
+        || {
+            let mut p = prompts.clone();
+            async move {
+                let r = p
+                    .build_prompt(pb::BuildPromptRequest {
+                        domain: "movielens".into(),
+                        history: HISTORY.to_vec(),
+                        candidates: candidates(),
+                        mode: pb::PromptMode::Unified as i32,
+                        template_index: None,
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                r.vectors_from_cache.then_some(())
+            }
+        },
+    )
+    .await;
+    let r = prompts
+        .build_prompt(pb::BuildPromptRequest {
+            domain: "movielens".into(),
+            history: HISTORY.to_vec(),
+            candidates: candidates(),
+            mode: pb::PromptMode::Unified as i32,
+            template_index: Some(7),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(r.code(), Code::InvalidArgument, "{}", r.message());
+    call_recommend(&mut c, recommend(&HISTORY, candidates(), 2, Ranking))
+        .await
+        .expect("Redis back");
+
+    // An independent client, generated from the protos by grpcio-tools, calls every rpc.
+    match std::env::var_os("RSLLM_CI_PYTHON") {
+        Some(python) => {
+            let script = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../scripts/grpc-client-check.py"
+            );
+            let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto");
+            let out = tokio::process::Command::new(python)
+                .args([script, "--proto", proto])
+                .args(["--embedding", &fleet.embedding.addr.to_string()])
+                .args(["--prompt", &fleet.prompt.addr.to_string()])
+                .args(["--llm", &fleet.llm.addr.to_string()])
+                .output()
+                .await
+                .expect("run the python client");
+            assert!(
+                out.status.success(),
+                "python client failed:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        None => eprintln!(
+            "RSLLM_CI_PYTHON is unset: the Python client check did not run (scripts/test.sh sets it)"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_at_once_and_sigterm_drains_a_burst() {
+    use pb::RecommendMode::Ranking;
+    let one_candidate = || recommend(&HISTORY[..1], vec![500], 1, Ranking);
+
+    // Beyond the queue: RESOURCE_EXHAUSTED with retry-after, never a timeout.
+    let fleet = Fleet::start(&bins(), &["--max-batch", "1", "--queue-capacity", "2"]).await;
+    let mut calls = Vec::new();
+    for _ in 0..24 {
+        let mut c = llm(&fleet);
+        let r = one_candidate();
+        calls.push(tokio::spawn(async move { call_recommend(&mut c, r).await }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                assert!(s.metadata().get("retry-after-ms").is_some(), "{s:?}");
+                refused += 1;
+            }
+            Err(s) => panic!("overload gave {s:?}, not RESOURCE_EXHAUSTED"),
+        }
+    }
+    assert!(ok >= 1 && refused >= 1, "ok {ok}, refused {refused}");
+    drop(fleet);
+
+    // SIGTERM while 200 accepted calls are in flight: every one of them succeeds.
+    let mut fleet = Fleet::start(&bins(), &["--max-batch", "16", "--queue-capacity", "256"]).await;
+    let mut calls = Vec::new();
+    for _ in 0..200 {
+        let mut c = llm(&fleet);
+        let r = one_candidate();
+        calls.push(tokio::spawn(async move { call_recommend(&mut c, r).await }));
+    }
+    let series =
+        |name: &str| format!("{name}{{service=\"rsllm.v1.LlmService\",method=\"Recommend\"");
+    let metrics_addr = fleet.llm_metrics;
+    wait_until("200 calls accepted", Duration::from_secs(60), || {
+        let text = scrape(metrics_addr);
+        let in_flight = sample(&text, &(series("rsllm_rpc_in_flight") + "}"));
+        let done = sample(
+            &text,
+            &(series("rsllm_rpc_duration_seconds_count") + ",code=\"OK\"}"),
+        );
+        async move { (in_flight + done >= 200.0).then_some(()) }
+    })
+    .await;
+    fleet.llm.sigterm();
+    for call in calls {
+        call.await
+            .unwrap()
+            .expect("an accepted call failed during the drain");
+    }
+    let status = fleet.llm.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "llm-service exit: {status}");
+}
