@@ -333,17 +333,15 @@ struct Worker {
     max_new_tokens: usize,
 }
 
+/// A stage directory read from disk: its spec, latest checkpoint and that checkpoint's tensors.
+type StagedAdapter = (
+    rsllm_trainer::stage::StageSpec,
+    rsllm_trainer::checkpoint::Checkpoint,
+    Vec<(String, Tensor)>,
+);
+
 /// The adapter tensors of a stage directory's latest checkpoint, with its spec.
-fn read_adapter(
-    dir: &Path,
-) -> Result<
-    (
-        rsllm_trainer::stage::StageSpec,
-        rsllm_trainer::checkpoint::Checkpoint,
-        Vec<(String, Tensor)>,
-    ),
-    String,
-> {
+fn read_adapter(dir: &Path) -> Result<StagedAdapter, String> {
     let spec = read_spec(dir).map_err(|e| e.to_string())?;
     let root = dir.join(CHECKPOINT_DIR);
     let ckpt = rsllm_trainer::checkpoint::latest(&root)
@@ -687,7 +685,11 @@ impl Worker {
         let _guard = tch::no_grad_guard();
         let model_err = |e: rsllm_llm::LlmError| match e {
             rsllm_llm::LlmError::Invalid(m) => EngineError::Invalid(m),
-            other => EngineError::Model(other.to_string()),
+            other @ (rsllm_llm::LlmError::Gguf(_)
+            | rsllm_llm::LlmError::Torch(_)
+            | rsllm_llm::LlmError::Io { .. }
+            | rsllm_llm::LlmError::BadModel { .. }
+            | rsllm_llm::LlmError::Tokenizer(_)) => EngineError::Model(other.to_string()),
         };
         let (overrides, projected) = self.overrides(group)?;
         let mut outputs: Vec<JobOutput> = projected

@@ -52,14 +52,20 @@ impl ServiceError {
     /// through with its name; anything else means it is unavailable to us.
     pub fn from_dependency(dependency: &'static str, status: &Status) -> ServiceError {
         let detail = format!("{}: {}", dependency, status.message());
-        match status.code() {
-            Code::InvalidArgument => ServiceError::Invalid(detail),
-            Code::NotFound => ServiceError::NotFound(detail),
-            Code::DeadlineExceeded => ServiceError::Deadline("waiting for a dependency"),
-            _ => ServiceError::Dependency {
+        // Every other code (UNAVAILABLE, INTERNAL, RESOURCE_EXHAUSTED, ...) means the
+        // dependency could not serve us.
+        let code = status.code();
+        if code == Code::InvalidArgument {
+            ServiceError::Invalid(detail)
+        } else if code == Code::NotFound {
+            ServiceError::NotFound(detail)
+        } else if code == Code::DeadlineExceeded {
+            ServiceError::Deadline("waiting for a dependency")
+        } else {
+            ServiceError::Dependency {
                 dependency,
-                detail: format!("{:?}: {}", status.code(), status.message()),
-            },
+                detail: format!("{code:?}: {}", status.message()),
+            }
         }
     }
 

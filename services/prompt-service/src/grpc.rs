@@ -226,12 +226,13 @@ impl PromptApi {
 /// The embedding-service's own verdicts on ids pass through (our ids came from the catalog, so
 /// a NOT_FOUND means the recommender is not loaded there); anything else means it is down.
 fn vector_error(recommender: &str, e: ReaderError) -> ServiceError {
-    match e.code() {
-        Code::InvalidArgument => ServiceError::Invalid(e.to_string()),
-        _ => ServiceError::EmbeddingUnavailable {
+    if e.code() == Code::InvalidArgument {
+        ServiceError::Invalid(e.to_string())
+    } else {
+        ServiceError::EmbeddingUnavailable {
             recommender: recommender.to_owned(),
             detail: e.to_string(),
-        },
+        }
     }
 }
 
