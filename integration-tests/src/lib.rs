@@ -462,6 +462,15 @@ impl Fleet {
     /// Starts everything and waits until all three are SERVING. `llm_args` go to the
     /// llm-service after the fleet's own flags.
     pub async fn start(bins: &FleetBins, llm_args: &[&str]) -> Fleet {
+        Fleet::start_with_env(bins, llm_args, &[]).await
+    }
+
+    /// [`Fleet::start`] with extra environment for all three services (e.g. `OTEL_*`).
+    pub async fn start_with_env(
+        bins: &FleetBins,
+        llm_args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Fleet {
         let redis = RedisServer::start();
         let cache = tempfile::tempdir().unwrap();
         let rec_dir = cache.path().join("models/rec");
@@ -472,10 +481,11 @@ impl Fleet {
         let cache_str = cache.path().to_str().unwrap().to_owned();
         let model = llm_model_path();
         let model = model.to_str().unwrap().to_owned();
-        let env = [
+        let mut env = vec![
             ("RSLLM_DATA_DIR", data.as_str()),
             ("RSLLM_CACHE_DIR", cache_str.as_str()),
         ];
+        env.extend_from_slice(extra_env);
         let redis_url = redis.url();
         let rec_dir = rec_dir.to_str().unwrap().to_owned();
         let mut embedding = ServiceProcess::start(

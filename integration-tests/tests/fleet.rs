@@ -530,3 +530,106 @@ async fn overload_is_refused_at_once_and_sigterm_drains_a_burst() {
     let status = fleet.llm.wait_exit(Duration::from_secs(60)).await;
     assert!(status.success(), "llm-service exit: {status}");
 }
+
+/// A child process killed on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_recommend_is_one_trace_across_the_three_services() {
+    let Some(python) = std::env::var_os("RSLLM_CI_PYTHON") else {
+        eprintln!(
+            "RSLLM_CI_PYTHON is unset: the OTLP receiver cannot run (scripts/test.sh sets it)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spans = dir.path().join("spans.jsonl");
+    let port = rsllm_integration_tests::free_port();
+    let _receiver = Child(
+        std::process::Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../scripts/otlp-receiver.py"
+            ))
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(&spans)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the OTLP receiver"),
+    );
+    wait_until(
+        "the OTLP receiver",
+        Duration::from_secs(30),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let fleet = Fleet::start_with_env(
+        &bins(),
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let mut c = llm(&fleet);
+    // No candidates: the llm-service calls the embedding-service (TopK) and the
+    // prompt-service (BuildPrompt).
+    call_recommend(
+        &mut c,
+        recommend(&HISTORY, vec![], 3, pb::RecommendMode::Ranking),
+    )
+    .await
+    .expect("Recommend");
+    let spans_path = spans.clone();
+    let (root, children) = wait_until(
+        "spans from all three services",
+        Duration::from_secs(30),
+        || {
+            let text = std::fs::read_to_string(&spans_path).unwrap_or_default();
+            async move {
+                let all: Vec<serde_json::Value> = text
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect();
+                let root = all
+                    .iter()
+                    .find(|s| s["name"] == "rsllm.v1.LlmService/Recommend")?
+                    .clone();
+                let children: Vec<serde_json::Value> = all
+                    .iter()
+                    .filter(|s| {
+                        s["trace_id"] == root["trace_id"] && s["parent_span_id"] == root["span_id"]
+                    })
+                    .cloned()
+                    .collect();
+                let has = |name: &str| children.iter().any(|s| s["name"] == name);
+                (has("rsllm.v1.EmbeddingService/TopK") && has("rsllm.v1.PromptService/BuildPrompt"))
+                    .then_some((root, children))
+            }
+        },
+    )
+    .await;
+    assert_eq!(root["service"], "llm-service");
+    let services: std::collections::BTreeSet<String> = children
+        .iter()
+        .filter_map(|s| s["service"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        services.contains("embedding-service") && services.contains("prompt-service"),
+        "{services:?}"
+    );
+}

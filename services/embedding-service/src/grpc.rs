@@ -13,6 +13,7 @@ use rsllm_proto::v1::{
 };
 use rsllm_recommender::ModelKind;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::error::ServiceError;
 use crate::registry::{LoadedModel, Registry};
@@ -155,125 +156,152 @@ fn top_k(scores: &[f32], k: usize, exclude: &HashSet<ItemId>) -> Vec<ScoredItem>
 
 #[tonic::async_trait]
 impl EmbeddingService for EmbeddingApi {
-    #[tracing::instrument(level = "debug", skip_all, fields(model = %request.get_ref().model, n = request.get_ref().item_ids.len()))]
     async fn get_item_embeddings(
         &self,
         request: Request<GetItemEmbeddingsRequest>,
     ) -> Result<Response<GetItemEmbeddingsResponse>, Status> {
-        self.test_delay("GetItemEmbeddings").await;
-        let req = request.into_inner();
-        let model = self.state.registry()?.get(&req.model)?;
-        check_ids("item_ids", &req.item_ids, model, self.state.limits.max_ids)?;
-        let mut values = Vec::with_capacity(req.item_ids.len() * model.dim);
-        for &id in &req.item_ids {
-            let row = model.vector(id).ok_or_else(|| {
-                ServiceError::internal("reading item vectors", format!("row {id}"))
-            })?;
-            values.extend_from_slice(row);
+        let span = rsllm_common::telemetry::rpc_span(
+            "rsllm.v1.EmbeddingService/GetItemEmbeddings",
+            request.metadata(),
+        );
+        async move {
+            self.test_delay("GetItemEmbeddings").await;
+            let req = request.into_inner();
+            let model = self.state.registry()?.get(&req.model)?;
+            check_ids("item_ids", &req.item_ids, model, self.state.limits.max_ids)?;
+            let mut values = Vec::with_capacity(req.item_ids.len() * model.dim);
+            for &id in &req.item_ids {
+                let row = model.vector(id).ok_or_else(|| {
+                    ServiceError::internal("reading item vectors", format!("row {id}"))
+                })?;
+                values.extend_from_slice(row);
+            }
+            Ok(Response::new(GetItemEmbeddingsResponse {
+                model_version: model.version.clone(),
+                dim: model.dim as u32,
+                values,
+            }))
         }
-        Ok(Response::new(GetItemEmbeddingsResponse {
-            model_version: model.version.clone(),
-            dim: model.dim as u32,
-            values,
-        }))
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(model = %request.get_ref().model))]
     async fn score_candidates(
         &self,
         request: Request<ScoreCandidatesRequest>,
     ) -> Result<Response<ScoreCandidatesResponse>, Status> {
-        self.test_delay("ScoreCandidates").await;
-        let req = request.into_inner();
-        let model = self.state.registry()?.get(&req.model)?.clone();
-        let history = window(&req.history, &model, self.state.limits)?;
-        check_ids(
-            "candidates",
-            &req.candidates,
-            &model,
-            self.state.limits.max_ids,
-        )?;
-        let expected = req.candidates.len();
-        let candidates = req.candidates;
-        let mut rows = model
-            .with_model("scoring candidates", move |m| {
-                m.score_candidates(&[history], &[candidates])
-            })
-            .await?;
-        let scores = rows.pop().unwrap_or_default();
-        if scores.len() != expected {
-            return Err(ServiceError::internal(
-                "scoring candidates",
-                format!("{} scores for {expected} candidates", scores.len()),
-            )
-            .into());
+        let span = rsllm_common::telemetry::rpc_span(
+            "rsllm.v1.EmbeddingService/ScoreCandidates",
+            request.metadata(),
+        );
+        async move {
+            self.test_delay("ScoreCandidates").await;
+            let req = request.into_inner();
+            let model = self.state.registry()?.get(&req.model)?.clone();
+            let history = window(&req.history, &model, self.state.limits)?;
+            check_ids(
+                "candidates",
+                &req.candidates,
+                &model,
+                self.state.limits.max_ids,
+            )?;
+            let expected = req.candidates.len();
+            let candidates = req.candidates;
+            let mut rows = model
+                .with_model("scoring candidates", move |m| {
+                    m.score_candidates(&[history], &[candidates])
+                })
+                .await?;
+            let scores = rows.pop().unwrap_or_default();
+            if scores.len() != expected {
+                return Err(ServiceError::internal(
+                    "scoring candidates",
+                    format!("{} scores for {expected} candidates", scores.len()),
+                )
+                .into());
+            }
+            Ok(Response::new(ScoreCandidatesResponse {
+                model_version: model.version.clone(),
+                scores,
+            }))
         }
-        Ok(Response::new(ScoreCandidatesResponse {
-            model_version: model.version.clone(),
-            scores,
-        }))
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(model = %request.get_ref().model, k = request.get_ref().k))]
     async fn top_k(&self, request: Request<TopKRequest>) -> Result<Response<TopKResponse>, Status> {
-        self.test_delay("TopK").await;
-        let req = request.into_inner();
-        let model = self.state.registry()?.get(&req.model)?.clone();
-        if req.k == 0 || req.k as usize > model.num_items {
-            return Err(ServiceError::KOutOfRange {
-                k: req.k,
-                model: model.name.clone(),
-                item_count: model.num_items,
-            }
-            .into());
-        }
-        let history = window(&req.history, &model, self.state.limits)?;
-        // Excluded: every item of the request's history, not only those in the window.
-        let exclude: HashSet<ItemId> = if req.exclude_history {
-            req.history.iter().copied().collect()
-        } else {
-            HashSet::new()
-        };
-        let (k, num_items) = (req.k as usize, model.num_items);
-        let items = model
-            .with_model("ranking items", move |m| {
-                let mut rows = m.score_all(&[history])?;
-                let scores = rows.pop().unwrap_or_default();
-                if scores.len() != num_items {
-                    return Err(rsllm_recommender::RecError::Invalid(format!(
-                        "{} scores for {num_items} items",
-                        scores.len()
-                    )));
+        let span =
+            rsllm_common::telemetry::rpc_span("rsllm.v1.EmbeddingService/TopK", request.metadata());
+        async move {
+            self.test_delay("TopK").await;
+            let req = request.into_inner();
+            let model = self.state.registry()?.get(&req.model)?.clone();
+            if req.k == 0 || req.k as usize > model.num_items {
+                return Err(ServiceError::KOutOfRange {
+                    k: req.k,
+                    model: model.name.clone(),
+                    item_count: model.num_items,
                 }
-                Ok(top_k(&scores, k, &exclude))
-            })
-            .await?;
-        Ok(Response::new(TopKResponse {
-            model_version: model.version.clone(),
-            items,
-        }))
+                .into());
+            }
+            let history = window(&req.history, &model, self.state.limits)?;
+            // Excluded: every item of the request's history, not only those in the window.
+            let exclude: HashSet<ItemId> = if req.exclude_history {
+                req.history.iter().copied().collect()
+            } else {
+                HashSet::new()
+            };
+            let (k, num_items) = (req.k as usize, model.num_items);
+            let items = model
+                .with_model("ranking items", move |m| {
+                    let mut rows = m.score_all(&[history])?;
+                    let scores = rows.pop().unwrap_or_default();
+                    if scores.len() != num_items {
+                        return Err(rsllm_recommender::RecError::Invalid(format!(
+                            "{} scores for {num_items} items",
+                            scores.len()
+                        )));
+                    }
+                    Ok(top_k(&scores, k, &exclude))
+                })
+                .await?;
+            Ok(Response::new(TopKResponse {
+                model_version: model.version.clone(),
+                items,
+            }))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn list_models(
         &self,
-        _request: Request<ListModelsRequest>,
+        request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
-        let registry = self.state.registry()?;
-        let models = registry
-            .models()
-            .iter()
-            .map(|m| ModelInfo {
-                name: m.name.clone(),
-                version: m.version.clone(),
-                kind: proto_kind(m.kind) as i32,
-                dataset: m.dataset.clone(),
-                protocol: m.protocol.clone(),
-                item_count: m.num_items as u32,
-                dim: m.dim as u32,
-                max_history: m.max_history as u32,
-            })
-            .collect();
-        Ok(Response::new(ListModelsResponse { models }))
+        let span = rsllm_common::telemetry::rpc_span(
+            "rsllm.v1.EmbeddingService/ListModels",
+            request.metadata(),
+        );
+        async move {
+            let registry = self.state.registry()?;
+            let models = registry
+                .models()
+                .iter()
+                .map(|m| ModelInfo {
+                    name: m.name.clone(),
+                    version: m.version.clone(),
+                    kind: proto_kind(m.kind) as i32,
+                    dataset: m.dataset.clone(),
+                    protocol: m.protocol.clone(),
+                    item_count: m.num_items as u32,
+                    dim: m.dim as u32,
+                    max_history: m.max_history as u32,
+                })
+                .collect();
+            Ok(Response::new(ListModelsResponse { models }))
+        }
+        .instrument(span)
+        .await
     }
 }
 

@@ -149,8 +149,10 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(rsllm_common::reflection::v1()?)
-        .add_service(rsllm_common::reflection::v1alpha()?)
+        .add_service(rsllm_common::reflection::v1(&[EMBEDDING_SERVICE_NAME])?)
+        .add_service(rsllm_common::reflection::v1alpha(&[
+            EMBEDDING_SERVICE_NAME,
+        ])?)
         .add_service(api)
         .serve_with_incoming_shutdown(incoming, begin_shutdown);
 

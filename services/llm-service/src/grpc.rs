@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 use crate::engine::{AdapterInfo, EngineHandle, Job, JobOutput, SlotInput, SlotVector, Task};
 use crate::error::ServiceError;
@@ -183,6 +184,7 @@ impl LlmApi {
                 exclude_history: true,
             });
             request.set_timeout(self.timeout(metadata));
+            rsllm_common::telemetry::inject(&mut request);
             let top = st
                 .embedding
                 .clone()
@@ -211,6 +213,7 @@ impl LlmApi {
             template_index: None,
         });
         request.set_timeout(self.timeout(metadata));
+        rsllm_common::telemetry::inject(&mut request);
         let prompt = st
             .prompt
             .clone()
@@ -573,107 +576,139 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchJobResponse, Status
 
 #[tonic::async_trait]
 impl LlmService for LlmApi {
-    #[tracing::instrument(name = "rsllm.v1.LlmService/Recommend", skip_all)]
     async fn recommend(
         &self,
         request: Request<pb::RecommendRequest>,
     ) -> Result<Response<pb::RecommendResponse>, Status> {
-        let started = Instant::now();
-        let _in_flight = self.metrics.in_flight("Recommend");
-        let r = self.recommend_inner(request).await;
-        self.finish("Recommend", started, r)
+        let span =
+            rsllm_common::telemetry::rpc_span("rsllm.v1.LlmService/Recommend", request.metadata());
+        async move {
+            let started = Instant::now();
+            let _in_flight = self.metrics.in_flight("Recommend");
+            let r = self.recommend_inner(request).await;
+            self.finish("Recommend", started, r)
+        }
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(name = "rsllm.v1.LlmService/Score", skip_all)]
     async fn score(
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        let started = Instant::now();
-        let _in_flight = self.metrics.in_flight("Score");
-        let r = self.score_inner(request).await;
-        self.finish("Score", started, r)
+        let span =
+            rsllm_common::telemetry::rpc_span("rsllm.v1.LlmService/Score", request.metadata());
+        async move {
+            let started = Instant::now();
+            let _in_flight = self.metrics.in_flight("Score");
+            let r = self.score_inner(request).await;
+            self.finish("Score", started, r)
+        }
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(name = "rsllm.v1.LlmService/StartTraining", skip_all)]
     async fn start_training(
         &self,
         request: Request<pb::StartTrainingRequest>,
     ) -> Result<Response<pb::StartTrainingResponse>, Status> {
-        let started = Instant::now();
-        let _in_flight = self.metrics.in_flight("StartTraining");
-        let r = match request.into_inner().spec {
-            None => Err(ServiceError::Invalid("spec is missing".into())),
-            Some(spec) => self
-                .st()
-                .and_then(|st| st.jobs.start(spec))
-                .map(|job_id| pb::StartTrainingResponse { job_id }),
-        };
-        self.finish("StartTraining", started, r)
+        let span = rsllm_common::telemetry::rpc_span(
+            "rsllm.v1.LlmService/StartTraining",
+            request.metadata(),
+        );
+        async move {
+            let started = Instant::now();
+            let _in_flight = self.metrics.in_flight("StartTraining");
+            let r = match request.into_inner().spec {
+                None => Err(ServiceError::Invalid("spec is missing".into())),
+                Some(spec) => self
+                    .st()
+                    .and_then(|st| st.jobs.start(spec))
+                    .map(|job_id| pb::StartTrainingResponse { job_id }),
+            };
+            self.finish("StartTraining", started, r)
+        }
+        .instrument(span)
+        .await
     }
 
     type WatchJobStream = WatchStream;
 
-    #[tracing::instrument(name = "rsllm.v1.LlmService/WatchJob", skip_all)]
     async fn watch_job(
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let started = Instant::now();
-        let _in_flight = self.metrics.in_flight("WatchJob");
-        let id = request.into_inner().job_id;
-        let r = self.st().and_then(|st| st.jobs.watch(&id)).map(|mut rx| {
-            let (tx, out) = tokio::sync::mpsc::channel(16);
-            tokio::spawn(async move {
-                loop {
-                    let update = rx.borrow_and_update().clone();
-                    let done = Jobs::is_terminal(update.state);
-                    if tx.send(Ok(update)).await.is_err() || done {
-                        return;
+        let span =
+            rsllm_common::telemetry::rpc_span("rsllm.v1.LlmService/WatchJob", request.metadata());
+        async move {
+            let started = Instant::now();
+            let _in_flight = self.metrics.in_flight("WatchJob");
+            let id = request.into_inner().job_id;
+            let r = self.st().and_then(|st| st.jobs.watch(&id)).map(|mut rx| {
+                let (tx, out) = tokio::sync::mpsc::channel(16);
+                tokio::spawn(async move {
+                    loop {
+                        let update = rx.borrow_and_update().clone();
+                        let done = Jobs::is_terminal(update.state);
+                        if tx.send(Ok(update)).await.is_err() || done {
+                            return;
+                        }
+                        if rx.changed().await.is_err() {
+                            return;
+                        }
                     }
-                    if rx.changed().await.is_err() {
-                        return;
-                    }
-                }
+                });
+                Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)) as WatchStream
             });
-            Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)) as WatchStream
-        });
-        self.finish("WatchJob", started, r)
+            self.finish("WatchJob", started, r)
+        }
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(name = "rsllm.v1.LlmService/CancelJob", skip_all)]
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        let started = Instant::now();
-        let _in_flight = self.metrics.in_flight("CancelJob");
-        let id = request.into_inner().job_id;
-        let r = match self.st().and_then(|st| st.jobs.cancel(&id)) {
-            Ok(mut rx) => {
-                // The job stops after its current step; wait for that (bounded), so the answer
-                // is the state it ended in.
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(60),
-                    rx.wait_for(|s| Jobs::is_terminal(s.state)),
-                )
-                .await;
-                let state = rx.borrow().state;
-                Ok(pb::CancelJobResponse { state })
-            }
-            Err(e) => Err(e),
-        };
-        self.finish("CancelJob", started, r)
+        let span =
+            rsllm_common::telemetry::rpc_span("rsllm.v1.LlmService/CancelJob", request.metadata());
+        async move {
+            let started = Instant::now();
+            let _in_flight = self.metrics.in_flight("CancelJob");
+            let id = request.into_inner().job_id;
+            let r = match self.st().and_then(|st| st.jobs.cancel(&id)) {
+                Ok(mut rx) => {
+                    // The job stops after its current step; wait for that (bounded), so the answer
+                    // is the state it ended in.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(60),
+                        rx.wait_for(|s| Jobs::is_terminal(s.state)),
+                    )
+                    .await;
+                    let state = rx.borrow().state;
+                    Ok(pb::CancelJobResponse { state })
+                }
+                Err(e) => Err(e),
+            };
+            self.finish("CancelJob", started, r)
+        }
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(name = "rsllm.v1.LlmService/ListModels", skip_all)]
     async fn list_models(
         &self,
-        _request: Request<pb::LlmServiceListModelsRequest>,
+        request: Request<pb::LlmServiceListModelsRequest>,
     ) -> Result<Response<pb::LlmServiceListModelsResponse>, Status> {
-        let started = Instant::now();
-        let _in_flight = self.metrics.in_flight("ListModels");
-        let r = self.list_models_inner();
-        self.finish("ListModels", started, r)
+        let span =
+            rsllm_common::telemetry::rpc_span("rsllm.v1.LlmService/ListModels", request.metadata());
+        async move {
+            let started = Instant::now();
+            let _in_flight = self.metrics.in_flight("ListModels");
+            let r = self.list_models_inner();
+            self.finish("ListModels", started, r)
+        }
+        .instrument(span)
+        .await
     }
 }

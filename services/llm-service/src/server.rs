@@ -146,8 +146,8 @@ pub async fn serve(
         });
     }
 
-    let reflection_v1 = rsllm_common::reflection::v1()?;
-    let reflection_v1alpha = rsllm_common::reflection::v1alpha()?;
+    let reflection_v1 = rsllm_common::reflection::v1(&[LLM_SERVICE_NAME])?;
+    let reflection_v1alpha = rsllm_common::reflection::v1alpha(&[LLM_SERVICE_NAME])?;
     let served = rsllm_common::server::serve_with_drain(
         listener,
         readiness,

@@ -9,6 +9,7 @@ use rsllm_prompt::{PromptMode, TemplateChoice};
 use rsllm_proto::v1 as pb;
 use rsllm_proto::v1::prompt_service_server::PromptService;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 use crate::domains::{Domain, Domains};
 use crate::error::ServiceError;
@@ -238,25 +239,39 @@ fn vector_error(recommender: &str, e: ReaderError) -> ServiceError {
 
 #[tonic::async_trait]
 impl PromptService for PromptApi {
-    #[tracing::instrument(name = "rsllm.v1.PromptService/BuildPrompt", skip_all)]
     async fn build_prompt(
         &self,
         request: Request<pb::BuildPromptRequest>,
     ) -> Result<Response<pb::BuildPromptResponse>, Status> {
-        let started = Instant::now();
-        let _in_flight = self.state.metrics.in_flight("BuildPrompt");
-        let r = self.build(request.into_inner()).await;
-        self.finish("BuildPrompt", started, r)
+        let span = rsllm_common::telemetry::rpc_span(
+            "rsllm.v1.PromptService/BuildPrompt",
+            request.metadata(),
+        );
+        async move {
+            let started = Instant::now();
+            let _in_flight = self.state.metrics.in_flight("BuildPrompt");
+            let r = self.build(request.into_inner()).await;
+            self.finish("BuildPrompt", started, r)
+        }
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(name = "rsllm.v1.PromptService/ListDomains", skip_all)]
     async fn list_domains(
         &self,
-        _request: Request<pb::ListDomainsRequest>,
+        request: Request<pb::ListDomainsRequest>,
     ) -> Result<Response<pb::ListDomainsResponse>, Status> {
-        let started = Instant::now();
-        let _in_flight = self.state.metrics.in_flight("ListDomains");
-        let r = self.list();
-        self.finish("ListDomains", started, r)
+        let span = rsllm_common::telemetry::rpc_span(
+            "rsllm.v1.PromptService/ListDomains",
+            request.metadata(),
+        );
+        async move {
+            let started = Instant::now();
+            let _in_flight = self.state.metrics.in_flight("ListDomains");
+            let r = self.list();
+            self.finish("ListDomains", started, r)
+        }
+        .instrument(span)
+        .await
     }
 }

@@ -41,6 +41,7 @@ pub async fn serve(
 
     let mut reader_config = ReaderConfig::new(&config.redis_url, config.embedding_endpoint.clone());
     reader_config.grpc_timeout = config.embedding_timeout();
+    reader_config.decorate = Some(rsllm_common::telemetry::inject_into);
     let reader = Reader::new(reader_config)?;
     let registry = Registry::new();
     let state = Arc::new(ApiState::new(
@@ -100,8 +101,8 @@ pub async fn serve(
 
     let api = PromptServiceServer::new(PromptApi::new(state))
         .max_decoding_message_size(config.max_request_bytes);
-    let reflection_v1 = rsllm_common::reflection::v1()?;
-    let reflection_v1alpha = rsllm_common::reflection::v1alpha()?;
+    let reflection_v1 = rsllm_common::reflection::v1(&[PROMPT_SERVICE_NAME])?;
+    let reflection_v1alpha = rsllm_common::reflection::v1alpha(&[PROMPT_SERVICE_NAME])?;
     let served = rsllm_common::server::serve_with_drain(
         listener,
         readiness,

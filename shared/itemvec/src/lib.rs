@@ -33,7 +33,9 @@ mod reader;
 
 pub use conn::{CacheError, RedisCache, RedisOptions};
 pub use publisher::Publisher;
-pub use reader::{ItemVectors, Reader, ReaderConfig, ReaderError, ReaderStats, Source};
+pub use reader::{
+    ItemVectors, MetadataHook, Reader, ReaderConfig, ReaderError, ReaderStats, Source,
+};
 pub use redis::RedisError;
 
 use serde::{Deserialize, Serialize};

@@ -29,7 +29,13 @@ pub struct ReaderConfig {
     pub grpc_timeout: Duration,
     /// Write vectors fetched over gRPC back to Redis (in a background task, best effort).
     pub backfill: bool,
+    /// Called on every outgoing `GetItemEmbeddings` request's metadata (e.g. to carry the
+    /// caller's trace context).
+    pub decorate: Option<MetadataHook>,
 }
+
+/// A function that adds entries to an outgoing request's metadata.
+pub type MetadataHook = fn(&mut tonic::metadata::MetadataMap);
 
 impl ReaderConfig {
     /// Redis at `redis_url` (default timeouts, see [`RedisOptions::new`]; an empty URL means no
@@ -41,6 +47,7 @@ impl ReaderConfig {
             grpc_connect_timeout: Duration::from_secs(1),
             grpc_timeout: Duration::from_secs(2),
             backfill: true,
+            decorate: None,
         }
     }
 }
@@ -169,6 +176,7 @@ struct Inner {
     backfill: Option<Publisher>,
     client: EmbeddingServiceClient<Channel>,
     grpc_timeout: Duration,
+    decorate: Option<MetadataHook>,
     /// Model name → last version seen (from Redis or from the service).
     versions: RwLock<HashMap<String, String>>,
     counters: Counters,
@@ -209,6 +217,7 @@ impl Reader {
                 backfill,
                 client,
                 grpc_timeout: config.grpc_timeout,
+                decorate: config.decorate,
                 versions: RwLock::new(HashMap::new()),
                 counters: Counters::default(),
             }),
@@ -403,6 +412,9 @@ impl Reader {
             item_ids: ids.to_vec(),
         });
         request.set_timeout(self.inner.grpc_timeout);
+        if let Some(decorate) = self.inner.decorate {
+            decorate(request.metadata_mut());
+        }
         let response = self
             .inner
             .client
