@@ -238,11 +238,15 @@ impl ServiceProcess {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cmd = Command::new(bin);
         cmd.arg("--listen").arg(addr.to_string()).args(args);
+        // Keep the caller's environment from leaking service settings into the test.
+        cmd.env("RUST_LOG", "info");
+        // Services run side by side: metrics on a free port unless a flag names one.
+        for service in ["EMBEDDING", "PROMPT", "LLM"] {
+            cmd.env(format!("RSLLM_{service}_METRICS_LISTEN"), "127.0.0.1:0");
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
-        // Keep the caller's environment from leaking service settings into the test.
-        cmd.env("RUST_LOG", "info");
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -453,6 +457,7 @@ pub struct Fleet {
     pub embedding: ServiceProcess,
     pub prompt: ServiceProcess,
     pub llm: ServiceProcess,
+    pub embedding_metrics: SocketAddr,
     pub prompt_metrics: SocketAddr,
     pub llm_metrics: SocketAddr,
     pub cache: tempfile::TempDir,
@@ -488,9 +493,18 @@ impl Fleet {
         env.extend_from_slice(extra_env);
         let redis_url = redis.url();
         let rec_dir = rec_dir.to_str().unwrap().to_owned();
+        let embedding_metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let embedding_metrics_s = embedding_metrics.to_string();
         let mut embedding = ServiceProcess::start(
             &bins.embedding,
-            &["--models-dir", &rec_dir, "--redis-url", &redis_url],
+            &[
+                "--models-dir",
+                &rec_dir,
+                "--redis-url",
+                &redis_url,
+                "--metrics-listen",
+                &embedding_metrics_s,
+            ],
             &env,
         );
         let prompt_metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -535,6 +549,7 @@ impl Fleet {
             embedding,
             prompt,
             llm,
+            embedding_metrics,
             prompt_metrics,
             llm_metrics,
             cache,

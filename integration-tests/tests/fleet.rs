@@ -11,7 +11,7 @@ use rsllm_proto::v1::prompt_service_client::PromptServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-const CALL: Duration = Duration::from_secs(120);
+const CALL: Duration = Duration::from_secs(600);
 
 fn bins() -> FleetBins {
     FleetBins::new(
@@ -158,6 +158,22 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
     assert_eq!(retrieved.candidates.len(), 20);
     assert!(retrieved.candidates.iter().all(|i| !HISTORY.contains(i)));
     assert_eq!(retrieved.versions.unwrap().recommender.len(), 64);
+    let embedding_metrics = scrape(fleet.embedding_metrics);
+    assert!(
+        sample(
+            &embedding_metrics,
+            "rsllm_rpc_duration_seconds_count{service=\"rsllm.v1.EmbeddingService\",method=\"TopK\",code=\"OK\"}"
+        ) >= 1.0,
+        "{embedding_metrics}"
+    );
+    let prompt_metrics = scrape(fleet.prompt_metrics);
+    assert!(
+        sample(
+            &prompt_metrics,
+            "rsllm_rpc_duration_seconds_count{service=\"rsllm.v1.PromptService\",method=\"BuildPrompt\",code=\"OK\"}"
+        ) >= 2.0,
+        "{prompt_metrics}"
+    );
 
     // Bad input: the status code and the field named.
     use pb::RecommendMode::{Generative, Ranking};
@@ -471,6 +487,40 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
             "RSLLM_CI_PYTHON is unset: the Python client check did not run (scripts/test.sh sets it)"
         ),
     }
+
+    // A dependency gone: UNAVAILABLE naming it, promptly (no hang).
+    fleet.embedding.sigterm();
+    fleet.embedding.wait_exit(Duration::from_secs(60)).await;
+    let started = std::time::Instant::now();
+    let status = call_recommend(&mut c, recommend(&HISTORY, vec![], 3, Ranking))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(
+        status.message().contains("embedding-service"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    // With candidates given, no retrieval is needed: the slot vectors are still in Redis.
+    call_recommend(&mut c, recommend(&HISTORY, candidates(), 2, Ranking))
+        .await
+        .expect("no embedding-service needed");
+    fleet.prompt.sigterm();
+    fleet.prompt.wait_exit(Duration::from_secs(60)).await;
+    let status = call_recommend(&mut c, recommend(&HISTORY, candidates(), 2, Ranking))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(
+        status.message().contains("prompt-service"),
+        "{}",
+        status.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,7 +551,20 @@ async fn overload_is_refused_at_once_and_sigterm_drains_a_burst() {
     drop(fleet);
 
     // SIGTERM while 200 accepted calls are in flight: every one of them succeeds.
-    let mut fleet = Fleet::start(&bins(), &["--max-batch", "16", "--queue-capacity", "256"]).await;
+    let mut fleet = Fleet::start(
+        &bins(),
+        &[
+            "--max-batch",
+            "16",
+            "--queue-capacity",
+            "256",
+            // The drain is bounded by the calls themselves here, not by the default 30 s:
+            // tests run in parallel on 2 cores, and 200 calls can take longer than that.
+            "--drain-timeout-secs",
+            "600",
+        ],
+    )
+    .await;
     let mut calls = Vec::new();
     for _ in 0..200 {
         let mut c = llm(&fleet);
@@ -527,7 +590,7 @@ async fn overload_is_refused_at_once_and_sigterm_drains_a_burst() {
             .unwrap()
             .expect("an accepted call failed during the drain");
     }
-    let status = fleet.llm.wait_exit(Duration::from_secs(60)).await;
+    let status = fleet.llm.wait_exit(Duration::from_secs(600)).await;
     assert!(status.success(), "llm-service exit: {status}");
 }
 

@@ -414,6 +414,7 @@ async fn bench(args: Args) {
     let service = Killed(
         Command::new(env!("CARGO_BIN_EXE_embedding-service"))
             .args(["--listen", &addr.to_string(), "--redis-url", &redis_url])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(&args.service_args)
             .arg("--models-dir")
             .arg(&models_dir)

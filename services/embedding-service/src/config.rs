@@ -35,6 +35,14 @@ pub struct Config {
     )]
     pub listen: SocketAddr,
 
+    /// Address of the Prometheus endpoint (`GET /metrics`); empty disables it.
+    #[arg(
+        long,
+        env = "RSLLM_EMBEDDING_METRICS_LISTEN",
+        default_value = "127.0.0.1:9101"
+    )]
+    pub metrics_listen: String,
+
     /// Directory with one artefact directory per model (`<name>/model.safetensors` and
     /// `<name>/manifest.json`). Default: `$RSLLM_CACHE_DIR/models/rec`, else
     /// `$HOME/.cache/rsllm/models/rec` (where `rsllm rec train` writes).
@@ -123,6 +131,8 @@ impl Config {
         use clap::Parser;
         let mut config = Config::parse_from(["embedding-service"]);
         config.models_dir = Some(models_dir.into());
+        // Embedded servers (tests, benchmarks) run side by side: no fixed metrics port.
+        config.metrics_listen.clear();
         config
     }
 
@@ -141,12 +151,19 @@ impl Config {
                 return Err(StartError::Config(format!("{flag} must be > 0")));
             }
         }
+        self.metrics_addr()?;
         if let Some(bad) = self.models.iter().find(|m| m.is_empty() || m.contains('/')) {
             return Err(StartError::Config(format!(
                 "--models: {bad:?} is not an artefact directory name"
             )));
         }
         Ok(())
+    }
+
+    /// `--metrics-listen`, or None when empty.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, StartError> {
+        rsllm_common::metrics::parse_listen(&self.metrics_listen)
+            .map_err(|e| StartError::Config(format!("--metrics-listen: {e}")))
     }
 
     /// `--models-dir`, or the default under the rsllm cache directory.

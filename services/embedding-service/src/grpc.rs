@@ -2,9 +2,11 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use rsllm_common::metrics::{Registry as MetricsRegistry, RpcMetrics};
 use rsllm_core::ItemId;
+use rsllm_proto::v1::EMBEDDING_SERVICE_NAME;
 use rsllm_proto::v1::embedding_service_server::EmbeddingService;
 use rsllm_proto::v1::{
     GetItemEmbeddingsRequest, GetItemEmbeddingsResponse, ListModelsRequest, ListModelsResponse,
@@ -12,7 +14,7 @@ use rsllm_proto::v1::{
     TopKResponse,
 };
 use rsllm_recommender::ModelKind;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
 use crate::error::ServiceError;
@@ -59,11 +61,21 @@ impl ApiState {
 #[derive(Debug, Clone)]
 pub struct EmbeddingApi {
     state: Arc<ApiState>,
+    metrics: RpcMetrics,
 }
 
 impl EmbeddingApi {
+    /// The service with its metrics in a registry of its own (tests).
     pub fn new(state: Arc<ApiState>) -> EmbeddingApi {
-        EmbeddingApi { state }
+        EmbeddingApi::with_registry(state, &MetricsRegistry::new())
+    }
+
+    /// The service, recording per-method latency and status in `registry`.
+    pub fn with_registry(state: Arc<ApiState>, registry: &MetricsRegistry) -> EmbeddingApi {
+        EmbeddingApi {
+            state,
+            metrics: RpcMetrics::new(registry, EMBEDDING_SERVICE_NAME),
+        }
     }
 
     async fn test_delay(&self, rpc: &str) {
@@ -164,7 +176,9 @@ impl EmbeddingService for EmbeddingApi {
             "rsllm.v1.EmbeddingService/GetItemEmbeddings",
             request.metadata(),
         );
-        async move {
+        let started = Instant::now();
+        let _in_flight = self.metrics.in_flight("GetItemEmbeddings");
+        let result = async move {
             self.test_delay("GetItemEmbeddings").await;
             let req = request.into_inner();
             let model = self.state.registry()?.get(&req.model)?;
@@ -183,7 +197,11 @@ impl EmbeddingService for EmbeddingApi {
             }))
         }
         .instrument(span)
-        .await
+        .await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.metrics
+            .record("GetItemEmbeddings", code, started.elapsed());
+        result
     }
 
     async fn score_candidates(
@@ -194,7 +212,9 @@ impl EmbeddingService for EmbeddingApi {
             "rsllm.v1.EmbeddingService/ScoreCandidates",
             request.metadata(),
         );
-        async move {
+        let started = Instant::now();
+        let _in_flight = self.metrics.in_flight("ScoreCandidates");
+        let result = async move {
             self.test_delay("ScoreCandidates").await;
             let req = request.into_inner();
             let model = self.state.registry()?.get(&req.model)?.clone();
@@ -226,13 +246,19 @@ impl EmbeddingService for EmbeddingApi {
             }))
         }
         .instrument(span)
-        .await
+        .await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.metrics
+            .record("ScoreCandidates", code, started.elapsed());
+        result
     }
 
     async fn top_k(&self, request: Request<TopKRequest>) -> Result<Response<TopKResponse>, Status> {
         let span =
             rsllm_common::telemetry::rpc_span("rsllm.v1.EmbeddingService/TopK", request.metadata());
-        async move {
+        let started = Instant::now();
+        let _in_flight = self.metrics.in_flight("TopK");
+        let result = async move {
             self.test_delay("TopK").await;
             let req = request.into_inner();
             let model = self.state.registry()?.get(&req.model)?.clone();
@@ -271,7 +297,10 @@ impl EmbeddingService for EmbeddingApi {
             }))
         }
         .instrument(span)
-        .await
+        .await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.metrics.record("TopK", code, started.elapsed());
+        result
     }
 
     async fn list_models(
@@ -282,7 +311,9 @@ impl EmbeddingService for EmbeddingApi {
             "rsllm.v1.EmbeddingService/ListModels",
             request.metadata(),
         );
-        async move {
+        let started = Instant::now();
+        let _in_flight = self.metrics.in_flight("ListModels");
+        let result = async move {
             let registry = self.state.registry()?;
             let models = registry
                 .models()
@@ -301,7 +332,10 @@ impl EmbeddingService for EmbeddingApi {
             Ok(Response::new(ListModelsResponse { models }))
         }
         .instrument(span)
-        .await
+        .await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.metrics.record("ListModels", code, started.elapsed());
+        result
     }
 }
 

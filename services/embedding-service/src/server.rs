@@ -67,12 +67,21 @@ pub async fn serve(
         },
         Duration::from_millis(config.test_delay_ms),
     ));
-    let api = EmbeddingServiceServer::new(EmbeddingApi::new(state.clone()))
+    let metrics = rsllm_common::metrics::Registry::new();
+    let api = EmbeddingServiceServer::new(EmbeddingApi::with_registry(state.clone(), &metrics))
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
 
     // stop: true once shutdown begins (signal, or failed loading); stops the publisher too.
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(addr) = config.metrics_addr()? {
+        let mut stop = stop_rx.clone();
+        rsllm_common::metrics::spawn_endpoint(addr, metrics.clone(), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    }
     let load_error: Arc<Mutex<Option<StartError>>> = Arc::new(Mutex::new(None));
 
     let loader = {

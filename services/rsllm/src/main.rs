@@ -4,6 +4,7 @@
 
 mod data_cmd;
 mod eval_cmd;
+mod job_cmd;
 mod llm_cmd;
 mod pipeline_cmd;
 mod rec_cmd;
@@ -44,6 +45,13 @@ enum Command {
         #[command(subcommand)]
         command: llm_cmd::LlmCommand,
     },
+    /// Training jobs on a running llm-service: submit, watch, cancel, list.
+    Job {
+        #[command(flatten)]
+        endpoint: job_cmd::Endpoint,
+        #[command(subcommand)]
+        command: job_cmd::JobCommand,
+    },
     /// The ID-based sequential recommenders (SASRec, GRU4Rec, Caser): train and evaluate.
     Rec {
         #[command(subcommand)]
@@ -61,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(args) => eval_cmd::run(args),
         Command::Train(args) => train_cmd::run(args),
         Command::Pipeline(args) => pipeline_cmd::run(args),
+        Command::Job { endpoint, command } => job_cmd::run(command, endpoint),
     }
 }
 
