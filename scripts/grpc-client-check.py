@@ -69,7 +69,7 @@ def main():
 
         prm = psg.PromptServiceStub(grpc.insecure_channel(a.prompt))
         domains = prm.ListDomains(ps.ListDomainsRequest(), timeout=TIMEOUT).domains
-        check([d.name for d in domains] == ["movielens"], "PromptService/ListDomains")
+        check("movielens" in [d.name for d in domains], "PromptService/ListDomains")
         built = prm.BuildPrompt(ps.BuildPromptRequest(domain="movielens", history=[1, 2, 3], candidates=[10, 11], mode=ps.PROMPT_MODE_UNIFIED), timeout=TIMEOUT)
         check(len(built.slots) == 5 and len(built.slot_vectors) == 5 * built.slot_dim and len(built.continuations) == 2, "PromptService/BuildPrompt")
 

@@ -448,9 +448,11 @@ impl FleetBins {
     }
 }
 
-/// The three services on loopback over one Redis, serving MovieLens with an untrained
-/// 1682-item SASRec (named `movielens-llara-sasrec`, in a temporary models directory that is
-/// also the llm-service's cache, so training jobs find it) and the real default LLM.
+/// The three services on loopback over one Redis, serving MovieLens and LastFM with untrained
+/// SASRecs of their sizes (`movielens-llara-sasrec`, 1682 items; `lastfm-llara-sasrec`, 4606;
+/// in a temporary models directory that is also the llm-service's cache, so training jobs
+/// find them) and the real default LLM. The llm-service's adapters are its default
+/// (`movielens=zero-shot`) unless `llm_args` give `--adapters`.
 #[derive(Debug)]
 pub struct Fleet {
     pub redis: RedisServer,
@@ -481,6 +483,7 @@ impl Fleet {
         let rec_dir = cache.path().join("models/rec");
         std::fs::create_dir_all(&rec_dir).unwrap();
         make_rec_model(&rec_dir, "movielens-llara-sasrec", "movielens", 1682);
+        make_rec_model(&rec_dir, "lastfm-llara-sasrec", "lastfm", 4606);
         let data = data_dir();
         let data = data.to_str().unwrap().to_owned();
         let cache_str = cache.path().to_str().unwrap().to_owned();
@@ -518,6 +521,8 @@ impl Fleet {
                 &embedding.endpoint(),
                 "--tokenizer",
                 &model,
+                "--domains",
+                "movielens=movielens-llara-sasrec,lastfm=lastfm-llara-sasrec",
                 "--metrics-listen",
                 &prompt_metrics_s,
             ],

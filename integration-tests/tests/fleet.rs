@@ -93,7 +93,11 @@ async fn watch_to_end(c: &mut LlmServiceClient<Channel>, job_id: &str) -> pb::Wa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
-    let mut fleet = Fleet::start(&bins(), &[]).await;
+    let mut fleet = Fleet::start(
+        &bins(),
+        &["--adapters", "movielens=zero-shot,lastfm=zero-shot"],
+    )
+    .await;
     let mut c = llm(&fleet);
 
     // Zero-shot adapter: ranking over given candidates, and Score agrees with it.
@@ -103,8 +107,15 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
         .unwrap()
         .into_inner();
     assert_eq!(models.device, "cpu");
-    assert_eq!(models.adapters.len(), 1);
-    assert_eq!(models.adapters[0].version, "zero-shot");
+    let domains: Vec<(&str, &str)> = models
+        .adapters
+        .iter()
+        .map(|a| (a.domain.as_str(), a.version.as_str()))
+        .collect();
+    assert_eq!(
+        domains,
+        [("lastfm", "zero-shot"), ("movielens", "zero-shot")]
+    );
     let ranked = call_recommend(
         &mut c,
         recommend(&HISTORY, candidates(), 5, pb::RecommendMode::Ranking),
@@ -351,6 +362,17 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
             }
         }
     }
+    // Another domain over the same base model: its own adapter (zero-shot, text-only),
+    // picked by the request's domain, while MovieLens keeps the trained one.
+    let mut lastfm = recommend(&HISTORY, candidates(), 3, Ranking);
+    lastfm.domain = "lastfm".into();
+    let r = call_recommend(&mut c, lastfm).await.expect("lastfm");
+    assert_eq!(r.versions.unwrap().adapter, "zero-shot");
+    assert_eq!(r.items.len(), 3);
+    let again = call_recommend(&mut c, recommend(&HISTORY, candidates(), 3, Ranking))
+        .await
+        .unwrap();
+    assert_eq!(again.versions.unwrap().adapter, end.adapter_version);
     let metrics = scrape(fleet.llm_metrics);
     assert!(
         sample(

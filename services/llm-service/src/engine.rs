@@ -550,9 +550,10 @@ impl Worker {
                 a.info.serving = false;
             }
         }
-        // Re-registering a version replaces it.
-        self.adapters
-            .retain(|a| a.info.version != adapter.info.version);
+        // Re-registering a domain's version replaces it (zero-shot has one version per domain).
+        self.adapters.retain(|a| {
+            (&a.info.domain, &a.info.version) != (&adapter.info.domain, &adapter.info.version)
+        });
         self.current = None;
         tracing::info!(
             domain = %adapter.info.domain,
