@@ -26,6 +26,36 @@ pub enum Profile {
     Full,
 }
 
+/// A variant of RSLLM's stage 2, trained and evaluated beside the full method (the ablation
+/// rows of the results table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Ablation {
+    /// Stage 2 from the base model, without stage 1's text-only fine-tune.
+    NoStage1,
+    /// Without the item-text contrastive loss (lambda_it = 0).
+    NoLit,
+    /// Without the user-item contrastive loss (lambda_ui = 0).
+    NoLui,
+}
+
+impl Ablation {
+    fn key(self) -> &'static str {
+        match self {
+            Ablation::NoStage1 => "no-stage1",
+            Ablation::NoLit => "no-lit",
+            Ablation::NoLui => "no-lui",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Ablation::NoStage1 => "rsllm w/o stage 1",
+            Ablation::NoLit => "rsllm w/o L_it",
+            Ablation::NoLui => "rsllm w/o L_ui",
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct PipelineArgs {
     #[command(flatten)]
@@ -40,10 +70,17 @@ pub struct PipelineArgs {
     /// Run directory (default runs/pipeline-<dataset>-<profile>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Evaluate on the first N test rows only (smoke runs; the table uses all).
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// Ablations of stage 2 to train and evaluate too, comma separated (each adds one stage-2
+    /// run and one evaluation; none by default, so `quick` stays within its time budget).
+    #[arg(long, value_delimiter = ',')]
+    ablations: Vec<Ablation>,
 }
 
 struct Method {
-    name: &'static str,
+    name: String,
     metrics: serde_json::Value,
 }
 
@@ -62,7 +99,10 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         &args.split.options(),
         &paths,
     )?;
-    let test = data.rows(SplitPart::Test).to_vec();
+    let mut test = data.rows(SplitPart::Test).to_vec();
+    if let Some(n) = args.test_limit {
+        test.truncate(n);
+    }
 
     eprintln!("[2/5] recommender: SASRec");
     let rec_dir = model_dir(&paths, &args.split, Kind::Sasrec);
@@ -80,7 +120,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let rec = RecModel::load(&rec_dir, tch::Device::Cpu)?;
     let sasrec = rsllm_recommender::eval::evaluate(&rec, &test)?;
     let mut methods = vec![Method {
-        name: "sasrec",
+        name: "sasrec".to_owned(),
         metrics: json!({"hr1": sasrec.hr1, "hr5": sasrec.hr5, "ndcg5": sasrec.ndcg5, "valid_ratio": 1.0, "n": sasrec.n, "version": rec.version()}),
     }];
 
@@ -121,24 +161,45 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         },
     };
     let mut curves = serde_json::Map::new();
-    for (stage, label) in [
-        (1u8, "[3/5] stage 1: text-only prompts"),
-        (2, "[4/5] stage 2: unified Text-ID prompts"),
-    ] {
+    // (stage spec, output directory name, progress label)
+    let mut runs = vec![
+        (
+            spec(1, None),
+            "stage1".to_owned(),
+            "[3/5] stage 1: text-only prompts".to_owned(),
+        ),
+        (
+            spec(2, Some(out.join("stage1"))),
+            "stage2".to_owned(),
+            "[4/5] stage 2: unified Text-ID prompts".to_owned(),
+        ),
+    ];
+    for &ablation in &args.ablations {
+        let mut s = spec(2, Some(out.join("stage1")));
+        match ablation {
+            Ablation::NoStage1 => s.init_from = None,
+            Ablation::NoLit => s.train.loss.lambda_it = 0.0,
+            Ablation::NoLui => s.train.loss.lambda_ui = 0.0,
+        }
+        runs.push((
+            s,
+            format!("stage2-{}", ablation.key()),
+            format!("[4/5] ablation: {}", ablation.label()),
+        ));
+    }
+    for (stage_spec, dir, label) in &runs {
         eprintln!("{label}");
-        let init = (stage == 2).then(|| out.join("stage1"));
-        let stage_spec = spec(stage, init);
         let rows = limit.map_or(data.train.len(), |n| n.min(data.train.len()));
         let bar = indicatif::ProgressBar::new(stage_spec.train.total_steps(rows));
         let mut curve = Vec::new();
         // A fresh base per stage: LoRA attaches to the model it is built on.
         let mut stage_base = args.model.load()?;
         run_stage(
-            &stage_spec,
+            stage_spec,
             &mut stage_base,
             &data.catalog,
             &data.train,
-            &out.join(format!("stage{stage}")),
+            &out.join(dir),
             &mut |r| {
                 bar.set_position(r.step);
                 bar.set_message(format!("loss {:.3}", r.loss));
@@ -147,17 +208,30 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             },
         )?;
         bar.finish_and_clear();
-        curves.insert(format!("stage{stage}"), json!(curve));
+        curves.insert(dir.clone(), json!(curve));
     }
 
     eprintln!("[5/5] evaluation on {} test rows", test.len());
     let slot = base.tokenizer.pad_id.unwrap_or(0);
     let builder = PromptBuilder::with_builtin_templates(&dataset, PromptOptions::new(slot))?;
-    for (name, stage_dir) in [
-        ("zero-shot", None),
-        ("text-only fine-tune (stage 1)", Some(out.join("stage1"))),
-        ("rsllm", Some(out.join("stage2"))),
-    ] {
+    // (method name, file key, stage directory)
+    let mut evaluations: Vec<(String, String, Option<PathBuf>)> = vec![
+        ("zero-shot".into(), "zero-shot".into(), None),
+        (
+            "text-only fine-tune (stage 1)".into(),
+            "text-only".into(),
+            Some(out.join("stage1")),
+        ),
+        ("rsllm".into(), "rsllm".into(), Some(out.join("stage2"))),
+    ];
+    for &ablation in &args.ablations {
+        evaluations.push((
+            ablation.label().into(),
+            format!("rsllm-{}", ablation.key()),
+            Some(out.join(format!("stage2-{}", ablation.key()))),
+        ));
+    }
+    for (name, file, stage_dir) in evaluations {
         let mut model = args.model.load()?;
         let (trained, mode) = match &stage_dir {
             None => (None, PromptMode::TextOnly),
@@ -186,11 +260,6 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             &mut |k| bar.inc(k as u64),
         )?;
         bar.finish_and_clear();
-        let file = name
-            .split_whitespace()
-            .next()
-            .unwrap_or(name)
-            .replace(['(', ')'], "");
         write_csv(&out.join(format!("rows-{file}.csv")), &report)?;
         let ranking = report.ranking.as_ref();
         methods.push(Method {
@@ -228,7 +297,7 @@ fn write_report(
         "profile": format!("{:?}", args.profile).to_lowercase(),
         "train_rows_per_stage": limit,
         "seconds": seconds,
-        "methods": methods.iter().map(|m| (m.name.to_owned(), m.metrics.clone())).collect::<serde_json::Map<_, _>>(),
+        "methods": methods.iter().map(|m| (m.name.clone(), m.metrics.clone())).collect::<serde_json::Map<_, _>>(),
         "loss_curves": curves,
     });
     rsllm_core::artefact::write_json_atomic(&out.join("metrics.json"), &metrics)?;
