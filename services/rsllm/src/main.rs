@@ -7,6 +7,7 @@ mod eval_cmd;
 mod job_cmd;
 mod llm_cmd;
 mod pipeline_cmd;
+mod plot;
 mod rec_cmd;
 mod train_cmd;
 

@@ -208,7 +208,12 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             },
         )?;
         bar.finish_and_clear();
-        curves.insert(dir.clone(), json!(curve));
+        // The checkpoint holds the whole curve, also the steps of an earlier, resumed run.
+        let saved = rsllm_trainer::checkpoint::latest(
+            &out.join(dir).join(rsllm_trainer::stage::CHECKPOINT_DIR),
+        )?
+        .and_then(|c| c.manifest.metrics.get("loss").cloned());
+        curves.insert(dir.clone(), saved.unwrap_or_else(|| json!(curve)));
     }
 
     eprintln!("[5/5] evaluation on {} test rows", test.len());
@@ -338,7 +343,52 @@ fn write_report(
             ));
         }
     }
-    md.push_str("\nIntervals, loss curves and per-row outputs: metrics.json, rows-*.csv.\n");
+    md.push_str(
+        "\n![loss curves and metrics](figure.png)\n\nIntervals, loss curves and per-row outputs: metrics.json, rows-*.csv.\n",
+    );
+    let curve_lines: Vec<crate::plot::Curve> = metrics["loss_curves"]
+        .as_object()
+        .map(|runs| {
+            runs.iter()
+                .map(|(name, points)| crate::plot::Curve {
+                    name: name.clone(),
+                    points: points
+                        .as_array()
+                        .map(|ps| {
+                            ps.iter()
+                                .filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let value = |v: &serde_json::Value| v.get("mean").and_then(serde_json::Value::as_f64);
+    let bars: Vec<crate::plot::Bars> = methods
+        .iter()
+        .map(|m| {
+            let v = &m.metrics;
+            crate::plot::Bars {
+                name: m.name.clone(),
+                values: if m.name == "sasrec" {
+                    [value(&v["hr1"]), Some(1.0), value(&v["hr1"])]
+                } else {
+                    [
+                        value(&v["hr1"]),
+                        value(&v["valid_ratio"]),
+                        value(&v["ranking_hr1"]),
+                    ]
+                },
+            }
+        })
+        .collect();
+    let title = format!(
+        "rsllm pipeline: {} ({}), {:?}",
+        args.split.dataset, args.split.protocol, args.profile
+    );
+    crate::plot::write_figure(&out.join("figure.png"), &title, &curve_lines, &bars)
+        .with_context(|| format!("writing {}", out.join("figure.png").display()))?;
     rsllm_core::artefact::write_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok(())
 }
