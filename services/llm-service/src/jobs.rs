@@ -305,6 +305,7 @@ impl Jobs {
                     tau: 0.07,
                 },
                 adamw: AdamWConfig::default(),
+                curriculum: false,
             },
         };
         let mut last_step = Instant::now();

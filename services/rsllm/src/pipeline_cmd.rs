@@ -27,31 +27,36 @@ pub enum Profile {
 }
 
 /// A variant of RSLLM's stage 2, trained and evaluated beside the full method (the ablation
-/// rows of the results table).
+/// and baseline rows of the results table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Ablation {
+pub enum Variant {
     /// Stage 2 from the base model, without stage 1's text-only fine-tune.
     NoStage1,
     /// Without the item-text contrastive loss (lambda_it = 0).
     NoLit,
     /// Without the user-item contrastive loss (lambda_ui = 0).
     NoLui,
+    /// LLaRA-style baseline: from the base model, LM loss only, LLaRA's curriculum (unified
+    /// prompts with probability step / total, text-only otherwise).
+    Llara,
 }
 
-impl Ablation {
+impl Variant {
     fn key(self) -> &'static str {
         match self {
-            Ablation::NoStage1 => "no-stage1",
-            Ablation::NoLit => "no-lit",
-            Ablation::NoLui => "no-lui",
+            Variant::NoStage1 => "no-stage1",
+            Variant::NoLit => "no-lit",
+            Variant::NoLui => "no-lui",
+            Variant::Llara => "llara",
         }
     }
 
     fn label(self) -> &'static str {
         match self {
-            Ablation::NoStage1 => "rsllm w/o stage 1",
-            Ablation::NoLit => "rsllm w/o L_it",
-            Ablation::NoLui => "rsllm w/o L_ui",
+            Variant::NoStage1 => "rsllm w/o stage 1",
+            Variant::NoLit => "rsllm w/o L_it",
+            Variant::NoLui => "rsllm w/o L_ui",
+            Variant::Llara => "llara-style (lm loss, curriculum)",
         }
     }
 }
@@ -73,10 +78,11 @@ pub struct PipelineArgs {
     /// Evaluate on the first N test rows only (smoke runs; the table uses all).
     #[arg(long)]
     test_limit: Option<usize>,
-    /// Ablations of stage 2 to train and evaluate too, comma separated (each adds one stage-2
-    /// run and one evaluation; none by default, so `quick` stays within its time budget).
+    /// Stage-2 variants to train and evaluate too, comma separated: ablations (no-stage1,
+    /// no-lit, no-lui) and the LLaRA-style baseline (llara). Each adds one stage-2 run and one
+    /// evaluation; none by default, so `quick` stays within its time budget.
     #[arg(long, value_delimiter = ',')]
-    ablations: Vec<Ablation>,
+    variants: Vec<Variant>,
 }
 
 struct Method {
@@ -158,6 +164,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             pad_id: base.tokenizer.pad_id.unwrap_or(0),
             loss: LossConfig::default(),
             adamw: AdamWConfig::default(),
+            curriculum: false,
         },
     };
     let mut curves = serde_json::Map::new();
@@ -174,17 +181,23 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             "[4/5] stage 2: unified Text-ID prompts".to_owned(),
         ),
     ];
-    for &ablation in &args.ablations {
+    for &variant in &args.variants {
         let mut s = spec(2, Some(out.join("stage1")));
-        match ablation {
-            Ablation::NoStage1 => s.init_from = None,
-            Ablation::NoLit => s.train.loss.lambda_it = 0.0,
-            Ablation::NoLui => s.train.loss.lambda_ui = 0.0,
+        match variant {
+            Variant::NoStage1 => s.init_from = None,
+            Variant::NoLit => s.train.loss.lambda_it = 0.0,
+            Variant::NoLui => s.train.loss.lambda_ui = 0.0,
+            Variant::Llara => {
+                s.init_from = None;
+                s.train.loss.lambda_it = 0.0;
+                s.train.loss.lambda_ui = 0.0;
+                s.train.curriculum = true;
+            }
         }
         runs.push((
             s,
-            format!("stage2-{}", ablation.key()),
-            format!("[4/5] ablation: {}", ablation.label()),
+            format!("stage2-{}", variant.key()),
+            format!("[4/5] variant: {}", variant.label()),
         ));
     }
     for (stage_spec, dir, label) in &runs {
@@ -229,11 +242,11 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         ),
         ("rsllm".into(), "rsllm".into(), Some(out.join("stage2"))),
     ];
-    for &ablation in &args.ablations {
+    for &variant in &args.variants {
         evaluations.push((
-            ablation.label().into(),
-            format!("rsllm-{}", ablation.key()),
-            Some(out.join(format!("stage2-{}", ablation.key()))),
+            variant.label().into(),
+            format!("rsllm-{}", variant.key()),
+            Some(out.join(format!("stage2-{}", variant.key()))),
         ));
     }
     for (name, file, stage_dir) in evaluations {

@@ -114,6 +114,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 tau: args.tau,
             },
             adamw: AdamWConfig::default(),
+            curriculum: false,
         },
     };
     let rows = args

@@ -148,7 +148,12 @@ impl ExampleSource for TrainRows<'_> {
         self.rows.len()
     }
 
-    fn build(&self, index: usize, template_seed: u64) -> Result<BuiltPrompt> {
+    fn build(
+        &self,
+        index: usize,
+        template_seed: u64,
+        mode: Option<PromptMode>,
+    ) -> Result<BuiltPrompt> {
         let row = self
             .rows
             .get(index)
@@ -169,7 +174,7 @@ impl ExampleSource for TrainRows<'_> {
                 &row.history,
                 &candidates,
                 Some(row.target),
-                self.mode,
+                mode.unwrap_or(self.mode),
                 TemplateChoice::Seeded(template_seed),
             )
             .map_err(|e| TrainError::Invalid(format!("training row {index}: {e}")))

@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use rsllm_llm::Llama;
-use rsllm_prompt::BuiltPrompt;
+use rsllm_prompt::{BuiltPrompt, PromptMode};
 use serde::{Deserialize, Serialize};
 use tch::nn;
 
@@ -32,7 +32,14 @@ pub trait ExampleSource {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    fn build(&self, index: usize, template_seed: u64) -> Result<BuiltPrompt>;
+    /// Example `index` as a prompt, its template drawn with `template_seed`, in `mode` or, when
+    /// None, in the source's own mode (LLaRA's curriculum picks the mode per step).
+    fn build(
+        &self,
+        index: usize,
+        template_seed: u64,
+        mode: Option<PromptMode>,
+    ) -> Result<BuiltPrompt>;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +58,11 @@ pub struct TrainConfig {
     pub pad_id: u32,
     pub loss: LossConfig,
     pub adamw: AdamWConfig,
+    /// LLaRA's curriculum: each optimizer step uses unified (hybrid) prompts with probability
+    /// step / total_steps and text-only prompts otherwise, one seeded coin per step (paper
+    /// 4.3; LLARA-REFERENCE.md 4.5). Off: the source's own mode throughout.
+    #[serde(default)]
+    pub curriculum: bool,
 }
 
 impl TrainConfig {
@@ -115,6 +127,18 @@ pub struct Trainee<'a> {
     /// Provenance written into each checkpoint.
     pub base_model_sha256: String,
     pub recommender_version: Option<String>,
+}
+
+/// LLaRA's curriculum coin for optimizer step `step` (0-based) of `total`: unified prompts
+/// with probability step / total. Seeded by (run seed, step), so a resumed run flips the same.
+pub fn curriculum_mode(seed: u64, step: u64, total: u64) -> PromptMode {
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(seed ^ 0x00C0_FFEE_CAFE_F00D, step, 0));
+    let u: f64 = rand::Rng::random(&mut rng);
+    if u < step as f64 / total.max(1) as f64 {
+        PromptMode::Unified
+    } else {
+        PromptMode::TextOnly
+    }
 }
 
 fn mix(seed: u64, a: u64, b: u64) -> u64 {
@@ -188,12 +212,15 @@ pub fn train(
             continue;
         }
         opt.zero_grad();
+        let mode = config
+            .curriculum
+            .then(|| curriculum_mode(config.seed, step, total_steps));
         let (mut sum, mut lm, mut ui, mut it) = (0.0, 0.0, 0.0, 0.0);
         let micro_batches: Vec<&[usize]> = chunk.chunks(config.micro_batch).collect();
         for (m, micro) in micro_batches.iter().enumerate() {
             let prompts = micro
                 .iter()
-                .map(|&i| source.build(i, mix(config.seed, epoch, i as u64)))
+                .map(|&i| source.build(i, mix(config.seed, epoch, i as u64), mode))
                 .collect::<Result<Vec<_>>>()?;
             let batch = collate(&prompts, config.pad_id, device)?;
             tch::manual_seed(mix(config.seed, step, m as u64) as i64);
@@ -327,7 +354,12 @@ mod tests {
         fn len(&self) -> usize {
             self.rows.len()
         }
-        fn build(&self, index: usize, template_seed: u64) -> Result<BuiltPrompt> {
+        fn build(
+            &self,
+            index: usize,
+            template_seed: u64,
+            mode: Option<PromptMode>,
+        ) -> Result<BuiltPrompt> {
             let (h, c, t) = &self.rows[index];
             self.builder
                 .build(
@@ -336,7 +368,7 @@ mod tests {
                     h,
                     c,
                     Some(*t),
-                    PromptMode::Unified,
+                    mode.unwrap_or(PromptMode::Unified),
                     TemplateChoice::Seeded(template_seed),
                 )
                 .map_err(|e| TrainError::Invalid(e.to_string()))
@@ -373,7 +405,24 @@ mod tests {
             pad_id: PAD_ID,
             loss: LossConfig::default(),
             adamw: AdamWConfig::default(),
+            curriculum: false,
         }
+    }
+
+    #[test]
+    fn the_curriculum_moves_from_text_only_to_unified_prompts() {
+        let total = 400;
+        let unified = |range: std::ops::Range<u64>| {
+            range
+                .filter(|&s| curriculum_mode(5, s, total) == PromptMode::Unified)
+                .count()
+        };
+        // p = step / total: about 5% unified in the first 40 steps, 95% in the last 40.
+        assert!(unified(0..40) <= 8, "{}", unified(0..40));
+        assert!(unified(360..400) >= 32, "{}", unified(360..400));
+        assert_eq!(curriculum_mode(5, 0, total), PromptMode::TextOnly);
+        // Deterministic per (seed, step): a resumed run flips the same coins.
+        assert!((0..total).all(|s| curriculum_mode(5, s, total) == curriculum_mode(5, s, total)));
     }
 
     fn run(setup: &Setup, dir: &Path, stop_after: Option<u64>) -> (TrainSummary, Vec<f64>) {
