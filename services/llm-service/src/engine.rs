@@ -68,12 +68,14 @@ pub struct AdapterInfo {
     pub recommender: String,
     /// Whether Recommend uses it for its domain by default.
     pub serving: bool,
+    /// Trained on unified Text-ID prompts (stage 2), so served with them; text-only otherwise.
+    pub unified: bool,
 }
 
 impl AdapterInfo {
-    /// Unified Text-ID prompts (stage 2) or text-only ones.
+    /// Unified Text-ID prompts or text-only ones.
     pub fn unified(&self) -> bool {
-        self.stage >= 2
+        self.unified
     }
 }
 
@@ -466,6 +468,7 @@ impl Worker {
                 job_id: String::new(),
                 recommender: format!("{domain}-llara-sasrec"),
                 serving: true,
+                unified: false,
             },
             tensors,
         });
@@ -534,6 +537,7 @@ impl Worker {
             job_id: job_id.to_owned(),
             recommender: recommender_name(&spec),
             serving: true,
+            unified: spec.prompt_mode() == rsllm_prompt::PromptMode::Unified,
         };
         self.register(Adapter {
             info: info.clone(),

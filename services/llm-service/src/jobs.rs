@@ -307,6 +307,7 @@ impl Jobs {
                 adamw: AdamWConfig::default(),
                 curriculum: false,
             },
+            no_id_slots: false,
         };
         let mut last_step = Instant::now();
         let summary = run_stage(

@@ -36,6 +36,8 @@ pub enum Variant {
     NoLit,
     /// Without the user-item contrastive loss (lambda_ui = 0).
     NoLui,
+    /// Without ID slots: stage 2 on text-only prompts (L_lm and L_ui).
+    NoSlots,
     /// LLaRA-style baseline: from the base model, LM loss only, LLaRA's curriculum (unified
     /// prompts with probability step / total, text-only otherwise).
     Llara,
@@ -47,6 +49,7 @@ impl Variant {
             Variant::NoStage1 => "no-stage1",
             Variant::NoLit => "no-lit",
             Variant::NoLui => "no-lui",
+            Variant::NoSlots => "no-slots",
             Variant::Llara => "llara",
         }
     }
@@ -56,6 +59,7 @@ impl Variant {
             Variant::NoStage1 => "rsllm w/o stage 1",
             Variant::NoLit => "rsllm w/o L_it",
             Variant::NoLui => "rsllm w/o L_ui",
+            Variant::NoSlots => "rsllm w/o ID slots",
             Variant::Llara => "llara-style (lm loss, curriculum)",
         }
     }
@@ -79,7 +83,7 @@ pub struct PipelineArgs {
     #[arg(long)]
     test_limit: Option<usize>,
     /// Stage-2 variants to train and evaluate too, comma separated: ablations (no-stage1,
-    /// no-lit, no-lui) and the LLaRA-style baseline (llara). Each adds one stage-2 run and one
+    /// no-lit, no-lui, no-slots) and the LLaRA-style baseline (llara). Each adds one stage-2 run and one
     /// evaluation; none by default, so `quick` stays within its time budget.
     #[arg(long, value_delimiter = ',')]
     variants: Vec<Variant>,
@@ -166,6 +170,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             adamw: AdamWConfig::default(),
             curriculum: false,
         },
+        no_id_slots: false,
     };
     let mut curves = serde_json::Map::new();
     // (stage spec, output directory name, progress label)
@@ -187,6 +192,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             Variant::NoStage1 => s.init_from = None,
             Variant::NoLit => s.train.loss.lambda_it = 0.0,
             Variant::NoLui => s.train.loss.lambda_ui = 0.0,
+            Variant::NoSlots => s.no_id_slots = true,
             Variant::Llara => {
                 s.init_from = None;
                 s.train.loss.lambda_it = 0.0;

@@ -116,6 +116,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             adamw: AdamWConfig::default(),
             curriculum: false,
         },
+        no_id_slots: false,
     };
     let rows = args
         .limit

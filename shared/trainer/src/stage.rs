@@ -45,11 +45,16 @@ pub struct StageSpec {
     pub num_candidates: usize,
     pub lora: LoraConfig,
     pub train: TrainConfig,
+    /// Stage 2 with text-only prompts: the "without ID slots" ablation. The recommender's
+    /// vectors still feed L_ui; no slot enters the prompt, so L_it (which aligns slots with
+    /// titles) has nothing to align and is not computed.
+    #[serde(default)]
+    pub no_id_slots: bool,
 }
 
 impl StageSpec {
     pub fn prompt_mode(&self) -> PromptMode {
-        if self.stage >= 2 {
+        if self.stage >= 2 && !self.no_id_slots {
             PromptMode::Unified
         } else {
             PromptMode::TextOnly
@@ -285,4 +290,60 @@ pub fn read_spec(out: &Path) -> Result<StageSpec> {
 /// The output directory a stage writes to by default: `runs/<dataset>-stage<N>`.
 pub fn default_out(dataset: &str, stage: u8) -> PathBuf {
     PathBuf::from("runs").join(format!("{dataset}-stage{stage}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(stage: u8) -> StageSpec {
+        StageSpec {
+            stage,
+            dataset: "movielens".into(),
+            base_model: "m.gguf".into(),
+            base_model_sha256: "x".into(),
+            recommender: None,
+            init_from: None,
+            train_limit: None,
+            num_candidates: 20,
+            lora: LoraConfig::default(),
+            train: TrainConfig {
+                epochs: 1,
+                max_steps: None,
+                micro_batch: 1,
+                grad_accum: 1,
+                peak_lr: 1e-3,
+                warmup_fraction: 0.0,
+                max_grad_norm: 1.0,
+                seed: 1,
+                checkpoint_every: 1,
+                keep_last: 1,
+                pad_id: 0,
+                loss: crate::LossConfig::default(),
+                adamw: crate::AdamWConfig::default(),
+                curriculum: false,
+            },
+            no_id_slots: false,
+        }
+    }
+
+    #[test]
+    fn prompt_modes_follow_the_stage_and_the_no_slots_ablation() {
+        assert_eq!(spec(1).prompt_mode(), PromptMode::TextOnly);
+        assert_eq!(spec(2).prompt_mode(), PromptMode::Unified);
+        let mut ablated = spec(2);
+        ablated.no_id_slots = true;
+        assert_eq!(ablated.prompt_mode(), PromptMode::TextOnly);
+    }
+
+    /// stage.json files written before `curriculum` and `no_id_slots` existed still load (and
+    /// mean neither), so earlier runs resume and serve unchanged.
+    #[test]
+    fn older_stage_files_without_the_new_fields_still_load() {
+        let mut value = serde_json::to_value(spec(2)).unwrap();
+        value.as_object_mut().unwrap().remove("no_id_slots");
+        value["train"].as_object_mut().unwrap().remove("curriculum");
+        let back: StageSpec = serde_json::from_value(value).unwrap();
+        assert_eq!(back, spec(2));
+    }
 }
