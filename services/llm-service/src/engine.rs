@@ -68,15 +68,8 @@ pub struct AdapterInfo {
     pub recommender: String,
     /// Whether Recommend uses it for its domain by default.
     pub serving: bool,
-    /// Trained on unified Text-ID prompts (stage 2), so served with them; text-only otherwise.
-    pub unified: bool,
-}
-
-impl AdapterInfo {
-    /// Unified Text-ID prompts or text-only ones.
-    pub fn unified(&self) -> bool {
-        self.unified
-    }
+    /// The prompt mode it was trained with, and so is served with.
+    pub prompt_mode: rsllm_prompt::PromptMode,
 }
 
 /// One ID slot of a prompt, with its vector either already projected (from the Redis cache)
@@ -468,7 +461,7 @@ impl Worker {
                 job_id: String::new(),
                 recommender: format!("{domain}-llara-sasrec"),
                 serving: true,
-                unified: false,
+                prompt_mode: rsllm_prompt::PromptMode::TextOnly,
             },
             tensors,
         });
@@ -537,7 +530,7 @@ impl Worker {
             job_id: job_id.to_owned(),
             recommender: recommender_name(&spec),
             serving: true,
-            unified: spec.prompt_mode() == rsllm_prompt::PromptMode::Unified,
+            prompt_mode: spec.prompt_mode(),
         };
         self.register(Adapter {
             info: info.clone(),

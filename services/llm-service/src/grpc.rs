@@ -200,10 +200,10 @@ impl LlmApi {
                 ));
             }
         }
-        let mode = if adapter.unified() {
-            pb::PromptMode::Unified
-        } else {
-            pb::PromptMode::TextOnly
+        let mode = match adapter.prompt_mode {
+            rsllm_prompt::PromptMode::TextOnly => pb::PromptMode::TextOnly,
+            rsllm_prompt::PromptMode::Unified => pb::PromptMode::Unified,
+            rsllm_prompt::PromptMode::IdOnly => pb::PromptMode::IdOnly,
         };
         let mut request = Request::new(pb::BuildPromptRequest {
             domain: domain.to_owned(),

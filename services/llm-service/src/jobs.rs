@@ -308,6 +308,7 @@ impl Jobs {
                 curriculum: false,
             },
             no_id_slots: false,
+            no_titles: false,
         };
         let mut last_step = Instant::now();
         let summary = run_stage(

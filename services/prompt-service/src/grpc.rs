@@ -91,9 +91,10 @@ impl PromptApi {
         let mode = match pb::PromptMode::try_from(req.mode) {
             Ok(pb::PromptMode::TextOnly) => PromptMode::TextOnly,
             Ok(pb::PromptMode::Unified) => PromptMode::Unified,
+            Ok(pb::PromptMode::IdOnly) => PromptMode::IdOnly,
             Ok(pb::PromptMode::Unspecified) | Err(_) => {
                 return Err(ServiceError::Invalid(format!(
-                    "mode = {}: expected PROMPT_MODE_TEXT_ONLY or PROMPT_MODE_UNIFIED",
+                    "mode = {}: expected PROMPT_MODE_TEXT_ONLY, PROMPT_MODE_UNIFIED or PROMPT_MODE_ID_ONLY",
                     req.mode
                 )));
             }

@@ -38,6 +38,8 @@ pub enum Variant {
     NoLui,
     /// Without ID slots: stage 2 on text-only prompts (L_lm and L_ui).
     NoSlots,
+    /// Without titles: stage 2 on ID-only prompts (slots, no titles).
+    NoTitles,
     /// LLaRA-style baseline: from the base model, LM loss only, LLaRA's curriculum (unified
     /// prompts with probability step / total, text-only otherwise).
     Llara,
@@ -50,6 +52,7 @@ impl Variant {
             Variant::NoLit => "no-lit",
             Variant::NoLui => "no-lui",
             Variant::NoSlots => "no-slots",
+            Variant::NoTitles => "no-titles",
             Variant::Llara => "llara",
         }
     }
@@ -60,6 +63,7 @@ impl Variant {
             Variant::NoLit => "rsllm w/o L_it",
             Variant::NoLui => "rsllm w/o L_ui",
             Variant::NoSlots => "rsllm w/o ID slots",
+            Variant::NoTitles => "rsllm w/o titles",
             Variant::Llara => "llara-style (lm loss, curriculum)",
         }
     }
@@ -83,7 +87,7 @@ pub struct PipelineArgs {
     #[arg(long)]
     test_limit: Option<usize>,
     /// Stage-2 variants to train and evaluate too, comma separated: ablations (no-stage1,
-    /// no-lit, no-lui, no-slots) and the LLaRA-style baseline (llara). Each adds one stage-2 run and one
+    /// no-lit, no-lui, no-slots, no-titles) and the LLaRA-style baseline (llara). Each adds one stage-2 run and one
     /// evaluation; none by default, so `quick` stays within its time budget.
     #[arg(long, value_delimiter = ',')]
     variants: Vec<Variant>,
@@ -171,6 +175,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             curriculum: false,
         },
         no_id_slots: false,
+        no_titles: false,
     };
     let mut curves = serde_json::Map::new();
     // (stage spec, output directory name, progress label)
@@ -193,6 +198,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             Variant::NoLit => s.train.loss.lambda_it = 0.0,
             Variant::NoLui => s.train.loss.lambda_ui = 0.0,
             Variant::NoSlots => s.no_id_slots = true,
+            Variant::NoTitles => s.no_titles = true,
             Variant::Llara => {
                 s.init_from = None;
                 s.train.loss.lambda_it = 0.0;

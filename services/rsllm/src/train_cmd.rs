@@ -117,6 +117,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             curriculum: false,
         },
         no_id_slots: false,
+        no_titles: false,
     };
     let rows = args
         .limit

@@ -56,6 +56,17 @@ pub const SLOT_MARKER: &str = "[ID]";
 pub enum PromptMode {
     TextOnly,
     Unified,
+    /// ID slots without titles: the "without titles" ablation. The answer is still the
+    /// title (it is what generation is judged on), so the model must name items it was shown
+    /// only as ID vectors.
+    IdOnly,
+}
+
+impl PromptMode {
+    /// Whether the prompt carries ID slots.
+    pub fn has_slots(self) -> bool {
+        self != PromptMode::TextOnly
+    }
 }
 
 /// Which template of the domain to use.
@@ -329,7 +340,7 @@ impl PromptBuilder {
         let text = display_text(&segments);
         let encoded = match mode {
             PromptMode::TextOnly => encode_whole(encoder, &segments, &text)?,
-            PromptMode::Unified => {
+            PromptMode::Unified | PromptMode::IdOnly => {
                 encode_segmentwise(encoder, &segments, self.options.slot_token_id)?
             }
         };
@@ -412,11 +423,14 @@ impl PromptBuilder {
                         text: std::mem::take(&mut literal),
                     });
                 }
-                segments.push(Segment {
-                    kind: SegmentKind::Title(item, role),
-                    text: title_of(catalog, field, index, item)?.to_owned(),
-                });
-                if mode == PromptMode::Unified {
+                let title = title_of(catalog, field, index, item)?;
+                if mode != PromptMode::IdOnly {
+                    segments.push(Segment {
+                        kind: SegmentKind::Title(item, role),
+                        text: title.to_owned(),
+                    });
+                }
+                if mode.has_slots() {
                     segments.push(Segment {
                         kind: SegmentKind::Slot(item, role),
                         text: String::new(),

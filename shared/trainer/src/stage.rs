@@ -50,14 +50,17 @@ pub struct StageSpec {
     /// titles) has nothing to align and is not computed.
     #[serde(default)]
     pub no_id_slots: bool,
+    /// Stage 2 with ID-only prompts (slots, no titles): the "without titles" ablation.
+    #[serde(default)]
+    pub no_titles: bool,
 }
 
 impl StageSpec {
     pub fn prompt_mode(&self) -> PromptMode {
-        if self.stage >= 2 && !self.no_id_slots {
-            PromptMode::Unified
-        } else {
-            PromptMode::TextOnly
+        match (self.stage >= 2, self.no_id_slots, self.no_titles) {
+            (false, _, _) | (true, true, _) => PromptMode::TextOnly,
+            (true, false, true) => PromptMode::IdOnly,
+            (true, false, false) => PromptMode::Unified,
         }
     }
 }
@@ -324,6 +327,7 @@ mod tests {
                 curriculum: false,
             },
             no_id_slots: false,
+            no_titles: false,
         }
     }
 
@@ -334,6 +338,9 @@ mod tests {
         let mut ablated = spec(2);
         ablated.no_id_slots = true;
         assert_eq!(ablated.prompt_mode(), PromptMode::TextOnly);
+        let mut ablated = spec(2);
+        ablated.no_titles = true;
+        assert_eq!(ablated.prompt_mode(), PromptMode::IdOnly);
     }
 
     /// stage.json files written before `curriculum` and `no_id_slots` existed still load (and
@@ -342,6 +349,7 @@ mod tests {
     fn older_stage_files_without_the_new_fields_still_load() {
         let mut value = serde_json::to_value(spec(2)).unwrap();
         value.as_object_mut().unwrap().remove("no_id_slots");
+        value.as_object_mut().unwrap().remove("no_titles");
         value["train"].as_object_mut().unwrap().remove("curriculum");
         let back: StageSpec = serde_json::from_value(value).unwrap();
         assert_eq!(back, spec(2));

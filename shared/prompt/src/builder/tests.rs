@@ -762,3 +762,32 @@ fn first_difference(tokenizer: &Tokenizer, a: &[u32], b: &[u32]) -> String {
         piece(&b[from..(at + 3).min(b.len())])
     )
 }
+
+#[test]
+fn id_only_prompts_carry_slots_and_no_titles() {
+    let tokenizer = tokenizer();
+    let unified = build(PromptMode::Unified, 0);
+    let ids_only = build(PromptMode::IdOnly, 0);
+    assert_eq!(ids_only.slots.len(), unified.slots.len());
+    assert!(ids_only.candidate_spans.is_empty() && ids_only.history_spans.is_empty());
+    for title in TITLES {
+        assert!(
+            !ids_only.text.contains(title),
+            "{title} in {:?}",
+            ids_only.text
+        );
+    }
+    assert!(ids_only.text.contains(SLOT_MARKER));
+    for slot in &ids_only.slots {
+        assert_eq!(ids_only.input_ids[slot.position], PAD_ID);
+    }
+    // Slots in the same order, for the same items; the answer is still the title.
+    let items = |p: &BuiltPrompt| p.slots.iter().map(|s| (s.item, s.role)).collect::<Vec<_>>();
+    assert_eq!(items(&ids_only), items(&unified));
+    assert_eq!(ids_only.answer_text, " Star Wars\n");
+    assert!(ids_only.input_ids.len() < unified.input_ids.len());
+    assert_eq!(
+        decode(&tokenizer, &ids_only.answer_ids),
+        decode(&tokenizer, &unified.answer_ids)
+    );
+}
