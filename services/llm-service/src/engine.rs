@@ -493,6 +493,15 @@ impl Worker {
                 spec.base_model_sha256, self.base.sha256
             )));
         }
+        if tensors
+            .iter()
+            .any(|(n, _)| n.starts_with(rsllm_trainer::train_loop::BASE_PREFIX))
+        {
+            return Err(bad(
+                "a full fine-tune (it holds the base weights): serve it as a base model, not as an adapter"
+                    .into(),
+            ));
+        }
         // Same names and shapes as the live store (checked once here, not per switch).
         let variables = self.live.variables();
         if variables.len() != tensors.len() {

@@ -306,6 +306,7 @@ impl Jobs {
                 },
                 adamw: AdamWConfig::default(),
                 curriculum: false,
+                full_finetune: false,
             },
             no_id_slots: false,
             no_titles: false,

@@ -173,6 +173,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             loss: LossConfig::default(),
             adamw: AdamWConfig::default(),
             curriculum: false,
+            full_finetune: false,
         },
         no_id_slots: false,
         no_titles: false,

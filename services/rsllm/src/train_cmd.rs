@@ -54,6 +54,10 @@ pub struct TrainArgs {
     lambda_it: f64,
     #[arg(long, default_value_t = 0.07)]
     tau: f64,
+    /// Train the base model's weights too (full fine-tuning; checkpoints then hold the whole
+    /// model, about 0.5 GB for SmolLM2-135M in f32).
+    #[arg(long)]
+    full_finetune: bool,
     /// Output directory (default runs/<dataset>-stage<N>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -115,6 +119,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             },
             adamw: AdamWConfig::default(),
             curriculum: false,
+            full_finetune: args.full_finetune,
         },
         no_id_slots: false,
         no_titles: false,

@@ -124,10 +124,15 @@ pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) 
     })
 }
 
-/// Copies the trained tensors of a stage output (its latest checkpoint) into `trained`.
+/// Copies the trained tensors of a stage output (its latest checkpoint) into `trained`, and a
+/// full fine-tune's base weights into `base`.
 /// Names present on only one side are reported, so a stage-1 run without ID heads cannot be
 /// silently half-loaded.
-pub fn load_trained(trained: &nn::VarStore, stage_dir: &Path) -> Result<u64> {
+pub fn load_trained(
+    trained: &nn::VarStore,
+    base: Option<&nn::VarStore>,
+    stage_dir: &Path,
+) -> Result<u64> {
     let root = stage_dir.join(CHECKPOINT_DIR);
     let Some(ckpt) = checkpoint::latest(&root)? else {
         return Err(TrainError::BadCheckpoint {
@@ -136,7 +141,7 @@ pub fn load_trained(trained: &nn::VarStore, stage_dir: &Path) -> Result<u64> {
         });
     };
     let (tensors, _) = ckpt.load()?;
-    crate::train_loop::restore(trained, tensors, &ckpt.dir)?;
+    crate::train_loop::restore_split(trained, base, tensors, &ckpt.dir)?;
     Ok(ckpt.manifest.step)
 }
 
@@ -237,7 +242,7 @@ pub fn run_stage(
         && checkpoint::latest(&checkpoints)?.is_none()
     {
         // Stage 1 trains the same tensors (adapters, projector, heads): all carry over.
-        load_trained(&rsllm.trained, init)?;
+        load_trained(&rsllm.trained, Some(&base.vs), init)?;
     }
     let rows = match spec.train_limit {
         Some(n) => &train_rows[..n.min(train_rows.len())],
@@ -257,6 +262,7 @@ pub fn run_stage(
         model: &base.model,
         heads: &rsllm.heads,
         trained: &rsllm.trained,
+        base: &base.vs,
         items: &rsllm.items,
         base_model_sha256: spec.base_model_sha256.clone(),
         recommender_version: rsllm.recommender_version.clone(),
@@ -273,7 +279,7 @@ pub fn open_stage(
 ) -> Result<(StageSpec, Rsllm, u64)> {
     let spec = read_spec(dir)?;
     let rsllm = build_rsllm(base, &spec, catalog)?;
-    let step = load_trained(&rsllm.trained, dir)?;
+    let step = load_trained(&rsllm.trained, Some(&base.vs), dir)?;
     Ok((spec, rsllm, step))
 }
 
@@ -325,6 +331,7 @@ mod tests {
                 loss: crate::LossConfig::default(),
                 adamw: crate::AdamWConfig::default(),
                 curriculum: false,
+                full_finetune: false,
             },
             no_id_slots: false,
             no_titles: false,

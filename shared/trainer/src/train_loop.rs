@@ -63,6 +63,11 @@ pub struct TrainConfig {
     /// 4.3; LLARA-REFERENCE.md 4.5). Off: the source's own mode throughout.
     #[serde(default)]
     pub curriculum: bool,
+    /// Full fine-tuning: the base model's weights are trained too (beside the adapters,
+    /// projector and heads) and checkpointed under `base/` names, so a checkpoint holds the
+    /// whole model. Off: the base stays frozen (LoRA).
+    #[serde(default)]
+    pub full_finetune: bool,
 }
 
 impl TrainConfig {
@@ -123,6 +128,8 @@ pub struct Trainee<'a> {
     pub heads: &'a RsllmHeads,
     /// Holds every trained tensor (adapters, projector, heads), and only those.
     pub trained: &'a nn::VarStore,
+    /// The base model's weights: frozen, or trained too with `TrainConfig::full_finetune`.
+    pub base: &'a nn::VarStore,
     pub items: &'a ItemTable,
     /// Provenance written into each checkpoint.
     pub base_model_sha256: String,
@@ -174,13 +181,17 @@ pub fn train(
     let n = source.len();
     let total_steps = config.total_steps(n);
     let schedule = LrSchedule::llara(config.peak_lr, total_steps, config.warmup_fraction);
-    let mut opt = AdamW::for_var_store(trainee.trained, config.adamw.clone())?;
+    let mut opt = AdamW::new(
+        trainable(trainee, config.full_finetune),
+        config.adamw.clone(),
+    )?;
     let (mut step, mut epoch, mut done_in_epoch) = (0u64, 0u64, 0usize);
     let mut metrics = serde_json::json!({ "loss": [] });
     let mut resumed_from = None;
     if let Some(ckpt) = checkpoint::latest(checkpoints)? {
         let (trained, state) = ckpt.load()?;
-        restore(trainee.trained, trained, &ckpt.dir)?;
+        let base = config.full_finetune.then_some(trainee.base);
+        restore_split(trainee.trained, base, trained, &ckpt.dir)?;
         opt.load_state(state, ckpt.manifest.step)?;
         step = ckpt.manifest.step;
         epoch = ckpt.manifest.epoch;
@@ -280,7 +291,7 @@ pub fn train(
                 trained_sha256: String::new(),
                 optimizer_sha256: String::new(),
             };
-            let trained: Vec<_> = trainee.trained.variables().into_iter().collect();
+            let trained = saved_tensors(trainee, config.full_finetune);
             checkpoint::save(
                 checkpoints,
                 manifest,
@@ -302,6 +313,71 @@ pub fn train(
         last,
         stopped,
     })
+}
+
+/// Prefix of the base model's weights in a full fine-tune's checkpoints and optimizer state.
+pub const BASE_PREFIX: &str = "base/";
+
+/// The optimizer's parameters: the trained store's, and with `full` every base weight (made
+/// to require gradients) under [`BASE_PREFIX`].
+fn trainable(trainee: &Trainee<'_>, full: bool) -> Vec<(String, tch::Tensor)> {
+    let mut params: Vec<(String, tch::Tensor)> = trainee
+        .trained
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    if full {
+        for (name, tensor) in trainee.base.variables() {
+            params.push((
+                format!("{BASE_PREFIX}{name}"),
+                tensor.set_requires_grad(true),
+            ));
+        }
+    }
+    params
+}
+
+/// What a checkpoint holds: the trained store, and with `full` the base weights.
+fn saved_tensors(trainee: &Trainee<'_>, full: bool) -> Vec<(String, tch::Tensor)> {
+    let mut out: Vec<(String, tch::Tensor)> = trainee.trained.variables().into_iter().collect();
+    if full {
+        out.extend(
+            trainee
+                .base
+                .variables()
+                .into_iter()
+                .map(|(name, t)| (format!("{BASE_PREFIX}{name}"), t)),
+        );
+    }
+    out
+}
+
+/// [`restore`] for a checkpoint that may hold base weights (a full fine-tune): those go to
+/// `base`, which must then be given; the rest to `trained`.
+pub fn restore_split(
+    trained: &nn::VarStore,
+    base: Option<&nn::VarStore>,
+    saved: Vec<(String, tch::Tensor)>,
+    dir: &Path,
+) -> Result<()> {
+    let (base_part, own): (Vec<_>, Vec<_>) = saved
+        .into_iter()
+        .partition(|(name, _)| name.starts_with(BASE_PREFIX));
+    if !base_part.is_empty() {
+        let Some(base) = base else {
+            return Err(TrainError::BadCheckpoint {
+                path: dir.to_owned(),
+                reason: "holds the base model's weights (a full fine-tune), where only adapters were expected".into(),
+            });
+        };
+        let stripped = base_part
+            .into_iter()
+            .map(|(name, t)| (name[BASE_PREFIX.len()..].to_owned(), t))
+            .collect();
+        restore(base, stripped, dir)?;
+    }
+    restore(trained, own, dir)
 }
 
 /// Copies checkpointed tensors into the trained store: the same names, the same shapes.
@@ -406,7 +482,52 @@ mod tests {
             loss: LossConfig::default(),
             adamw: AdamWConfig::default(),
             curriculum: false,
+            full_finetune: false,
         }
+    }
+
+    #[test]
+    fn full_fine_tuning_trains_the_base_and_resumes_to_the_same_end() {
+        let _rng = crate::test_support::rng_lock();
+        let mut full = config();
+        full.full_finetune = true;
+        let reference = setup();
+        let straight_dir = tempfile::tempdir().unwrap();
+        let straight = setup_like(&reference);
+        let (_, straight_losses) = run_with(&straight, straight_dir.path(), None, &full);
+        // The base moved (with LoRA alone it stays put: the other tests' setups share it).
+        let moved = straight._base.variables().iter().any(|(name, t)| {
+            let before = &reference._base.variables()[name];
+            (t - before).abs().max().double_value(&[]) > 0.0
+        });
+        assert!(moved, "no base weight changed");
+        let latest = crate::checkpoint::latest(straight_dir.path())
+            .unwrap()
+            .unwrap();
+        let (saved, _) = latest.load().unwrap();
+        assert!(saved.iter().any(|(n, _)| n.starts_with(BASE_PREFIX)));
+
+        let killed_dir = tempfile::tempdir().unwrap();
+        let first = setup_like(&reference);
+        let (_, first_losses) = run_with(&first, killed_dir.path(), Some(2), &full);
+        drop(first);
+        let second = setup_like(&reference);
+        let (resumed, second_losses) = run_with(&second, killed_dir.path(), None, &full);
+        assert_eq!(resumed.resumed_from, Some(2));
+        let combined: Vec<f64> = first_losses.into_iter().chain(second_losses).collect();
+        for (a, b) in combined.iter().zip(&straight_losses) {
+            assert!((a - b).abs() < 1e-5, "{combined:?} vs {straight_losses:?}");
+        }
+        for (name, tensor) in straight._base.variables() {
+            let diff = (&tensor - &second._base.variables()[&name])
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(diff < 1e-5, "base {name} differs by {diff}");
+        }
+        // Adapter-only restoring refuses a full fine-tune's checkpoint.
+        let err = restore_split(&second.trained, None, saved, straight_dir.path()).unwrap_err();
+        assert!(err.to_string().contains("full fine-tune"), "{err}");
     }
 
     #[test]
@@ -426,26 +547,29 @@ mod tests {
     }
 
     fn run(setup: &Setup, dir: &Path, stop_after: Option<u64>) -> (TrainSummary, Vec<f64>) {
+        run_with(setup, dir, stop_after, &config())
+    }
+
+    fn run_with(
+        setup: &Setup,
+        dir: &Path,
+        stop_after: Option<u64>,
+        config: &TrainConfig,
+    ) -> (TrainSummary, Vec<f64>) {
         let trainee = Trainee {
             model: &setup.model,
             heads: &setup.heads,
             trained: &setup.trained,
+            base: &setup._base,
             items: &setup.items,
             base_model_sha256: "test".into(),
             recommender_version: None,
         };
         let mut losses = Vec::new();
-        let summary = train(
-            &trainee,
-            &rows(setup),
-            &config(),
-            dir,
-            stop_after,
-            &mut |r| {
-                losses.push(r.loss);
-                ControlFlow::Continue(())
-            },
-        )
+        let summary = train(&trainee, &rows(setup), config, dir, stop_after, &mut |r| {
+            losses.push(r.loss);
+            ControlFlow::Continue(())
+        })
         .unwrap();
         (summary, losses)
     }
