@@ -107,7 +107,8 @@ impl LlmApi {
         }
     }
 
-    fn st(&self) -> Result<&Arc<ApiState>, ServiceError> {
+    /// The state, once the model is loaded; UNAVAILABLE before.
+    fn loaded(&self) -> Result<&Arc<ApiState>, ServiceError> {
         self.state.get().ok_or_else(|| {
             ServiceError::Unavailable("the model is still loading; retry shortly".into())
         })
@@ -115,7 +116,7 @@ impl LlmApi {
 
     fn timeout(&self, metadata: &tonic::metadata::MetadataMap) -> Duration {
         rsllm_common::server::bounded(
-            self.st()
+            self.loaded()
                 .map_or(Duration::from_secs(5), |s| s.limits.dependency_timeout),
             metadata,
         )
@@ -131,8 +132,8 @@ impl LlmApi {
         num_candidates: Option<u32>,
         adapter_version: Option<&str>,
     ) -> Result<Prepared, ServiceError> {
-        let st = self.st()?.clone();
-        let limits = st.limits;
+        let loaded = self.loaded()?.clone();
+        let limits = loaded.limits;
         if domain.is_empty() {
             return Err(ServiceError::Invalid("domain is empty".into()));
         }
@@ -156,18 +157,18 @@ impl LlmApi {
             )));
         }
         no_duplicates("candidates", &candidates)?;
-        let adapter =
-            st.engine
-                .adapter(domain, adapter_version)
-                .ok_or_else(|| match adapter_version {
-                    Some(v) => ServiceError::NotFound(format!(
-                        "adapter_version = {v:?}: no such adapter for domain {domain:?}"
-                    )),
-                    None => ServiceError::NotFound(format!(
-                        "domain = {domain:?}: not served here (served: {})",
-                        st.engine.domains()
-                    )),
-                })?;
+        let adapter = loaded
+            .engine
+            .adapter(domain, adapter_version)
+            .ok_or_else(|| match adapter_version {
+                Some(v) => ServiceError::NotFound(format!(
+                    "adapter_version = {v:?}: no such adapter for domain {domain:?}"
+                )),
+                None => ServiceError::NotFound(format!(
+                    "domain = {domain:?}: not served here (served: {})",
+                    loaded.engine.domains()
+                )),
+            })?;
         let mut retrieval_version = String::new();
         if candidates.is_empty() {
             let n = num_candidates.unwrap_or(DEFAULT_NUM_CANDIDATES);
@@ -185,7 +186,7 @@ impl LlmApi {
             });
             request.set_timeout(self.timeout(metadata));
             rsllm_common::telemetry::inject(&mut request);
-            let top = st
+            let top = loaded
                 .embedding
                 .clone()
                 .top_k(request)
@@ -214,7 +215,7 @@ impl LlmApi {
         });
         request.set_timeout(self.timeout(metadata));
         rsllm_common::telemetry::inject(&mut request);
-        let prompt = st
+        let prompt = loaded
             .prompt
             .clone()
             .build_prompt(request)
@@ -302,15 +303,15 @@ impl LlmApi {
                 })
                 .inspect(|v| {
                     let outcome = if v.is_some() { "hit" } else { "miss" };
-                    if let Some(st) = self.state.get() {
-                        st.projection_cache.inc(&[outcome]);
+                    if let Some(loaded) = self.state.get() {
+                        loaded.projection_cache.inc(&[outcome]);
                     }
                 })
                 .collect(),
             Err(e) => {
                 tracing::debug!(error = %e, "projected-vector cache unavailable");
-                if let Some(st) = self.state.get() {
-                    st.projection_cache.inc(&["error"]);
+                if let Some(loaded) = self.state.get() {
+                    loaded.projection_cache.inc(&["error"]);
                 }
                 vec![None; slots.len()]
             }
@@ -355,7 +356,7 @@ impl LlmApi {
     ) -> Result<JobOutput, ServiceError> {
         let slots = self.slots(p).await?;
         let (reply, rx) = oneshot::channel();
-        self.st()?.engine.submit(Job {
+        self.loaded()?.engine.submit(Job {
             adapter: p.adapter.version.clone(),
             input_ids: p.prompt.input_ids.clone(),
             slots,
@@ -536,14 +537,14 @@ impl LlmApi {
     }
 
     fn list_models_inner(&self) -> Result<pb::LlmServiceListModelsResponse, ServiceError> {
-        let st = self.st()?;
-        let base = st.engine.base();
+        let loaded = self.loaded()?;
+        let base = loaded.engine.base();
         Ok(pb::LlmServiceListModelsResponse {
             base_model: base.path.display().to_string(),
             base_model_version: base.sha256.clone(),
             device: base.device.clone(),
             dtype: base.dtype.clone(),
-            adapters: st
+            adapters: loaded
                 .engine
                 .adapters()
                 .into_iter()
@@ -556,7 +557,7 @@ impl LlmApi {
                     job_id: a.job_id,
                 })
                 .collect(),
-            jobs: st.jobs.list(),
+            jobs: loaded.jobs.list(),
         })
     }
 
@@ -622,8 +623,8 @@ impl LlmService for LlmApi {
             let r = match request.into_inner().spec {
                 None => Err(ServiceError::Invalid("spec is missing".into())),
                 Some(spec) => self
-                    .st()
-                    .and_then(|st| st.jobs.start(spec))
+                    .loaded()
+                    .and_then(|loaded| loaded.jobs.start(spec))
                     .map(|job_id| pb::StartTrainingResponse { job_id }),
             };
             self.finish("StartTraining", started, r)
@@ -644,22 +645,25 @@ impl LlmService for LlmApi {
             let started = Instant::now();
             let _in_flight = self.metrics.in_flight("WatchJob");
             let id = request.into_inner().job_id;
-            let r = self.st().and_then(|st| st.jobs.watch(&id)).map(|mut rx| {
-                let (tx, out) = tokio::sync::mpsc::channel(16);
-                tokio::spawn(async move {
-                    loop {
-                        let update = rx.borrow_and_update().clone();
-                        let done = Jobs::is_terminal(update.state);
-                        if tx.send(Ok(update)).await.is_err() || done {
-                            return;
+            let r = self
+                .loaded()
+                .and_then(|loaded| loaded.jobs.watch(&id))
+                .map(|mut rx| {
+                    let (tx, out) = tokio::sync::mpsc::channel(16);
+                    tokio::spawn(async move {
+                        loop {
+                            let update = rx.borrow_and_update().clone();
+                            let done = Jobs::is_terminal(update.state);
+                            if tx.send(Ok(update)).await.is_err() || done {
+                                return;
+                            }
+                            if rx.changed().await.is_err() {
+                                return;
+                            }
                         }
-                        if rx.changed().await.is_err() {
-                            return;
-                        }
-                    }
+                    });
+                    Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)) as WatchStream
                 });
-                Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)) as WatchStream
-            });
             self.finish("WatchJob", started, r)
         }
         .instrument(span)
@@ -676,7 +680,7 @@ impl LlmService for LlmApi {
             let started = Instant::now();
             let _in_flight = self.metrics.in_flight("CancelJob");
             let id = request.into_inner().job_id;
-            let r = match self.st().and_then(|st| st.jobs.cancel(&id)) {
+            let r = match self.loaded().and_then(|loaded| loaded.jobs.cancel(&id)) {
                 Ok(mut rx) => {
                     // The job stops after its current step; wait for that (bounded), so the answer
                     // is the state it ended in.
