@@ -205,16 +205,9 @@ impl Config {
 /// of `rsllm_core::Paths`; resolved here without `Paths::from_env`, which also insists on a
 /// data directory the service does not need).
 pub fn default_models_dir() -> PathBuf {
-    let nonempty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    let cache_dir = nonempty("RSLLM_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            nonempty("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default()
-                .join(".cache")
-                .join("rsllm")
-        });
+    // Neither variable set: relative to the working directory, as before.
+    let cache_dir = rsllm_core::paths::cache_dir_from_env()
+        .unwrap_or_else(|| PathBuf::from(".cache").join("rsllm"));
     rsllm_core::Paths::new(PathBuf::new(), cache_dir)
         .models_dir()
         .join("rec")

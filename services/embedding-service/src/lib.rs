@@ -37,31 +37,5 @@ use std::process::ExitCode;
 pub fn cli_main() -> ExitCode {
     use clap::Parser;
     let config = Config::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("embedding-service: cannot start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // Inside the runtime: the OTLP exporter's channel lives there.
-    let telemetry = {
-        let _entered = runtime.enter();
-        rsllm_common::telemetry::init("embedding-service", config.json_logs)
-    };
-    let result = runtime.block_on(run(config));
-    // Flush the last spans while the runtime still runs.
-    drop(telemetry);
-    // Do not wait for a model load still running on a blocking thread.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "embedding-service failed");
-            ExitCode::FAILURE
-        }
-    }
+    rsllm_common::server::cli_main("embedding-service", config.json_logs, run(config))
 }

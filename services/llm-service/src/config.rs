@@ -209,12 +209,8 @@ impl Config {
 
     pub fn resolved_jobs_dir(&self) -> PathBuf {
         self.jobs_dir.clone().unwrap_or_else(|| {
-            let nonempty = |n: &str| std::env::var_os(n).filter(|v| !v.is_empty());
-            nonempty("RSLLM_CACHE_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(nonempty("HOME").unwrap_or_default()).join(".cache/rsllm")
-                })
+            rsllm_core::paths::cache_dir_from_env()
+                .unwrap_or_else(|| PathBuf::from(".cache/rsllm"))
                 .join("jobs")
         })
     }

@@ -141,10 +141,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
 }
 
 fn default_cache_dir() -> std::path::PathBuf {
-    let nonempty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    nonempty("RSLLM_CACHE_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(nonempty("HOME").unwrap_or_default()).join(".cache/rsllm")
-        })
+    rsllm_core::paths::cache_dir_from_env()
+        .unwrap_or_else(|| std::path::PathBuf::from(".cache/rsllm"))
 }

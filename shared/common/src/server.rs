@@ -67,6 +67,41 @@ where
     served
 }
 
+/// The body of every service binary: a multi-threaded tokio runtime, telemetry set up inside it
+/// (the OTLP exporter's channel lives there), `serve` run to its end, the last spans flushed
+/// while the runtime still runs, then exit 0, or 1 with the error logged. Blocking work still
+/// running (a model load) is not waited for beyond a second.
+pub fn cli_main<E: std::fmt::Display>(
+    service: &str,
+    json_logs: bool,
+    serve: impl Future<Output = Result<(), E>>,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{service}: cannot start the tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let telemetry = {
+        let _entered = runtime.enter();
+        crate::telemetry::init(service, json_logs)
+    };
+    let result = runtime.block_on(serve);
+    drop(telemetry);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{service} failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The time left before the caller's deadline (the `grpc-timeout` request header), if it set
 /// one. Calls to dependencies use it as their own timeout, so a deadline propagates down the
 /// fleet instead of each hop waiting its full default.

@@ -16,6 +16,18 @@ pub struct Paths {
     pub cache_dir: PathBuf,
 }
 
+/// The cache directory alone: `$RSLLM_CACHE_DIR`, else `$HOME/.cache/rsllm`; None when
+/// neither is set. For services that need the cache but not the datasets.
+pub fn cache_dir_from_env() -> Option<PathBuf> {
+    cache_dir_from(&|name: &str| std::env::var_os(name))
+}
+
+/// The cache rule, with the environment passed in (an empty variable counts as unset).
+fn cache_dir_from(var: &dyn Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    let set = |name: &str| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    set("RSLLM_CACHE_DIR").or_else(|| set("HOME").map(|home| home.join(".cache").join("rsllm")))
+}
+
 impl Paths {
     pub fn new(data_dir: impl Into<PathBuf>, cache_dir: impl Into<PathBuf>) -> Paths {
         Paths {
@@ -70,16 +82,10 @@ impl Paths {
                 }
             }
         };
-        let cache_dir = match set("RSLLM_CACHE_DIR") {
-            Some(dir) => dir,
-            None => match set("HOME") {
-                Some(home) => home.join(".cache").join("rsllm"),
-                None => {
-                    return Err(DataError::Invalid(
-                        "neither RSLLM_CACHE_DIR nor HOME is set: no cache directory".to_owned(),
-                    ));
-                }
-            },
+        let Some(cache_dir) = cache_dir_from(&var) else {
+            return Err(DataError::Invalid(
+                "neither RSLLM_CACHE_DIR nor HOME is set: no cache directory".to_owned(),
+            ));
         };
         Ok(Paths {
             data_dir,

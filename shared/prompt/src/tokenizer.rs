@@ -48,10 +48,7 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// `$RSLLM_CACHE_DIR/models/llm/<DEFAULT_MODEL_FILE>`, else under `$HOME/.cache/rsllm`.
 pub fn default_model_path() -> Option<std::path::PathBuf> {
-    let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    let cache = non_empty("RSLLM_CACHE_DIR")
-        .map(std::path::PathBuf::from)
-        .or_else(|| non_empty("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/rsllm")))?;
+    let cache = rsllm_core::paths::cache_dir_from_env()?;
     Some(cache.join("models").join("llm").join(DEFAULT_MODEL_FILE))
 }
 
