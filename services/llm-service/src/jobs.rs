@@ -307,6 +307,7 @@ impl Jobs {
                 adamw: AdamWConfig::default(),
                 curriculum: false,
                 full_finetune: false,
+                autocast_bf16: true,
             },
             no_id_slots: false,
             no_titles: false,

@@ -120,6 +120,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             adamw: AdamWConfig::default(),
             curriculum: false,
             full_finetune: args.full_finetune,
+            autocast_bf16: true,
         },
         no_id_slots: false,
         no_titles: false,

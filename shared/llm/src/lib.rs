@@ -7,8 +7,10 @@
 //! - [`loader`]: [`load`] a GGUF file or HF directory into a [`LoadedModel`];
 //! - [`tokenizer`] (re-exported from rsllm-prompt): [`LlmTokenizer`] from tokenizer.json or
 //!   GGUF metadata;
-//! - [`infer`]: [`generate`] and [`score_continuations`].
+//! - [`infer`]: [`generate`] and [`score_continuations`];
+//! - [`autocast`]: [`bf16_autocast`], CUDA mixed precision in bf16 for training.
 
+pub mod autocast;
 pub mod config;
 pub mod error;
 #[cfg(test)]
@@ -18,6 +20,7 @@ pub mod loader;
 pub mod model;
 pub mod projector;
 
+pub use autocast::bf16_autocast;
 pub use config::{HfLlamaConfig, LlamaConfig};
 pub use error::{LlmError, Result};
 pub use infer::{

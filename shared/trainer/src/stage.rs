@@ -332,6 +332,7 @@ mod tests {
                 adamw: crate::AdamWConfig::default(),
                 curriculum: false,
                 full_finetune: false,
+                autocast_bf16: false,
             },
             no_id_slots: false,
             no_titles: false,

@@ -68,6 +68,10 @@ pub struct TrainConfig {
     /// whole model. Off: the base stays frozen (LoRA).
     #[serde(default)]
     pub full_finetune: bool,
+    /// bf16 autocast on CUDA (PyTorch's AMP): weights, optimizer state and gradients stay f32,
+    /// matrix products run in bf16. No effect on the CPU, where bf16 kernels are slower.
+    #[serde(default)]
+    pub autocast_bf16: bool,
 }
 
 impl TrainConfig {
@@ -235,13 +239,15 @@ pub fn train(
                 .collect::<Result<Vec<_>>>()?;
             let batch = collate(&prompts, config.pad_id, device)?;
             tch::manual_seed(mix(config.seed, step, m as u64) as i64);
-            let out = losses(
-                trainee.model,
-                trainee.heads,
-                trainee.items,
-                &batch,
-                &config.loss,
-            )?;
+            let out = rsllm_llm::bf16_autocast(config.autocast_bf16 && device.is_cuda(), || {
+                losses(
+                    trainee.model,
+                    trainee.heads,
+                    trainee.items,
+                    &batch,
+                    &config.loss,
+                )
+            })?;
             // Each micro-batch weighs by its share of the step's examples.
             let share = micro.len() as f64 / chunk.len() as f64;
             out.total.f_mul_scalar(share)?.backward();
@@ -483,6 +489,7 @@ mod tests {
             adamw: AdamWConfig::default(),
             curriculum: false,
             full_finetune: false,
+            autocast_bf16: false,
         }
     }
 
