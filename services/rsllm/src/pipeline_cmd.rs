@@ -91,6 +91,19 @@ pub struct PipelineArgs {
     /// evaluation; none by default, so `quick` stays within its time budget.
     #[arg(long, value_delimiter = ',')]
     variants: Vec<Variant>,
+    /// Epochs per training run (default: 1 for quick, 5 for full).
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Rows per forward pass; a GPU takes more than the CPU default.
+    #[arg(long, default_value_t = 4)]
+    micro_batch: usize,
+    /// Micro-batches per optimizer step (default: 4 for quick, 32 for full).
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Stop each training run after this many seconds (a fixed device budget): the step it
+    /// reached is checkpointed and evaluated, and the report marks the run as stopped.
+    #[arg(long)]
+    stage_time_limit_secs: Option<u64>,
 }
 
 struct Method {
@@ -138,10 +151,12 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         metrics: json!({"hr1": sasrec.hr1, "hr5": sasrec.hr5, "ndcg5": sasrec.ndcg5, "valid_ratio": 1.0, "n": sasrec.n, "version": rec.version()}),
     }];
 
-    let (limit, epochs) = match args.profile {
-        Profile::Quick => (Some(args.limit.unwrap_or(192)), 1),
-        Profile::Full => (args.limit, 5),
+    let (limit, default_epochs, default_accum) = match args.profile {
+        Profile::Quick => (Some(args.limit.unwrap_or(192)), 1, 4),
+        Profile::Full => (args.limit, 5, 32),
     };
+    let epochs = args.epochs.unwrap_or(default_epochs);
+    let grad_accum = args.grad_accum.unwrap_or(default_accum);
     let base = args.model.load()?;
     let base_sha = base.weights_sha256()?;
     let spec = |stage: u8, init_from: Option<PathBuf>| StageSpec {
@@ -157,12 +172,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         train: TrainConfig {
             epochs,
             max_steps: None,
-            micro_batch: 4,
-            grad_accum: if args.profile == Profile::Quick {
-                4
-            } else {
-                32
-            },
+            micro_batch: args.micro_batch,
+            grad_accum,
             peak_lr: 8e-4,
             warmup_fraction: 0.05,
             max_grad_norm: 1.0,
@@ -174,11 +185,14 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             adamw: AdamWConfig::default(),
             curriculum: false,
             full_finetune: false,
+            autocast_bf16: true,
         },
         no_id_slots: false,
         no_titles: false,
     };
     let mut curves = serde_json::Map::new();
+    // Per training run: steps reached of planned, wall time, whether a time limit stopped it.
+    let mut training = serde_json::Map::new();
     // (stage spec, output directory name, progress label)
     let mut runs = vec![
         (
@@ -220,7 +234,11 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         let mut curve = Vec::new();
         // A fresh base per stage: LoRA attaches to the model it is built on.
         let mut stage_base = args.model.load()?;
-        run_stage(
+        let stage_started = Instant::now();
+        let time_limit = args
+            .stage_time_limit_secs
+            .map(std::time::Duration::from_secs);
+        let summary = run_stage(
             stage_spec,
             &mut stage_base,
             &data.catalog,
@@ -230,10 +248,25 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
                 bar.set_position(r.step);
                 bar.set_message(format!("loss {:.3}", r.loss));
                 curve.push(json!([r.step, r.loss, r.lm, r.ui, r.it, r.lr]));
-                std::ops::ControlFlow::Continue(())
+                if time_limit.is_some_and(|t| stage_started.elapsed() >= t) {
+                    std::ops::ControlFlow::Break(())
+                } else {
+                    std::ops::ControlFlow::Continue(())
+                }
             },
         )?;
         bar.finish_and_clear();
+        let seconds = stage_started.elapsed().as_secs_f64();
+        let reached = summary.last.as_ref().map_or(0, |r| r.step);
+        let planned = stage_spec.train.total_steps(rows);
+        if summary.stopped {
+            eprintln!("  stopped by --stage-time-limit-secs at step {reached} of {planned}");
+        }
+        training.insert(
+            dir.clone(),
+            json!({"steps": reached, "planned_steps": planned, "stopped": summary.stopped,
+                   "seconds": seconds, "resumed_from": summary.resumed_from}),
+        );
         // The checkpoint holds the whole curve, also the steps of an earlier, resumed run.
         let saved = rsllm_trainer::checkpoint::latest(
             &out.join(dir).join(rsllm_trainer::stage::CHECKPOINT_DIR),
@@ -306,7 +339,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         });
     }
     let seconds = started.elapsed().as_secs_f64();
-    write_report(&out, &args, &methods, curves, seconds, limit)?;
+    write_report(&out, &args, &methods, curves, training, seconds, limit)?;
     println!(
         "report: {} ({seconds:.0} s)",
         out.join("report.md").display()
@@ -319,6 +352,7 @@ fn write_report(
     args: &PipelineArgs,
     methods: &[Method],
     curves: serde_json::Map<String, serde_json::Value>,
+    training: serde_json::Map<String, serde_json::Value>,
     seconds: f64,
     limit: Option<usize>,
 ) -> anyhow::Result<()> {
@@ -330,6 +364,7 @@ fn write_report(
         "seconds": seconds,
         "methods": methods.iter().map(|m| (m.name.clone(), m.metrics.clone())).collect::<serde_json::Map<_, _>>(),
         "loss_curves": curves,
+        "training": training,
     });
     rsllm_core::artefact::write_json_atomic(&out.join("metrics.json"), &metrics)?;
     let mean = |v: &serde_json::Value| {
@@ -368,6 +403,20 @@ fn write_report(
                 mean(&v["ranking_ndcg5"])
             ));
         }
+    }
+    md.push_str("\n| training run | steps | planned | seconds | stopped by the time limit |\n|---|---|---|---|---|\n");
+    for (run, t) in metrics["training"].as_object().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {run} | {} | {} | {:.0} | {} |\n",
+            t["steps"],
+            t["planned_steps"],
+            t["seconds"].as_f64().unwrap_or(0.0),
+            if t["stopped"] == json!(true) {
+                "yes"
+            } else {
+                "no"
+            }
+        ));
     }
     md.push_str(
         "\n![loss curves and metrics](figure.png)\n\nIntervals, loss curves and per-row outputs: metrics.json, rows-*.csv.\n",
