@@ -7,12 +7,13 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use rsllm_core::dataset::DatasetName;
 use rsllm_core::{Paths, SplitPart};
 use rsllm_llm::LoraConfig;
 use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions};
 use rsllm_recommender::{ModelKind, RecConfig, RecModel};
 use rsllm_trainer::eval::{EvalOptions, Evaluated, evaluate, write_csv};
-use rsllm_trainer::stage::{StageSpec, open_stage, run_stage};
+use rsllm_trainer::stage::{Domain, StageSpec, open_stage, run_stage_mixed};
 use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
 use serde_json::json;
 
@@ -100,6 +101,10 @@ pub struct PipelineArgs {
     /// Micro-batches per optimizer step (default: 4 for quick, 32 for full).
     #[arg(long)]
     grad_accum: Option<usize>,
+    /// Stage 1 on a mixture of domains: these datasets' training rows join the target's
+    /// (comma separated; `--limit` applies to each). Stage 2 stays on the target.
+    #[arg(long, value_delimiter = ',')]
+    stage1_mixture: Vec<DatasetName>,
     /// Stop each training run after this many seconds (a fixed device budget): the step it
     /// reached is checkpointed and evaluated, and the report marks the run as stopped.
     #[arg(long)]
@@ -157,6 +162,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     };
     let epochs = args.epochs.unwrap_or(default_epochs);
     let grad_accum = args.grad_accum.unwrap_or(default_accum);
+    let mixture = crate::train_cmd::prepare_mixture(&args.split, &args.stage1_mixture, &paths)?;
     let base = args.model.load()?;
     let base_sha = base.weights_sha256()?;
     let spec = |stage: u8, init_from: Option<PathBuf>| StageSpec {
@@ -189,6 +195,14 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         },
         no_id_slots: false,
         no_titles: false,
+        mixture: if stage == 1 {
+            args.stage1_mixture
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        } else {
+            Vec::new()
+        },
     };
     let mut curves = serde_json::Map::new();
     // Per training run: steps reached of planned, wall time, whether a time limit stopped it.
@@ -229,7 +243,11 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     }
     for (stage_spec, dir, label) in &runs {
         eprintln!("{label}");
-        let rows = limit.map_or(data.train.len(), |n| n.min(data.train.len()));
+        let others = crate::train_cmd::domains(&stage_spec.mixture, &mixture);
+        let rows: usize = std::iter::once(data.train.as_slice())
+            .chain(others.iter().map(|d| d.rows))
+            .map(|train| limit.map_or(train.len(), |n| n.min(train.len())))
+            .sum();
         let bar = indicatif::ProgressBar::new(stage_spec.train.total_steps(rows));
         let mut curve = Vec::new();
         // A fresh base per stage: LoRA attaches to the model it is built on.
@@ -238,11 +256,16 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         let time_limit = args
             .stage_time_limit_secs
             .map(std::time::Duration::from_secs);
-        let summary = run_stage(
+        let target = Domain {
+            dataset: &dataset,
+            catalog: &data.catalog,
+            rows: &data.train,
+        };
+        let summary = run_stage_mixed(
             stage_spec,
             &mut stage_base,
-            &data.catalog,
-            &data.train,
+            target,
+            &others,
             &out.join(dir),
             &mut |r| {
                 bar.set_position(r.step);
@@ -361,6 +384,7 @@ fn write_report(
         "protocol": args.split.protocol.to_string(),
         "profile": format!("{:?}", args.profile).to_lowercase(),
         "train_rows_per_stage": limit,
+        "stage1_mixture": args.stage1_mixture.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "seconds": seconds,
         "methods": methods.iter().map(|m| (m.name.clone(), m.metrics.clone())).collect::<serde_json::Map<_, _>>(),
         "loss_curves": curves,

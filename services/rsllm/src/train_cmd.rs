@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use clap::Args;
 use rsllm_core::Paths;
+use rsllm_core::dataset::{DatasetName, PreparedDataset};
 use rsllm_llm::LoraConfig;
-use rsllm_trainer::stage::{StageSpec, default_out, run_stage};
+use rsllm_trainer::stage::{Domain, StageSpec, default_out, run_stage_mixed};
 use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
 
 use crate::data_cmd::SplitArgs;
@@ -58,9 +59,47 @@ pub struct TrainArgs {
     /// model, about 0.5 GB for SmolLM2-135M in f32).
     #[arg(long)]
     full_finetune: bool,
+    /// Stage 1 on a mixture of domains: these datasets' training rows join the target's, each
+    /// in its own templates (comma separated; `--limit` applies to each).
+    #[arg(long, value_delimiter = ',')]
+    mixture: Vec<DatasetName>,
     /// Output directory (default runs/<dataset>-stage<N>).
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// Prepares (or reuses) the splits of a stage-1 mixture's other domains, with the target's
+/// protocol and candidate settings.
+pub fn prepare_mixture(
+    split: &SplitArgs,
+    names: &[DatasetName],
+    paths: &Paths,
+) -> anyhow::Result<Vec<PreparedDataset>> {
+    names
+        .iter()
+        .map(|&name| {
+            let (data, _) = rsllm_core::dataset::prepare_or_reuse(
+                name,
+                split.protocol,
+                &split.options(),
+                paths,
+            )?;
+            Ok(data)
+        })
+        .collect()
+}
+
+/// The other domains of a mixture as the trainer takes them.
+pub fn domains<'a>(names: &'a [String], data: &'a [PreparedDataset]) -> Vec<Domain<'a>> {
+    names
+        .iter()
+        .zip(data)
+        .map(|(name, d)| Domain {
+            dataset: name,
+            catalog: &d.catalog,
+            rows: &d.train,
+        })
+        .collect()
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -71,6 +110,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         &args.split.options(),
         &paths,
     )?;
+    if args.stage != 1 && !args.mixture.is_empty() {
+        anyhow::bail!(
+            "--mixture is for stage 1 (text-only prompts); stage 2 trains on the target domain"
+        );
+    }
+    let mixture = prepare_mixture(&args.split, &args.mixture, &paths)?;
     let mut base = args.model.load()?;
     let base_sha = base.weights_sha256()?;
     let recommender = (args.stage == 2).then(|| model_dir(&paths, &args.split, args.rec_model));
@@ -124,10 +169,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         },
         no_id_slots: false,
         no_titles: false,
+        mixture: args.mixture.iter().map(ToString::to_string).collect(),
     };
-    let rows = args
-        .limit
-        .map_or(data.train.len(), |n| n.min(data.train.len()));
+    let rows: usize = std::iter::once(&data.train)
+        .chain(mixture.iter().map(|d| &d.train))
+        .map(|train| args.limit.map_or(train.len(), |n| n.min(train.len())))
+        .sum();
     let total = spec.train.total_steps(rows);
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
@@ -137,11 +184,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let summary = run_stage(
+    let target = Domain {
+        dataset: &spec.dataset,
+        catalog: &data.catalog,
+        rows: &data.train,
+    };
+    let summary = run_stage_mixed(
         &spec,
         &mut base,
-        &data.catalog,
-        &data.train,
+        target,
+        &domains(&spec.mixture, &mixture),
         &out,
         &mut |r| {
             bar.set_position(r.step);

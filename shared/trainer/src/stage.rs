@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rsllm_core::dataset::candidates::draw_candidates;
-use rsllm_core::{Catalog, SeqExample};
+use rsllm_core::{Catalog, ItemId, SeqExample};
 use rsllm_llm::{LlmTokenizer, LoadedModel, LoraConfig};
 use rsllm_prompt::{
     BuiltPrompt, PromptBuilder, PromptMode, PromptOptions, TemplateChoice, TextEncoder,
@@ -53,6 +53,11 @@ pub struct StageSpec {
     /// Stage 2 with ID-only prompts (slots, no titles): the "without titles" ablation.
     #[serde(default)]
     pub no_titles: bool,
+    /// Stage 1 on a mixture of domains (METHOD.md, "Two stages"): the training rows of these
+    /// datasets join the target's, each as text-only prompts in its own domain's templates
+    /// and titles, shuffled together (`train_limit` applies to each). Empty: the target alone.
+    #[serde(default)]
+    pub mixture: Vec<String>,
 }
 
 impl StageSpec {
@@ -145,6 +150,15 @@ pub fn load_trained(
     Ok(ckpt.manifest.step)
 }
 
+/// One domain's training data for a stage: its dataset name (which picks the templates), its
+/// catalog and training rows.
+#[derive(Clone, Copy)]
+pub struct Domain<'a> {
+    pub dataset: &'a str,
+    pub catalog: &'a Catalog,
+    pub rows: &'a [SeqExample],
+}
+
 /// Training rows as prompts: candidates drawn per (epoch, row) from the template seed, as
 /// LLaRA draws its training negatives on the fly.
 pub struct TrainRows<'a> {
@@ -154,6 +168,104 @@ pub struct TrainRows<'a> {
     pub builder: PromptBuilder,
     pub mode: PromptMode,
     pub num_candidates: usize,
+}
+
+/// Several domains' training rows as one source: index `i` falls in the domain whose range
+/// holds it, and that domain's item ids are shifted by its offset into the stage's joint item
+/// table (the target domain first, at offset 0), so items of different domains never share
+/// an id inside a batch's contrastive losses.
+pub struct MixedRows<'a> {
+    parts: Vec<(TrainRows<'a>, ItemId)>,
+}
+
+impl<'a> MixedRows<'a> {
+    /// The domains in order (the target first), each cut to its first `limit` rows, with
+    /// prompts in `mode` and the ID-slot token `slot`.
+    pub fn new(
+        tokenizer: &'a LlmTokenizer,
+        domains: &[Domain<'a>],
+        slot: u32,
+        mode: PromptMode,
+        num_candidates: usize,
+        limit: Option<usize>,
+    ) -> Result<MixedRows<'a>> {
+        let mut parts = Vec::new();
+        let mut offset: ItemId = 0;
+        for domain in domains {
+            let rows = match limit {
+                Some(n) => &domain.rows[..n.min(domain.rows.len())],
+                None => domain.rows,
+            };
+            let builder =
+                PromptBuilder::with_builtin_templates(domain.dataset, PromptOptions::new(slot))
+                    .map_err(|e| TrainError::Invalid(format!("{}: {e}", domain.dataset)))?;
+            let rows = TrainRows {
+                rows,
+                catalog: domain.catalog,
+                tokenizer,
+                builder,
+                mode,
+                num_candidates,
+            };
+            parts.push((rows, offset));
+            offset += domain.catalog.num_items() as ItemId;
+        }
+        Ok(MixedRows { parts })
+    }
+}
+
+impl ExampleSource for MixedRows<'_> {
+    fn len(&self) -> usize {
+        self.parts.iter().map(|(p, _)| p.len()).sum()
+    }
+
+    fn build(
+        &self,
+        index: usize,
+        template_seed: u64,
+        mode: Option<PromptMode>,
+    ) -> Result<BuiltPrompt> {
+        let mut local = index;
+        for (part, offset) in &self.parts {
+            if local < part.len() {
+                let mut prompt = part.build(local, template_seed, mode)?;
+                shift_items(&mut prompt, *offset);
+                return Ok(prompt);
+            }
+            local -= part.len();
+        }
+        Err(TrainError::Invalid(format!(
+            "training row {index} does not exist ({} rows)",
+            self.len()
+        )))
+    }
+}
+
+/// Adds `offset` to every item id a prompt carries.
+fn shift_items(prompt: &mut BuiltPrompt, offset: ItemId) {
+    if offset == 0 {
+        return;
+    }
+    for item in prompt
+        .history
+        .iter_mut()
+        .chain(prompt.candidates.iter_mut())
+    {
+        *item += offset;
+    }
+    if let Some(target) = prompt.target.as_mut() {
+        *target += offset;
+    }
+    for slot in &mut prompt.slots {
+        slot.item += offset;
+    }
+    for span in prompt
+        .history_spans
+        .iter_mut()
+        .chain(prompt.candidate_spans.iter_mut())
+    {
+        span.item += offset;
+    }
 }
 
 impl ExampleSource for TrainRows<'_> {
@@ -194,6 +306,30 @@ impl ExampleSource for TrainRows<'_> {
     }
 }
 
+/// The mixture given must be the one the spec names, for stage 1, without the target.
+fn check_mixture(spec: &StageSpec, others: &[Domain<'_>]) -> Result<()> {
+    let named: Vec<&str> = others.iter().map(|d| d.dataset).collect();
+    if named != spec.mixture.iter().map(String::as_str).collect::<Vec<_>>() {
+        return Err(TrainError::Invalid(format!(
+            "the stage spec names the mixture {:?}, the data given is {named:?}",
+            spec.mixture
+        )));
+    }
+    if !spec.mixture.is_empty() && spec.stage != 1 {
+        return Err(TrainError::Invalid(format!(
+            "a mixture of domains is for stage 1 (text-only prompts); stage {} trains on {} alone",
+            spec.stage, spec.dataset
+        )));
+    }
+    if spec.mixture.contains(&spec.dataset) {
+        return Err(TrainError::Invalid(format!(
+            "the mixture {:?} repeats the target dataset {}",
+            spec.mixture, spec.dataset
+        )));
+    }
+    Ok(())
+}
+
 /// Runs (or resumes) one stage into `out`: `stage.json`, `checkpoints/`.
 pub fn run_stage(
     spec: &StageSpec,
@@ -203,6 +339,26 @@ pub fn run_stage(
     out: &Path,
     on_step: &mut dyn FnMut(&StepReport) -> std::ops::ControlFlow<()>,
 ) -> Result<TrainSummary> {
+    let target = Domain {
+        dataset: &spec.dataset,
+        catalog,
+        rows: train_rows,
+    };
+    run_stage_mixed(spec, base, target, &[], out, on_step)
+}
+
+/// [`run_stage`] with the other domains of a stage-1 mixture (`spec.mixture`, in that
+/// order; the caller loads their prepared splits).
+pub fn run_stage_mixed(
+    spec: &StageSpec,
+    base: &mut LoadedModel,
+    target: Domain<'_>,
+    others: &[Domain<'_>],
+    out: &Path,
+    on_step: &mut dyn FnMut(&StepReport) -> std::ops::ControlFlow<()>,
+) -> Result<TrainSummary> {
+    let catalog = target.catalog;
+    check_mixture(spec, others)?;
     if !(1..=2).contains(&spec.stage) {
         return Err(TrainError::Invalid(format!(
             "stage {} is not 1 or 2",
@@ -236,7 +392,10 @@ pub fn run_stage(
     } else {
         rsllm_core::artefact::write_json_atomic(&spec_path, spec).map_err(io(&spec_path))?;
     }
-    let rsllm = build_rsllm(base, spec, catalog)?;
+    let mut rsllm = build_rsllm(base, spec, catalog)?;
+    if !others.is_empty() {
+        extend_items(&mut rsllm.items, &base.tokenizer, others)?;
+    }
     let checkpoints = out.join(CHECKPOINT_DIR);
     if let Some(init) = &spec.init_from
         && checkpoint::latest(&checkpoints)?.is_none()
@@ -244,20 +403,18 @@ pub fn run_stage(
         // Stage 1 trains the same tensors (adapters, projector, heads): all carry over.
         load_trained(&rsllm.trained, Some(&base.vs), init)?;
     }
-    let rows = match spec.train_limit {
-        Some(n) => &train_rows[..n.min(train_rows.len())],
-        None => train_rows,
-    };
     let slot = base.tokenizer.pad_id.unwrap_or(0);
-    let source = TrainRows {
-        rows,
-        catalog,
-        tokenizer: &base.tokenizer,
-        builder: PromptBuilder::with_builtin_templates(&spec.dataset, PromptOptions::new(slot))
-            .map_err(|e| TrainError::Invalid(e.to_string()))?,
-        mode: spec.prompt_mode(),
-        num_candidates: spec.num_candidates,
-    };
+    let domains: Vec<Domain<'_>> = std::iter::once(target)
+        .chain(others.iter().copied())
+        .collect();
+    let source = MixedRows::new(
+        &base.tokenizer,
+        &domains,
+        slot,
+        spec.prompt_mode(),
+        spec.num_candidates,
+        spec.train_limit,
+    )?;
     let trainee = Trainee {
         model: &base.model,
         heads: &rsllm.heads,
@@ -268,6 +425,30 @@ pub fn run_stage(
         recommender_version: rsllm.recommender_version.clone(),
     };
     train(&trainee, &source, &spec.train, &checkpoints, None, on_step)
+}
+
+/// Appends the other domains' items to a stage-1 item table: their title tokens, and zero ID
+/// vectors (stage 1 has no recommender; its prompts carry no slots).
+fn extend_items(
+    items: &mut ItemTable,
+    tokenizer: &LlmTokenizer,
+    others: &[Domain<'_>],
+) -> Result<()> {
+    let mut added = 0i64;
+    for domain in others {
+        for title in &domain.catalog.titles {
+            let ids = TextEncoder::encode(tokenizer, &format!(" {title}"))
+                .map_err(|e| TrainError::Invalid(format!("{}: {e}", domain.dataset)))?;
+            items.title_ids.push(ids);
+        }
+        added += domain.catalog.num_items() as i64;
+    }
+    let zeros = Tensor::f_zeros(
+        [added, items.vectors.size()[1]],
+        (items.vectors.kind(), items.vectors.device()),
+    )?;
+    items.vectors = Tensor::f_cat(&[&items.vectors, &zeros], 0)?;
+    Ok(())
 }
 
 /// A trained stage ready to evaluate over `base`: its spec, the trainable side with the
@@ -336,7 +517,144 @@ mod tests {
             },
             no_id_slots: false,
             no_titles: false,
+            mixture: Vec::new(),
         }
+    }
+
+    /// Two domains: the fixture's 12 films and 5 artists of a LastFM catalog.
+    fn two_domains() -> (
+        crate::test_support::Setup,
+        Catalog,
+        Vec<SeqExample>,
+        Vec<SeqExample>,
+    ) {
+        let setup = crate::test_support::setup();
+        let artists = Catalog {
+            dataset: "lastfm".into(),
+            titles: (0..5).map(|i| format!("Band number {i}")).collect(),
+        };
+        let row = |history: Vec<ItemId>, target| SeqExample {
+            user: 0,
+            history,
+            target,
+            candidates: Vec::new(),
+        };
+        let films = vec![row(vec![0, 1, 2], 3), row(vec![4, 5], 6)];
+        let bands = vec![row(vec![0, 1], 2), row(vec![3], 4), row(vec![2, 4], 0)];
+        (setup, artists, films, bands)
+    }
+
+    #[test]
+    fn a_mixture_builds_each_row_in_its_domain_with_item_ids_shifted_past_the_target() {
+        let (setup, artists, films, bands) = two_domains();
+        let tokenizer = LlmTokenizer::from_tokenizer(
+            setup.tokenizer.clone(),
+            None,
+            None,
+            Some(rsllm_prompt::testing::PAD_ID),
+        );
+        let film_domain = Domain {
+            dataset: "movielens",
+            catalog: &setup.catalog,
+            rows: &films,
+        };
+        let band_domain = Domain {
+            dataset: "lastfm",
+            catalog: &artists,
+            rows: &bands,
+        };
+        let mixed = MixedRows::new(
+            &tokenizer,
+            &[film_domain, band_domain],
+            rsllm_prompt::testing::PAD_ID,
+            PromptMode::TextOnly,
+            3,
+            None,
+        )
+        .unwrap();
+        assert_eq!(mixed.len(), 5);
+        let limited = MixedRows::new(
+            &tokenizer,
+            &[film_domain, band_domain],
+            rsllm_prompt::testing::PAD_ID,
+            PromptMode::TextOnly,
+            3,
+            Some(1),
+        )
+        .unwrap();
+        assert_eq!(limited.len(), 2, "the limit applies to each domain");
+        assert_eq!(limited.build(1, 7, None).unwrap().target, Some(12 + 2));
+        let film = mixed.build(1, 7, None).unwrap();
+        assert!(film.text.contains("Film number 4"), "{}", film.text);
+        assert_eq!(film.target, Some(6));
+        assert!(film.candidates.iter().all(|&c| c < 12));
+        let band = mixed.build(3, 7, None).unwrap();
+        assert!(band.text.contains("Band number 3"), "{}", band.text);
+        assert!(!band.text.contains("Film"), "{}", band.text);
+        assert_eq!(band.target, Some(12 + 4));
+        assert_eq!(band.history, vec![12 + 3]);
+        assert!(band.candidates.iter().all(|&c| (12..17).contains(&c)));
+        assert!(
+            band.candidate_spans
+                .iter()
+                .all(|s| (12..17).contains(&s.item))
+        );
+        let err = mixed.build(5, 7, None).unwrap_err().to_string();
+        assert!(err.contains("training row 5 does not exist"), "{err}");
+
+        // The joint item table holds the artists after the films, and a batch of both
+        // domains goes through every loss.
+        let mut items = ItemTable {
+            vectors: setup.items.vectors.copy(),
+            title_ids: setup.items.title_ids.clone(),
+        };
+        extend_items(&mut items, &tokenizer, &[band_domain]).unwrap();
+        assert_eq!(items.vectors.size(), [17, 8]);
+        assert_eq!(items.title_ids.len(), 17);
+        assert_eq!(
+            items.title_ids[12 + 2],
+            TextEncoder::encode(&tokenizer, " Band number 2").unwrap()
+        );
+        let prompts: Vec<_> = (0..5).map(|i| mixed.build(i, 3, None).unwrap()).collect();
+        let batch =
+            crate::batch::collate(&prompts, rsllm_prompt::testing::PAD_ID, Device::Cpu).unwrap();
+        let out = crate::objective::losses(
+            &setup.model,
+            &setup.heads,
+            &items,
+            &batch,
+            &crate::LossConfig::default(),
+        )
+        .unwrap();
+        assert!(out.total.double_value(&[]).is_finite());
+        assert!(out.ui > 0.0, "L_ui sees both domains' items");
+    }
+
+    #[test]
+    fn a_mixture_must_match_the_spec_be_stage_one_and_leave_out_the_target() {
+        let (_setup, artists, _, bands) = two_domains();
+        let band_domain = Domain {
+            dataset: "lastfm",
+            catalog: &artists,
+            rows: &bands,
+        };
+        let mut s = spec(1);
+        s.mixture = vec!["lastfm".into()];
+        assert!(check_mixture(&s, &[band_domain]).is_ok());
+        let err = check_mixture(&s, &[]).unwrap_err().to_string();
+        assert!(err.contains("names the mixture [\"lastfm\"]"), "{err}");
+        let mut two = spec(2);
+        two.mixture = vec!["lastfm".into()];
+        let err = check_mixture(&two, &[band_domain]).unwrap_err().to_string();
+        assert!(err.contains("for stage 1"), "{err}");
+        let mut repeated = spec(1);
+        repeated.mixture = vec!["movielens".into()];
+        let films = Domain {
+            dataset: "movielens",
+            ..band_domain
+        };
+        let err = check_mixture(&repeated, &[films]).unwrap_err().to_string();
+        assert!(err.contains("repeats the target"), "{err}");
     }
 
     #[test]
@@ -358,6 +676,7 @@ mod tests {
         let mut value = serde_json::to_value(spec(2)).unwrap();
         value.as_object_mut().unwrap().remove("no_id_slots");
         value.as_object_mut().unwrap().remove("no_titles");
+        value.as_object_mut().unwrap().remove("mixture");
         value["train"].as_object_mut().unwrap().remove("curriculum");
         let back: StageSpec = serde_json::from_value(value).unwrap();
         assert_eq!(back, spec(2));
