@@ -97,14 +97,20 @@ impl AdamW {
     /// before clipping (as `torch.nn.utils.clip_grad_norm_`).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
         let _guard = tch::no_grad_guard();
-        let mut total = 0.0;
+        // Summed on the parameters' device and read once: one host sync per step, not one
+        // per tensor (hundreds with LoRA on every projection).
+        let mut total: Option<Tensor> = None;
         for (_, p) in &self.params {
             let g = p.grad();
             if g.defined() {
-                total += g.f_square()?.f_sum(Kind::Double)?.double_value(&[]);
+                let squares = g.f_square()?.f_sum(Kind::Double)?;
+                total = Some(match total {
+                    None => squares,
+                    Some(t) => t.f_add(&squares)?,
+                });
             }
         }
-        let norm = total.sqrt();
+        let norm = total.map_or(Ok(0.0), |t| t.f_double_value(&[]))?.sqrt();
         if !norm.is_finite() {
             return Err(TrainError::Invalid(format!(
                 "gradient norm is {norm}: the loss diverged"
