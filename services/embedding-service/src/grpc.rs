@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rsllm_common::metrics::{Registry as MetricsRegistry, RpcMetrics};
 use rsllm_core::ItemId;
@@ -14,8 +14,7 @@ use rsllm_proto::v1::{
     TopKResponse,
 };
 use rsllm_recommender::ModelKind;
-use tonic::{Code, Request, Response, Status};
-use tracing::Instrument;
+use tonic::{Request, Response, Status};
 
 use crate::error::ServiceError;
 use crate::registry::{LoadedModel, Registry};
@@ -172,13 +171,8 @@ impl EmbeddingService for EmbeddingApi {
         &self,
         request: Request<GetItemEmbeddingsRequest>,
     ) -> Result<Response<GetItemEmbeddingsResponse>, Status> {
-        let span = rsllm_common::telemetry::rpc_span(
-            "rsllm.v1.EmbeddingService/GetItemEmbeddings",
-            request.metadata(),
-        );
-        let started = Instant::now();
-        let _in_flight = self.metrics.in_flight("GetItemEmbeddings");
-        let result = async move {
+        let span = self.metrics.span("GetItemEmbeddings", request.metadata());
+        let handled = async move {
             self.test_delay("GetItemEmbeddings").await;
             let req = request.into_inner();
             let model = self.state.registry()?.get(&req.model)?;
@@ -190,31 +184,24 @@ impl EmbeddingService for EmbeddingApi {
                 })?;
                 values.extend_from_slice(row);
             }
-            Ok(Response::new(GetItemEmbeddingsResponse {
+            Ok::<_, ServiceError>(GetItemEmbeddingsResponse {
                 model_version: model.version.clone(),
                 dim: model.dim as u32,
                 values,
-            }))
-        }
-        .instrument(span)
-        .await;
-        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+            })
+        };
         self.metrics
-            .record("GetItemEmbeddings", code, started.elapsed());
-        result
+            .observe("GetItemEmbeddings", span, handled)
+            .await
+            .map(Response::new)
     }
 
     async fn score_candidates(
         &self,
         request: Request<ScoreCandidatesRequest>,
     ) -> Result<Response<ScoreCandidatesResponse>, Status> {
-        let span = rsllm_common::telemetry::rpc_span(
-            "rsllm.v1.EmbeddingService/ScoreCandidates",
-            request.metadata(),
-        );
-        let started = Instant::now();
-        let _in_flight = self.metrics.in_flight("ScoreCandidates");
-        let result = async move {
+        let span = self.metrics.span("ScoreCandidates", request.metadata());
+        let handled = async move {
             self.test_delay("ScoreCandidates").await;
             let req = request.into_inner();
             let model = self.state.registry()?.get(&req.model)?.clone();
@@ -237,28 +224,22 @@ impl EmbeddingService for EmbeddingApi {
                 return Err(ServiceError::internal(
                     "scoring candidates",
                     format!("{} scores for {expected} candidates", scores.len()),
-                )
-                .into());
+                ));
             }
-            Ok(Response::new(ScoreCandidatesResponse {
+            Ok::<_, ServiceError>(ScoreCandidatesResponse {
                 model_version: model.version.clone(),
                 scores,
-            }))
-        }
-        .instrument(span)
-        .await;
-        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+            })
+        };
         self.metrics
-            .record("ScoreCandidates", code, started.elapsed());
-        result
+            .observe("ScoreCandidates", span, handled)
+            .await
+            .map(Response::new)
     }
 
     async fn top_k(&self, request: Request<TopKRequest>) -> Result<Response<TopKResponse>, Status> {
-        let span =
-            rsllm_common::telemetry::rpc_span("rsllm.v1.EmbeddingService/TopK", request.metadata());
-        let started = Instant::now();
-        let _in_flight = self.metrics.in_flight("TopK");
-        let result = async move {
+        let span = self.metrics.span("TopK", request.metadata());
+        let handled = async move {
             self.test_delay("TopK").await;
             let req = request.into_inner();
             let model = self.state.registry()?.get(&req.model)?.clone();
@@ -267,8 +248,7 @@ impl EmbeddingService for EmbeddingApi {
                     k: req.k,
                     model: model.name.clone(),
                     item_count: model.num_items,
-                }
-                .into());
+                });
             }
             let history = window(&req.history, &model, self.state.limits)?;
             // Excluded: every item of the request's history, not only those in the window.
@@ -291,29 +271,23 @@ impl EmbeddingService for EmbeddingApi {
                     Ok(top_k(&scores, k, &exclude))
                 })
                 .await?;
-            Ok(Response::new(TopKResponse {
+            Ok::<_, ServiceError>(TopKResponse {
                 model_version: model.version.clone(),
                 items,
-            }))
-        }
-        .instrument(span)
-        .await;
-        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.metrics.record("TopK", code, started.elapsed());
-        result
+            })
+        };
+        self.metrics
+            .observe("TopK", span, handled)
+            .await
+            .map(Response::new)
     }
 
     async fn list_models(
         &self,
         request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
-        let span = rsllm_common::telemetry::rpc_span(
-            "rsllm.v1.EmbeddingService/ListModels",
-            request.metadata(),
-        );
-        let started = Instant::now();
-        let _in_flight = self.metrics.in_flight("ListModels");
-        let result = async move {
+        let span = self.metrics.span("ListModels", request.metadata());
+        let handled = async move {
             let registry = self.state.registry()?;
             let models = registry
                 .models()
@@ -329,13 +303,12 @@ impl EmbeddingService for EmbeddingApi {
                     max_history: m.max_history as u32,
                 })
                 .collect();
-            Ok(Response::new(ListModelsResponse { models }))
-        }
-        .instrument(span)
-        .await;
-        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.metrics.record("ListModels", code, started.elapsed());
-        result
+            Ok::<_, ServiceError>(ListModelsResponse { models })
+        };
+        self.metrics
+            .observe("ListModels", span, handled)
+            .await
+            .map(Response::new)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rsllm_common::metrics::{Counter, Registry, RpcMetrics};
 use rsllm_itemvec::RedisCache;
@@ -14,8 +14,7 @@ use rsllm_proto::v1::prompt_service_client::PromptServiceClient;
 use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Response, Status};
-use tracing::Instrument;
+use tonic::{Request, Response, Status};
 
 use crate::engine::{AdapterInfo, EngineHandle, Job, JobOutput, SlotInput, SlotVector, Task};
 use crate::error::ServiceError;
@@ -560,17 +559,6 @@ impl LlmApi {
             jobs: loaded.jobs.list(),
         })
     }
-
-    fn finish<T>(
-        &self,
-        method: &str,
-        started: Instant,
-        r: Result<T, ServiceError>,
-    ) -> Result<Response<T>, Status> {
-        let code = r.as_ref().map_or_else(ServiceError::code, |_| Code::Ok);
-        self.metrics.record(method, code, started.elapsed());
-        r.map(Response::new).map_err(Status::from)
-    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchJobResponse, Status>> + Send>>;
@@ -581,56 +569,44 @@ impl LlmService for LlmApi {
         &self,
         request: Request<pb::RecommendRequest>,
     ) -> Result<Response<pb::RecommendResponse>, Status> {
-        let span =
-            rsllm_common::telemetry::rpc_span("rsllm.v1.LlmService/Recommend", request.metadata());
-        async move {
-            let started = Instant::now();
-            let _in_flight = self.metrics.in_flight("Recommend");
-            let r = self.recommend_inner(request).await;
-            self.finish("Recommend", started, r)
-        }
-        .instrument(span)
-        .await
+        let span = self.metrics.span("Recommend", request.metadata());
+        let handled = self.recommend_inner(request);
+        self.metrics
+            .observe("Recommend", span, handled)
+            .await
+            .map(Response::new)
     }
 
     async fn score(
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        let span =
-            rsllm_common::telemetry::rpc_span("rsllm.v1.LlmService/Score", request.metadata());
-        async move {
-            let started = Instant::now();
-            let _in_flight = self.metrics.in_flight("Score");
-            let r = self.score_inner(request).await;
-            self.finish("Score", started, r)
-        }
-        .instrument(span)
-        .await
+        let span = self.metrics.span("Score", request.metadata());
+        let handled = self.score_inner(request);
+        self.metrics
+            .observe("Score", span, handled)
+            .await
+            .map(Response::new)
     }
 
     async fn start_training(
         &self,
         request: Request<pb::StartTrainingRequest>,
     ) -> Result<Response<pb::StartTrainingResponse>, Status> {
-        let span = rsllm_common::telemetry::rpc_span(
-            "rsllm.v1.LlmService/StartTraining",
-            request.metadata(),
-        );
-        async move {
-            let started = Instant::now();
-            let _in_flight = self.metrics.in_flight("StartTraining");
-            let r = match request.into_inner().spec {
+        let span = self.metrics.span("StartTraining", request.metadata());
+        let handled = async move {
+            match request.into_inner().spec {
                 None => Err(ServiceError::Invalid("spec is missing".into())),
                 Some(spec) => self
                     .loaded()
                     .and_then(|loaded| loaded.jobs.start(spec))
                     .map(|job_id| pb::StartTrainingResponse { job_id }),
-            };
-            self.finish("StartTraining", started, r)
-        }
-        .instrument(span)
-        .await
+            }
+        };
+        self.metrics
+            .observe("StartTraining", span, handled)
+            .await
+            .map(Response::new)
     }
 
     type WatchJobStream = WatchStream;
@@ -639,14 +615,10 @@ impl LlmService for LlmApi {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let span =
-            rsllm_common::telemetry::rpc_span("rsllm.v1.LlmService/WatchJob", request.metadata());
-        async move {
-            let started = Instant::now();
-            let _in_flight = self.metrics.in_flight("WatchJob");
+        let span = self.metrics.span("WatchJob", request.metadata());
+        let handled = async move {
             let id = request.into_inner().job_id;
-            let r = self
-                .loaded()
+            self.loaded()
                 .and_then(|loaded| loaded.jobs.watch(&id))
                 .map(|mut rx| {
                     let (tx, out) = tokio::sync::mpsc::channel(16);
@@ -663,56 +635,47 @@ impl LlmService for LlmApi {
                         }
                     });
                     Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)) as WatchStream
-                });
-            self.finish("WatchJob", started, r)
-        }
-        .instrument(span)
-        .await
+                })
+        };
+        self.metrics
+            .observe("WatchJob", span, handled)
+            .await
+            .map(Response::new)
     }
 
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        let span =
-            rsllm_common::telemetry::rpc_span("rsllm.v1.LlmService/CancelJob", request.metadata());
-        async move {
-            let started = Instant::now();
-            let _in_flight = self.metrics.in_flight("CancelJob");
+        let span = self.metrics.span("CancelJob", request.metadata());
+        let handled = async move {
             let id = request.into_inner().job_id;
-            let r = match self.loaded().and_then(|loaded| loaded.jobs.cancel(&id)) {
-                Ok(mut rx) => {
-                    // The job stops after its current step; wait for that (bounded), so the answer
-                    // is the state it ended in.
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(60),
-                        rx.wait_for(|s| Jobs::is_terminal(s.state)),
-                    )
-                    .await;
-                    let state = rx.borrow().state;
-                    Ok(pb::CancelJobResponse { state })
-                }
-                Err(e) => Err(e),
-            };
-            self.finish("CancelJob", started, r)
-        }
-        .instrument(span)
-        .await
+            let mut rx = self.loaded().and_then(|loaded| loaded.jobs.cancel(&id))?;
+            // The job stops after its current step; wait for that (bounded), so the answer is
+            // the state it ended in.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(60),
+                rx.wait_for(|s| Jobs::is_terminal(s.state)),
+            )
+            .await;
+            let state = rx.borrow().state;
+            Ok::<_, ServiceError>(pb::CancelJobResponse { state })
+        };
+        self.metrics
+            .observe("CancelJob", span, handled)
+            .await
+            .map(Response::new)
     }
 
     async fn list_models(
         &self,
         request: Request<pb::LlmServiceListModelsRequest>,
     ) -> Result<Response<pb::LlmServiceListModelsResponse>, Status> {
-        let span =
-            rsllm_common::telemetry::rpc_span("rsllm.v1.LlmService/ListModels", request.metadata());
-        async move {
-            let started = Instant::now();
-            let _in_flight = self.metrics.in_flight("ListModels");
-            let r = self.list_models_inner();
-            self.finish("ListModels", started, r)
-        }
-        .instrument(span)
-        .await
+        let span = self.metrics.span("ListModels", request.metadata());
+        let handled = async { self.list_models_inner() };
+        self.metrics
+            .observe("ListModels", span, handled)
+            .await
+            .map(Response::new)
     }
 }

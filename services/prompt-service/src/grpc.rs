@@ -1,7 +1,6 @@
 //! The `rsllm.v1.PromptService` handlers.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use rsllm_common::metrics::{Counter, Registry, RpcMetrics};
 use rsllm_itemvec::{Reader, ReaderError, Source};
@@ -9,7 +8,6 @@ use rsllm_prompt::{PromptMode, TemplateChoice};
 use rsllm_proto::v1 as pb;
 use rsllm_proto::v1::prompt_service_server::PromptService;
 use tonic::{Code, Request, Response, Status};
-use tracing::Instrument;
 
 use crate::domains::{Domain, Domains};
 use crate::error::ServiceError;
@@ -212,17 +210,6 @@ impl PromptApi {
                 .collect(),
         })
     }
-
-    fn finish<T>(
-        &self,
-        method: &str,
-        started: Instant,
-        r: Result<T, ServiceError>,
-    ) -> Result<Response<T>, Status> {
-        let code = r.as_ref().map_or_else(ServiceError::code, |_| Code::Ok);
-        self.state.metrics.record(method, code, started.elapsed());
-        r.map(Response::new).map_err(Status::from)
-    }
 }
 
 /// The embedding-service's own verdicts on ids pass through (our ids came from the catalog, so
@@ -244,35 +231,25 @@ impl PromptService for PromptApi {
         &self,
         request: Request<pb::BuildPromptRequest>,
     ) -> Result<Response<pb::BuildPromptResponse>, Status> {
-        let span = rsllm_common::telemetry::rpc_span(
-            "rsllm.v1.PromptService/BuildPrompt",
-            request.metadata(),
-        );
-        async move {
-            let started = Instant::now();
-            let _in_flight = self.state.metrics.in_flight("BuildPrompt");
-            let r = self.build(request.into_inner()).await;
-            self.finish("BuildPrompt", started, r)
-        }
-        .instrument(span)
-        .await
+        let metrics = &self.state.metrics;
+        let span = metrics.span("BuildPrompt", request.metadata());
+        let handled = self.build(request.into_inner());
+        metrics
+            .observe("BuildPrompt", span, handled)
+            .await
+            .map(Response::new)
     }
 
     async fn list_domains(
         &self,
         request: Request<pb::ListDomainsRequest>,
     ) -> Result<Response<pb::ListDomainsResponse>, Status> {
-        let span = rsllm_common::telemetry::rpc_span(
-            "rsllm.v1.PromptService/ListDomains",
-            request.metadata(),
-        );
-        async move {
-            let started = Instant::now();
-            let _in_flight = self.state.metrics.in_flight("ListDomains");
-            let r = self.list();
-            self.finish("ListDomains", started, r)
-        }
-        .instrument(span)
-        .await
+        let metrics = &self.state.metrics;
+        let span = metrics.span("ListDomains", request.metadata());
+        let handled = async { self.list() };
+        metrics
+            .observe("ListDomains", span, handled)
+            .await
+            .map(Response::new)
     }
 }

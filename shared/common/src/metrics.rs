@@ -8,11 +8,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tracing::Instrument as _;
 
 /// Latency buckets (seconds) for RPCs: 0.5 ms to 30 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -326,6 +328,31 @@ impl RpcMetrics {
         }
     }
 
+    /// The server span of one call of `method`, a child of the caller's trace context in
+    /// `metadata` (create it before the request moves into the handler).
+    pub fn span(&self, method: &str, metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+        crate::telemetry::rpc_span(&format!("{}/{method}", self.service), metadata)
+    }
+
+    /// Handles one call of `method`: runs `handler` inside `span`, counted in flight meanwhile,
+    /// and records its latency by the status code it ended with. Every handler of the
+    /// services goes through here, so each is measured and traced the same way.
+    pub async fn observe<T, E: Into<tonic::Status>>(
+        &self,
+        method: &'static str,
+        span: tracing::Span,
+        handler: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, tonic::Status> {
+        let started = Instant::now();
+        let _in_flight = self.in_flight(method);
+        let result = handler.instrument(span).await.map_err(Into::into);
+        let code = result
+            .as_ref()
+            .map_or_else(tonic::Status::code, |_| tonic::Code::Ok);
+        self.record(method, code, started.elapsed());
+        result
+    }
+
     /// Records one call that took `elapsed` and ended with `code`.
     pub fn record(&self, method: &str, code: tonic::Code, elapsed: Duration) {
         self.duration.observe(
@@ -482,6 +509,32 @@ mod tests {
         assert!(text.contains("t_seconds_count{m=\"x\"} 3\n"), "{text}");
         assert_eq!(h.count(&["x"]), 3);
         assert_eq!(c.get(&["a\"b"]), 3.0);
+    }
+
+    #[tokio::test]
+    async fn observe_counts_the_call_in_flight_and_records_its_status_code() {
+        let r = Registry::new();
+        let m = RpcMetrics::new(&r, "rsllm.v1.T");
+        let span = m.span("Get", &tonic::metadata::MetadataMap::new());
+        let in_flight = m.in_flight.clone();
+        let during = m
+            .observe("Get", span.clone(), async {
+                Ok::<_, tonic::Status>(in_flight.get(&["rsllm.v1.T", "Get"]))
+            })
+            .await
+            .unwrap();
+        assert_eq!(during, 1.0);
+        assert_eq!(in_flight.get(&["rsllm.v1.T", "Get"]), 0.0);
+        let failed = m
+            .observe("Get", span, async {
+                Err::<(), _>(tonic::Status::not_found("no such item"))
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(failed.code(), tonic::Code::NotFound);
+        assert_eq!(m.count("Get", tonic::Code::Ok), 1);
+        assert_eq!(m.count("Get", tonic::Code::NotFound), 1);
+        assert_eq!(in_flight.get(&["rsllm.v1.T", "Get"]), 0.0);
     }
 
     #[tokio::test]

@@ -177,8 +177,8 @@ impl Injector for MetadataWriter<'_> {
 /// The span of one handled RPC, named after it (`rsllm.v1.LlmService/Recommend`) and, when
 /// the request carries W3C trace context, a child of the caller's span. Instrument the
 /// handler's future with it; the parent must be set before the span is first entered.
-pub fn rpc_span(name: &'static str, metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
-    let span = tracing::info_span!("rpc", otel.name = name, otel.kind = "server");
+pub fn rpc_span(name: &str, metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+    let span = tracing::info_span!("rpc", otel.name = %name, otel.kind = "server");
     let parent = TraceContextPropagator::new().extract(&MetadataReader(metadata));
     let _ = span.set_parent(parent);
     span
