@@ -307,7 +307,8 @@ pub fn train(
             )?;
         }
         last = Some(report);
-        if stop {
+        // A stop asked at the last planned step stops nothing: the run is complete.
+        if stop && step < total_steps {
             stopped = true;
             break;
         }
@@ -579,6 +580,50 @@ mod tests {
         })
         .unwrap();
         (summary, losses)
+    }
+
+    /// What `on_step` asking to stop at `at` does (4 planned steps): summary, checkpoints.
+    fn stop_at(at: u64) -> (TrainSummary, Option<u64>) {
+        let s = setup();
+        let dir = tempfile::tempdir().unwrap();
+        let trainee = Trainee {
+            model: &s.model,
+            heads: &s.heads,
+            trained: &s.trained,
+            base: &s._base,
+            items: &s.items,
+            base_model_sha256: "test".into(),
+            recommender_version: None,
+        };
+        let mut c = config();
+        c.checkpoint_every = 100;
+        let summary = train(&trainee, &rows(&s), &c, dir.path(), None, &mut |r| {
+            if r.step == at {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+        let saved = crate::checkpoint::latest(dir.path())
+            .unwrap()
+            .map(|c| c.manifest.step);
+        (summary, saved)
+    }
+
+    #[test]
+    fn a_stop_request_checkpoints_its_step_and_only_counts_before_the_end() {
+        let _rng = crate::test_support::rng_lock();
+        let (early, saved) = stop_at(2);
+        assert!(early.stopped);
+        assert_eq!(early.last.map(|r| r.step), Some(2));
+        assert_eq!(saved, Some(2), "the step it stopped at is checkpointed");
+        let (at_end, saved) = stop_at(4);
+        assert!(
+            !at_end.stopped,
+            "a stop at the last planned step is a finished run"
+        );
+        assert_eq!(saved, Some(4));
     }
 
     #[test]
