@@ -8,7 +8,8 @@
 #   bash scripts/gpu-check.sh bench      # there, call 1, carry [".device/a"]: the GGUF's first
 #                                        # half, our llm_bench on CUDA, then hf_anchor.py
 #   bash scripts/gpu-check.sh pipeline   # there, call 2, carry [".device/b"]: the second half,
-#                                        # then `rsllm pipeline` on MovieLens on CUDA
+#                                        # then `rsllm pipeline` on CUDA (GPU_DATASET at prepare
+#                                        # time picks the dataset, default movielens)
 #
 # Call 1 also fails fast: if our binary cannot use CUDA there, the machine can be given back
 # before the longer call 2. Both use the device image's own PyTorch 2.11.0 as libtorch.
@@ -53,17 +54,31 @@ prepare)
     strip -o .device/a/llm_bench "$bench" && xz -T2 -f .device/a/llm_bench
     strip -o .device/b/rsllm target/release/rsllm && xz -T2 -f .device/b/rsllm
     install -m 644 ../shared/bench/hf_anchor.py .device/a/hf_anchor.py
-    half=$(($(stat -c %s "$gguf") / 2))
-    head -c "$half" "$gguf" >.device/a/model.part
-    tail -c +"$((half + 1))" "$gguf" >.device/b/model.part
+    # Call 1 carries little else, so it takes as much of the model as fits in 60 MiB; call 2
+    # the rest beside the binary and the data.
+    first=$((60 * 1024 * 1024 - $(du -cb .device/a | tail -n1 | cut -f1)))
+    head -c "$first" "$gguf" >.device/a/model.part
+    tail -c +"$((first + 1))" "$gguf" >.device/b/model.part
     sha256sum "$gguf" | cut -d' ' -f1 >.device/b/model.sha256
-    cp -r "$data/movielens-100k" .device/b/data/
-    cp -r "$cache/prepared/movielens-llara" .device/b/cache/prepared/
-    cp -r "$cache/models/rec/movielens-llara-sasrec" .device/b/cache/models/rec/
+    # One dataset per staging (GPU_DATASET, default movielens): its raw files, and its prepared
+    # split and trained SASRec when they exist here (else the pipeline makes them there).
+    dataset=${GPU_DATASET:-movielens}
+    case "$dataset" in
+    movielens) raw=movielens-100k ;;
+    lastfm) raw=lastfm-hetrec2011-2k ;;
+    steam | steam-valtrain) raw=steam ;;
+    *) echo "GPU_DATASET=$dataset: expected movielens, lastfm, steam or steam-valtrain" >&2; exit 2 ;;
+    esac
+    cp -r "$data/$raw" .device/b/data/
+    for f in "prepared/$dataset-llara" "models/rec/$dataset-llara-sasrec"; do
+        if [ -d "$cache/$f" ]; then cp -r "$cache/$f" ".device/b/cache/$(dirname "$f")/"; fi
+    done
+    echo "$dataset" >.device/b/dataset
     for part in a b; do
         size=$(du -sm ".device/$part" | cut -f1)
         echo ".device/$part: ${size} MiB"
-        [ "$size" -lt 60 ] || { echo ".device/$part is too large for one call" >&2; exit 1; }
+        # A call carries 64 MiB in all, the repository's own files (about 2 MiB) included.
+        [ "$size" -le 61 ] || { echo ".device/$part is too large for one call" >&2; exit 1; }
     done
     echo "staged; call 1: 'bash scripts/gpu-check.sh bench' carry [\".device/a\"]," \
         "call 2 at once after it: 'bash scripts/gpu-check.sh pipeline' carry [\".device/b\"]"
@@ -93,7 +108,7 @@ pipeline)
     run=$stage_dir/run
     set +e
     RSLLM_CACHE_DIR=$cache RSLLM_DATA_DIR=$PWD/.device/b/data RUST_LOG=info \
-        timeout "${GPU_TIMEOUT:-480}" "$stage_dir/rsllm" pipeline --dataset movielens --profile full \
+        timeout "${GPU_TIMEOUT:-480}" "$stage_dir/rsllm" pipeline --dataset "$(cat .device/b/dataset)" --profile full \
         --device "${GPU_DEVICE:-cuda}" --limit "${GPU_LIMIT:-20000}" --epochs 1 \
         --micro-batch "${GPU_MICRO:-16}" --grad-accum "${GPU_ACCUM:-8}" \
         --stage-time-limit-secs "${GPU_STAGE_SECS:-100}" \
