@@ -250,6 +250,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             .sum();
         let bar = indicatif::ProgressBar::new(stage_spec.train.total_steps(rows));
         let mut curve = Vec::new();
+        let (mut rows_done, mut tokens_done) = (0usize, 0usize);
         // A fresh base per stage: LoRA attaches to the model it is built on.
         let mut stage_base = args.model.load()?;
         let stage_started = Instant::now();
@@ -271,6 +272,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
                 bar.set_position(r.step);
                 bar.set_message(format!("loss {:.3}", r.loss));
                 curve.push(json!([r.step, r.loss, r.lm, r.ui, r.it, r.lr]));
+                rows_done += r.examples;
+                tokens_done += r.tokens;
                 if time_limit.is_some_and(|t| stage_started.elapsed() >= t) {
                     std::ops::ControlFlow::Break(())
                 } else {
@@ -288,7 +291,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         training.insert(
             dir.clone(),
             json!({"steps": reached, "planned_steps": planned, "stopped": summary.stopped,
-                   "seconds": seconds, "resumed_from": summary.resumed_from}),
+                   "seconds": seconds, "resumed_from": summary.resumed_from,
+                   "rows": rows_done, "tokens": tokens_done}),
         );
         // The checkpoint holds the whole curve, also the steps of an earlier, resumed run.
         let saved = rsllm_trainer::checkpoint::latest(
@@ -428,13 +432,29 @@ fn write_report(
             ));
         }
     }
-    md.push_str("\n| training run | steps | planned | seconds | stopped by the time limit |\n|---|---|---|---|---|\n");
+    md.push_str("\n| training run | steps | planned | seconds | rows/s | tokens/s | stopped by the time limit |\n|---|---|---|---|---|---|---|\n");
     for (run, t) in metrics["training"].as_object().into_iter().flatten() {
+        // Rates over this invocation's steps (a resumed run's earlier steps are not timed).
+        let seconds = t["seconds"].as_f64().unwrap_or(0.0);
+        let rate = |key: &str| {
+            t[key]
+                .as_f64()
+                .filter(|_| seconds > 0.0)
+                .map_or("-".to_owned(), |n| {
+                    let r = n / seconds;
+                    if r < 10.0 {
+                        format!("{r:.2}")
+                    } else {
+                        format!("{r:.0}")
+                    }
+                })
+        };
         md.push_str(&format!(
-            "| {run} | {} | {} | {:.0} | {} |\n",
+            "| {run} | {} | {} | {seconds:.0} | {} | {} | {} |\n",
             t["steps"],
             t["planned_steps"],
-            t["seconds"].as_f64().unwrap_or(0.0),
+            rate("rows"),
+            rate("tokens"),
             if t["stopped"] == json!(true) {
                 "yes"
             } else {

@@ -114,6 +114,8 @@ pub struct StepReport {
     pub it: f64,
     pub grad_norm: f64,
     pub examples: usize,
+    /// Prompt and answer tokens of the step's examples (padding not counted).
+    pub tokens: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -231,12 +233,17 @@ pub fn train(
             .curriculum
             .then(|| curriculum_mode(config.seed, step, total_steps));
         let (mut sum, mut lm, mut ui, mut it) = (0.0, 0.0, 0.0, 0.0);
+        let mut tokens = 0;
         let micro_batches: Vec<&[usize]> = chunk.chunks(config.micro_batch).collect();
         for (m, micro) in micro_batches.iter().enumerate() {
             let prompts = micro
                 .iter()
                 .map(|&i| source.build(i, mix(config.seed, epoch, i as u64), mode))
                 .collect::<Result<Vec<_>>>()?;
+            tokens += prompts
+                .iter()
+                .map(|p| p.input_ids.len() + p.answer_ids.len())
+                .sum::<usize>();
             let batch = collate(&prompts, config.pad_id, device)?;
             tch::manual_seed(mix(config.seed, step, m as u64) as i64);
             let out = rsllm_llm::bf16_autocast(config.autocast_bf16 && device.is_cuda(), || {
@@ -277,6 +284,7 @@ pub fn train(
             it,
             grad_norm,
             examples: chunk.len(),
+            tokens,
         };
         if let Some(points) = metrics.get_mut("loss").and_then(|l| l.as_array_mut()) {
             points.push(serde_json::json!([step, sum, lm, ui, it, lr]));
