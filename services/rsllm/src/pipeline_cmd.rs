@@ -13,7 +13,7 @@ use rsllm_llm::LoraConfig;
 use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions};
 use rsllm_recommender::{ModelKind, RecConfig, RecModel};
 use rsllm_trainer::eval::{EvalOptions, Evaluated, evaluate, write_csv};
-use rsllm_trainer::stage::{Domain, StageSpec, open_stage, run_stage_mixed};
+use rsllm_trainer::stage::{Domain, StageSpec, open_stage, run_stage_mixed, training_rows};
 use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
 use serde_json::json;
 
@@ -244,10 +244,12 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     for (stage_spec, dir, label) in &runs {
         eprintln!("{label}");
         let others = crate::train_cmd::domains(&stage_spec.mixture, &mixture);
-        let rows: usize = std::iter::once(data.train.as_slice())
-            .chain(others.iter().map(|d| d.rows))
-            .map(|train| limit.map_or(train.len(), |n| n.min(train.len())))
-            .sum();
+        let target = Domain {
+            dataset: &dataset,
+            catalog: &data.catalog,
+            rows: &data.train,
+        };
+        let rows = training_rows(&target, &others, limit);
         let bar = indicatif::ProgressBar::new(stage_spec.train.total_steps(rows));
         let mut curve = Vec::new();
         let (mut rows_done, mut tokens_done) = (0usize, 0usize);
@@ -257,11 +259,6 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         let time_limit = args
             .stage_time_limit_secs
             .map(std::time::Duration::from_secs);
-        let target = Domain {
-            dataset: &dataset,
-            catalog: &data.catalog,
-            rows: &data.train,
-        };
         let summary = run_stage_mixed(
             stage_spec,
             &mut stage_base,

@@ -8,7 +8,7 @@ use clap::Args;
 use rsllm_core::Paths;
 use rsllm_core::dataset::{DatasetName, PreparedDataset};
 use rsllm_llm::LoraConfig;
-use rsllm_trainer::stage::{Domain, StageSpec, default_out, run_stage_mixed};
+use rsllm_trainer::stage::{Domain, StageSpec, default_out, run_stage_mixed, training_rows};
 use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
 
 use crate::data_cmd::SplitArgs;
@@ -171,11 +171,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         no_titles: false,
         mixture: args.mixture.iter().map(ToString::to_string).collect(),
     };
-    let rows: usize = std::iter::once(&data.train)
-        .chain(mixture.iter().map(|d| &d.train))
-        .map(|train| args.limit.map_or(train.len(), |n| n.min(train.len())))
-        .sum();
-    let total = spec.train.total_steps(rows);
+    let target = Domain {
+        dataset: &spec.dataset,
+        catalog: &data.catalog,
+        rows: &data.train,
+    };
+    let others = domains(&spec.mixture, &mixture);
+    let total = spec
+        .train
+        .total_steps(training_rows(&target, &others, args.limit));
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -184,35 +188,23 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let target = Domain {
-        dataset: &spec.dataset,
-        catalog: &data.catalog,
-        rows: &data.train,
-    };
-    let summary = run_stage_mixed(
-        &spec,
-        &mut base,
-        target,
-        &domains(&spec.mixture, &mixture),
-        &out,
-        &mut |r| {
-            bar.set_position(r.step);
-            bar.set_message(format!(
-                "loss {:.3} (lm {:.3} ui {:.3} it {:.3}) lr {:.1e}",
-                r.loss, r.lm, r.ui, r.it, r.lr
-            ));
-            tracing::debug!(
-                step = r.step,
-                loss = r.loss,
-                lm = r.lm,
-                ui = r.ui,
-                it = r.it,
-                lr = r.lr,
-                "step"
-            );
-            std::ops::ControlFlow::Continue(())
-        },
-    )?;
+    let summary = run_stage_mixed(&spec, &mut base, target, &others, &out, &mut |r| {
+        bar.set_position(r.step);
+        bar.set_message(format!(
+            "loss {:.3} (lm {:.3} ui {:.3} it {:.3}) lr {:.1e}",
+            r.loss, r.lm, r.ui, r.it, r.lr
+        ));
+        tracing::debug!(
+            step = r.step,
+            loss = r.loss,
+            lm = r.lm,
+            ui = r.ui,
+            it = r.it,
+            lr = r.lr,
+            "step"
+        );
+        std::ops::ControlFlow::Continue(())
+    })?;
     bar.finish_and_clear();
     println!(
         "stage {} on {dataset}: {} steps ({} resumed), {:.0} s; last loss {}; output {}",

@@ -159,6 +159,25 @@ pub struct Domain<'a> {
     pub rows: &'a [SeqExample],
 }
 
+impl<'a> Domain<'a> {
+    /// The rows a stage trains on: the first `limit` (all when None).
+    pub fn limited(&self, limit: Option<usize>) -> &'a [SeqExample] {
+        match limit {
+            Some(n) => &self.rows[..n.min(self.rows.len())],
+            None => self.rows,
+        }
+    }
+}
+
+/// How many rows a stage trains on per epoch: the target's and its mixture's, each cut to
+/// `limit` (the progress bars' step counts).
+pub fn training_rows(target: &Domain<'_>, others: &[Domain<'_>], limit: Option<usize>) -> usize {
+    std::iter::once(target)
+        .chain(others)
+        .map(|d| d.limited(limit).len())
+        .sum()
+}
+
 /// Training rows as prompts: candidates drawn per (epoch, row) from the template seed, as
 /// LLaRA draws its training negatives on the fly.
 pub struct TrainRows<'a> {
@@ -192,10 +211,7 @@ impl<'a> MixedRows<'a> {
         let mut parts = Vec::new();
         let mut offset: ItemId = 0;
         for domain in domains {
-            let rows = match limit {
-                Some(n) => &domain.rows[..n.min(domain.rows.len())],
-                None => domain.rows,
-            };
+            let rows = domain.limited(limit);
             let builder =
                 PromptBuilder::with_builtin_templates(domain.dataset, PromptOptions::new(slot))
                     .map_err(|e| TrainError::Invalid(format!("{}: {e}", domain.dataset)))?;
