@@ -267,11 +267,14 @@ impl ServiceProcess {
         format!("http://{}", self.addr)
     }
 
-    /// A channel to the service (connects lazily).
+    /// A channel to the service (connects lazily). A stopped service refuses the connection
+    /// at once; the timeout is generous because on a loaded 2-core machine the test's own
+    /// runtime can be starved long enough for a 1 s connect timeout to fire on a healthy
+    /// service (a 200-call burst beside a training job saw "tcp connect error ... Elapsed").
     pub fn channel(&self) -> tonic::transport::Channel {
         tonic::transport::Endpoint::from_shared(self.endpoint())
             .unwrap()
-            .connect_timeout(Duration::from_secs(1))
+            .connect_timeout(Duration::from_secs(15))
             .connect_lazy()
     }
 

@@ -2,6 +2,7 @@
 //! training jobs over gRPC, Redis going away and coming back, bad input, overload, draining
 //! on SIGTERM during a burst, and the Python client generated from the protos.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rsllm_integration_tests::{Fleet, FleetBins, sample, scrape, wait_until};
@@ -587,22 +588,50 @@ async fn overload_is_refused_at_once_and_sigterm_drains_a_burst() {
         ],
     )
     .await;
+    // A few connections with many streams on each, as a pooled client sends them.
+    let channels: Vec<Channel> = (0..4).map(|_| fleet.llm.channel()).collect();
+    let failed_early = Arc::new(Mutex::new(None::<tonic::Status>));
     let mut calls = Vec::new();
-    for _ in 0..200 {
-        let mut c = llm(&fleet);
+    for i in 0..200 {
+        let mut c = LlmServiceClient::new(channels[i % channels.len()].clone());
         let r = one_candidate();
-        calls.push(tokio::spawn(async move { call_recommend(&mut c, r).await }));
+        let failed_early = failed_early.clone();
+        calls.push(tokio::spawn(async move {
+            let result = call_recommend(&mut c, r).await;
+            if let Err(s) = &result {
+                let mut first = failed_early.lock().unwrap_or_else(|p| p.into_inner());
+                first.get_or_insert(s.clone());
+            }
+            result
+        }));
     }
     let series =
         |name: &str| format!("{name}{{service=\"rsllm.v1.LlmService\",method=\"Recommend\"");
     let metrics_addr = fleet.llm_metrics;
-    wait_until("200 calls accepted", Duration::from_secs(60), || {
+    let started = std::time::Instant::now();
+    let mut last = (0.0, 0.0);
+    wait_until("200 calls accepted", Duration::from_secs(120), || {
+        // A call that failed before the SIGTERM can never be counted: say why at once.
+        let early = failed_early
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(s) = early {
+            panic!("a call failed before the drain began: {s:?}");
+        }
         let text = scrape(metrics_addr);
         let in_flight = sample(&text, &(series("rsllm_rpc_in_flight") + "}"));
         let done = sample(
             &text,
             &(series("rsllm_rpc_duration_seconds_count") + ",code=\"OK\"}"),
         );
+        if (in_flight, done) != last {
+            eprintln!(
+                "{:?}: {in_flight} in flight, {done} done",
+                started.elapsed()
+            );
+            last = (in_flight, done);
+        }
         async move { (in_flight + done >= 200.0).then_some(()) }
     })
     .await;
