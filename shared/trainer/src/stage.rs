@@ -562,6 +562,7 @@ mod tests {
 
     #[test]
     fn a_mixture_builds_each_row_in_its_domain_with_item_ids_shifted_past_the_target() {
+        let _rng = crate::test_support::rng_lock();
         let (setup, artists, films, bands) = two_domains();
         let tokenizer = LlmTokenizer::from_tokenizer(
             setup.tokenizer.clone(),
@@ -648,6 +649,7 @@ mod tests {
 
     #[test]
     fn a_mixture_must_match_the_spec_be_stage_one_and_leave_out_the_target() {
+        let _rng = crate::test_support::rng_lock();
         let (_setup, artists, _, bands) = two_domains();
         let band_domain = Domain {
             dataset: "lastfm",

@@ -20,7 +20,16 @@ pub(crate) struct Setup {
     pub tokenizer: tokenizers::Tokenizer,
 }
 
+/// The fixture. The caller must hold [`rng_lock`]: it seeds and draws from libtorch's global
+/// generator, and a test drawing beside another one's training run changes that run's dropout
+/// masks (a resumed run then no longer matches its uninterrupted twin).
 pub(crate) fn setup() -> Setup {
+    // Catches a test that forgot the lock whenever no other test holds it (always when the
+    // tests run one at a time).
+    assert!(
+        TORCH_RNG.try_lock().is_err(),
+        "test_support::setup() needs the caller to hold test_support::rng_lock()"
+    );
     tch::manual_seed(11);
     let titles: Vec<String> = (0..12).map(|i| format!("Film number {i}")).collect();
     let catalog = Catalog {
