@@ -25,10 +25,18 @@ use crate::jobs::Jobs;
 /// Largest response (a Recommend with 100 titled items is a few KB; generous headroom).
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
-fn channel(what: &'static str, endpoint: &str) -> Result<Channel, StartError> {
+/// A lazily connecting channel to a dependency. A stopped dependency refuses the connection
+/// at once; the connect timeout only bounds an unreachable one, and it is the whole call's
+/// bound rather than something shorter: when the model's threads hold both cores, the
+/// runtime can be starved past a 1 s connect timeout with the dependency healthy.
+fn channel(
+    what: &'static str,
+    endpoint: &str,
+    connect_timeout: Duration,
+) -> Result<Channel, StartError> {
     Endpoint::from_shared(endpoint.to_owned())
         .map(|e| {
-            e.connect_timeout(Duration::from_secs(1))
+            e.connect_timeout(connect_timeout)
                 .tcp_nodelay(true)
                 .connect_lazy()
         })
@@ -57,10 +65,17 @@ pub async fn serve(
         .ok_or_else(|| {
             StartError::Config("--model: no default (set HOME or RSLLM_CACHE_DIR)".into())
         })?;
-    let prompt = PromptServiceClient::new(channel("prompt-service", &config.prompt_endpoint)?)
-        .max_decoding_message_size(MAX_RESPONSE_BYTES);
-    let embedding =
-        EmbeddingServiceClient::new(channel("embedding-service", &config.embedding_endpoint)?);
+    let prompt = PromptServiceClient::new(channel(
+        "prompt-service",
+        &config.prompt_endpoint,
+        config.dependency_timeout(),
+    )?)
+    .max_decoding_message_size(MAX_RESPONSE_BYTES);
+    let embedding = EmbeddingServiceClient::new(channel(
+        "embedding-service",
+        &config.embedding_endpoint,
+        config.dependency_timeout(),
+    )?);
     let redis = if config.redis_url.is_empty() {
         None
     } else {
