@@ -130,25 +130,6 @@ fn timed(device: Device, warm: usize, iters: usize, mut f: impl FnMut()) -> (f64
     (times[times.len() / 2], times[0], times[times.len() - 1])
 }
 
-/// SmolLM2-135M's shape, for `--random-init` (speed does not depend on weight values).
-fn smollm2_135m() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        rope_theta: 100_000.0,
-        rms_norm_eps: 1e-5,
-        max_position_embeddings: 8192,
-        tie_word_embeddings: true,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-    }
-}
-
 struct Engine {
     vs: nn::VarStore,
     model: Llama,
@@ -159,7 +140,7 @@ fn build(args: &Args, kind: Kind) -> Engine {
     if args.random_init {
         tch::manual_seed(0);
         let mut vs = nn::VarStore::new(args.device);
-        let model = Llama::new(&vs.root(), &smollm2_135m()).unwrap();
+        let model = Llama::new(&vs.root(), &LlamaConfig::smollm2_135m()).unwrap();
         tch::no_grad(|| {
             for (_, mut var) in vs.variables() {
                 let _ = var.normal_(0.0, 0.02);

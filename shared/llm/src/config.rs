@@ -73,6 +73,26 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The shape of SmolLM2-135M (the default model), for work where the weights do not
+    /// matter: speed benchmarks on random weights.
+    pub fn smollm2_135m() -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rope_theta: 100_000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        }
+    }
+
     /// Checks the invariants the model code relies on; `source` names the file in errors.
     pub fn validate(&self, source: &std::path::Path) -> Result<()> {
         let fail = |reason: String| Err(LlmError::bad_model(source, reason));
@@ -340,21 +360,7 @@ mod tests {
     #[test]
     fn parameter_count_of_smollm2_135m() {
         let _rng = crate::test_rng_lock();
-        let c = LlamaConfig {
-            vocab_size: 49152,
-            hidden_size: 576,
-            intermediate_size: 1536,
-            num_hidden_layers: 30,
-            num_attention_heads: 9,
-            num_key_value_heads: 3,
-            head_dim: 64,
-            rope_theta: 100000.0,
-            rms_norm_eps: 1e-5,
-            max_position_embeddings: 8192,
-            tie_word_embeddings: true,
-            bos_token_id: Some(1),
-            eos_token_ids: vec![2],
-        };
+        let c = LlamaConfig::smollm2_135m();
         // SmolLM2-135M: 134,515,008 parameters (HF model card rounds to 135M).
         assert_eq!(c.num_parameters(), 134_515_008);
     }

@@ -209,6 +209,17 @@ fn f32_last_logits_match_transformers() {
 }
 
 #[test]
+fn the_default_model_has_the_smollm2_135m_shape() {
+    let _rng = crate::test_rng_lock();
+    let got = loaded(Kind::Float).model.config.clone();
+    let mut expected = crate::LlamaConfig::smollm2_135m();
+    // GGUF stores the epsilon as an f32 (1e-5 reads back as 9.99999975e-6).
+    assert!((got.rms_norm_eps - expected.rms_norm_eps).abs() < 1e-12);
+    expected.rms_norm_eps = got.rms_norm_eps;
+    assert_eq!(got, expected);
+}
+
+#[test]
 fn greedy_generation_matches_transformers() {
     let _rng = crate::test_rng_lock();
     let model = loaded(Kind::Float);
