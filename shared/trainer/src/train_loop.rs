@@ -310,7 +310,7 @@ pub fn train(
                 checkpoints,
                 manifest,
                 &trained,
-                &opt.state(),
+                &opt.state()?,
                 config.keep_last,
             )?;
         }
