@@ -6,7 +6,8 @@
 #
 #   bash scripts/gpu-check.sh prepare    # here: build, stage .device/a and .device/b
 #   bash scripts/gpu-check.sh bench      # there, call 1, carry [".device/a"]: the GGUF's first
-#                                        # half, our llm_bench on CUDA, then hf_anchor.py
+#                                        # half, our llm_bench and optim_bench on CUDA, then
+#                                        # hf_anchor.py
 #   bash scripts/gpu-check.sh pipeline   # there, call 2, carry [".device/b"]: the second half,
 #                                        # then `rsllm pipeline` on CUDA (GPU_DATASET at prepare
 #                                        # time picks the dataset, default movielens)
@@ -47,11 +48,14 @@ prepare)
     [ -f "$gguf" ] || { echo "no $gguf: run scripts/setup.sh first" >&2; exit 1; }
     cargo build --release -p rsllm
     cargo bench -p rsllm-llm --bench llm_bench --no-run
+    cargo bench -p rsllm-trainer --bench optim_bench --no-run
     bench=$(ls -t target/release/deps/llm_bench-* | grep -v '\.d$' | head -n1)
+    optim_bench=$(ls -t target/release/deps/optim_bench-* | grep -v '\.d$' | head -n1)
     rm -rf .device/a .device/b
     mkdir -p .device/a .device/b/cache/models/rec .device/b/cache/prepared .device/b/data
     # Stripped and xz-packed: the line tables alone would exceed a call's 64 MiB.
     strip -o .device/a/llm_bench "$bench" && xz -T2 -f .device/a/llm_bench
+    strip -o .device/a/optim_bench "$optim_bench" && xz -T2 -f .device/a/optim_bench
     strip -o .device/b/rsllm target/release/rsllm && xz -T2 -f .device/b/rsllm
     install -m 644 ../shared/bench/hf_anchor.py .device/a/hf_anchor.py
     # Call 1 carries little else, so it takes as much of the model as fits in 60 MiB; call 2
@@ -92,6 +96,11 @@ bench)
     unxz_to .device/a/llm_bench.xz "$stage_dir/llm_bench"
     timeout 150 "$stage_dir/llm_bench" --device cuda --random-init --iters 10 --dtypes f32,bf16 \
         --json-out "$out/rsllm.json" 2>&1 | tee "$out/rsllm.log"
+    # The optimizer alone (full and LoRA tensor sets) and the full fine-tuning step with
+    # libtorch's AdamW and with ours, in the same call as the anchor.
+    unxz_to .device/a/optim_bench.xz "$stage_dir/optim_bench"
+    timeout 90 "$stage_dir/optim_bench" --device cuda --iters 10 \
+        --json-out "$out/optim.json" 2>&1 | tee "$out/optim.log"
     BUDGET_S=${HF_BUDGET_S:-100} timeout 150 python3 .device/a/hf_anchor.py 2>&1 | tee "$out/hf.log"
     ;;
 pipeline)

@@ -1,0 +1,319 @@
+//! Speed of the optimizer step, ours (`rsllm_trainer::AdamW`: one flat buffer per device and
+//! dtype) beside libtorch's own AdamW as tch exposes it (`nn::AdamW`: a C++ loop over the
+//! tensors, a dozen kernels each), on the tensor sets RSLLM trains:
+//!
+//! - `full`: the 272 tensors of SmolLM2-135M (a full fine-tune, 134.5M f32 values);
+//! - `lora`: LLaRA's default LoRA (rank 8 on the 7 projections of the 30 blocks: 420 tensors)
+//!   plus the projector (64 -> 576 -> 576);
+//! - `train16` (GPU by default): a whole full fine-tuning step at `--batch` x 384 (bf16
+//!   autocast on CUDA, cross-entropy on the last 16 positions), once with each optimizer:
+//!   the step `llm_bench`'s `train16` times with libtorch's AdamW.
+//!
+//! `full` and `lora` time the update alone (gradients are set once by a backward pass and
+//! left in place); ours is timed for `step` and for `clip_grad_norm` + `step`, as the trainer
+//! calls them.
+//!
+//! ```text
+//! cargo bench -p rsllm-trainer --bench optim_bench -- [--device auto|cpu|cuda] [--iters 10]
+//!     [--only full,lora,train16] [--batch 16] [--json-out FILE]
+//! ```
+//! Median of `--iters` timed runs after two warm-up runs, min and max beside it; one JSON line
+//! per measurement on stdout, a markdown table on stderr.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rsllm_llm::{Llama, LlamaConfig, LoraConfig, Projector};
+use rsllm_trainer::{AdamW, AdamWConfig};
+use tch::nn::OptimizerConfig;
+use tch::{Device, Kind, Tensor, nn};
+
+const SEQ: i64 = 384;
+const LOSS_POSITIONS: i64 = 16;
+const LR: f64 = 1e-4;
+
+/// Ours with tch's default weight decay (0.01), so both do the same work.
+fn ours_config() -> AdamWConfig {
+    AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    }
+}
+
+struct Args {
+    device: Device,
+    iters: usize,
+    only: Vec<String>,
+    batch: i64,
+    json_out: Option<PathBuf>,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        device: Device::cuda_if_available(),
+        iters: 10,
+        only: Vec::new(),
+        batch: 16,
+        json_out: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--device" => {
+                args.device = match it.next().unwrap().as_str() {
+                    "cpu" => Device::Cpu,
+                    "cuda" => Device::Cuda(0),
+                    _ => Device::cuda_if_available(),
+                }
+            }
+            "--iters" => args.iters = it.next().unwrap().parse().unwrap(),
+            "--only" => args.only = it.next().unwrap().split(',').map(str::to_owned).collect(),
+            "--batch" => args.batch = it.next().unwrap().parse().unwrap(),
+            "--json-out" => args.json_out = Some(PathBuf::from(it.next().unwrap())),
+            // `cargo bench` passes --bench.
+            _ => {}
+        }
+    }
+    if args.only.is_empty() {
+        let mut only = vec!["full", "lora"];
+        if args.device.is_cuda() {
+            only.push("train16");
+        }
+        args.only = only.into_iter().map(str::to_owned).collect();
+    }
+    args
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Median, min and max seconds of `iters` runs of `f` after two untimed ones.
+fn timed(device: Device, iters: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
+    for _ in 0..2 {
+        f();
+    }
+    sync(device);
+    let mut times: Vec<f64> = (0..iters.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            sync(device);
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], times[0], times[times.len() - 1])
+}
+
+/// SmolLM2-135M with random weights in `vs` (speed does not depend on their values).
+fn random_model(vs: &nn::VarStore) -> Llama {
+    tch::manual_seed(0);
+    let model = Llama::new(&vs.root(), &LlamaConfig::smollm2_135m()).unwrap();
+    tch::no_grad(|| {
+        for (_, mut var) in vs.variables() {
+            let _ = var.normal_(0.0, 0.02);
+        }
+    });
+    model
+}
+
+/// Gives every trainable tensor of `vs` a random gradient (one backward pass).
+fn set_gradients(vs: &nn::VarStore) {
+    let loss = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| (t * t.randn_like()).sum(Kind::Float))
+        .reduce(|a, b| a + b)
+        .unwrap();
+    loss.backward();
+}
+
+struct Row {
+    case: &'static str,
+    optimizer: &'static str,
+    tensors: usize,
+    values: i64,
+    seconds: (f64, f64, f64),
+    tokens: Option<i64>,
+}
+
+impl Row {
+    fn json(&self, device: Device) -> serde_json::Value {
+        let (median, min, max) = self.seconds;
+        let mut row = serde_json::json!({
+            "case": self.case, "optimizer": self.optimizer, "device": format!("{device:?}"),
+            "tensors": self.tensors, "values": self.values,
+            "median_s": median, "min_s": min, "max_s": max,
+        });
+        if let Some(tokens) = self.tokens {
+            row["tokens_per_s"] = serde_json::json!(tokens as f64 / median);
+        }
+        row
+    }
+}
+
+/// The update alone over the trainable tensors `make` creates, with each optimizer.
+fn update_only(
+    args: &Args,
+    case: &'static str,
+    make: impl Fn(Device) -> nn::VarStore,
+    rows: &mut Vec<Row>,
+) {
+    let vs = make(args.device);
+    let tensors = vs.trainable_variables();
+    let values: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
+    set_gradients(&vs);
+    let mut libtorch = nn::AdamW::default().build(&vs, LR).unwrap();
+    let seconds = timed(args.device, args.iters, || libtorch.step());
+    rows.push(Row {
+        case,
+        optimizer: "libtorch AdamW (tch nn::AdamW) step",
+        tensors: tensors.len(),
+        values,
+        seconds,
+        tokens: None,
+    });
+    drop(libtorch);
+    drop(tensors);
+    drop(vs);
+
+    let vs = make(args.device);
+    let tensors = vs.trainable_variables().len();
+    set_gradients(&vs);
+    let mut ours = AdamW::for_var_store(&vs, ours_config()).unwrap();
+    let seconds = timed(args.device, args.iters, || ours.step(LR).unwrap());
+    rows.push(Row {
+        case,
+        optimizer: "rsllm AdamW (flat) step",
+        tensors,
+        values,
+        seconds,
+        tokens: None,
+    });
+    let seconds = timed(args.device, args.iters, || {
+        ours.clip_grad_norm(1e9).unwrap();
+        ours.step(LR).unwrap();
+    });
+    rows.push(Row {
+        case,
+        optimizer: "rsllm AdamW (flat) clip_grad_norm + step",
+        tensors,
+        values,
+        seconds,
+        tokens: None,
+    });
+}
+
+fn full_store(device: Device) -> nn::VarStore {
+    let vs = nn::VarStore::new(device);
+    let _model = random_model(&vs);
+    vs
+}
+
+fn lora_store(device: Device) -> nn::VarStore {
+    let base = nn::VarStore::new(device);
+    let mut model = random_model(&base);
+    let trained = nn::VarStore::new(device);
+    model
+        .attach_lora(&trained.root(), &LoraConfig::default())
+        .unwrap();
+    let _projector = Projector::new(&trained.root(), 64, 576);
+    trained
+}
+
+/// A whole full fine-tuning step with each optimizer: zero_grad, forward (bf16 autocast on
+/// CUDA), loss on the last 16 positions, backward, update.
+fn train_step(args: &Args, rows: &mut Vec<Row>) {
+    let (b, t, tail) = (args.batch, SEQ, LOSS_POSITIONS);
+    for optimizer in ["libtorch", "rsllm"] {
+        let mut vs = nn::VarStore::new(args.device);
+        let model = random_model(&vs);
+        vs.unfreeze();
+        let tensors = vs.trainable_variables().len();
+        let values: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
+        let x = Tensor::randint_low(3, 49152, [b, t], (Kind::Int64, args.device));
+        let targets = x.narrow(1, t - tail, tail).reshape([-1]);
+        let loss = || {
+            rsllm_llm::bf16_autocast(args.device.is_cuda(), || {
+                let hidden = model.forward_ids(&x, None).unwrap();
+                let logits = model.head(&hidden.narrow(1, t - tail - 1, tail)).unwrap();
+                logits
+                    .reshape([-1, model.config.vocab_size as i64])
+                    .cross_entropy_for_logits(&targets)
+            })
+        };
+        let (name, seconds) = if optimizer == "libtorch" {
+            let mut opt = nn::AdamW::default().build(&vs, LR).unwrap();
+            let seconds = timed(args.device, args.iters, || {
+                opt.zero_grad();
+                loss().backward();
+                opt.step();
+            });
+            ("libtorch AdamW (tch nn::AdamW)", seconds)
+        } else {
+            let mut opt = AdamW::for_var_store(&vs, ours_config()).unwrap();
+            let seconds = timed(args.device, args.iters, || {
+                opt.zero_grad();
+                loss().backward();
+                opt.step(LR).unwrap();
+            });
+            ("rsllm AdamW (flat)", seconds)
+        };
+        rows.push(Row {
+            case: "train16",
+            optimizer: name,
+            tensors,
+            values,
+            seconds,
+            tokens: Some(b * t),
+        });
+    }
+}
+
+fn main() {
+    let args = parse_args();
+    eprintln!(
+        "device {:?}, {} intra-op threads, {} timed runs",
+        args.device,
+        tch::get_num_threads(),
+        args.iters
+    );
+    let mut rows = Vec::new();
+    for case in &args.only {
+        match case.as_str() {
+            "full" => update_only(&args, "full", full_store, &mut rows),
+            "lora" => update_only(&args, "lora", lora_store, &mut rows),
+            "train16" => train_step(&args, &mut rows),
+            other => panic!("--only {other}: expected full, lora or train16"),
+        }
+        for row in rows.iter().filter(|r| r.case == case) {
+            println!("{}", row.json(args.device));
+        }
+    }
+    eprintln!("\n| case | optimizer | tensors | median s | min s | max s | tokens/s |");
+    eprintln!("|---|---|---|---|---|---|---|");
+    for row in &rows {
+        let (median, min, max) = row.seconds;
+        let tokens = row
+            .tokens
+            .map(|t| format!("{:.0}", t as f64 / median))
+            .unwrap_or_default();
+        eprintln!(
+            "| {} | {} | {} | {median:.4} | {min:.4} | {max:.4} | {tokens} |",
+            row.case, row.optimizer, row.tensors
+        );
+    }
+    if let Some(path) = &args.json_out {
+        let all: Vec<_> = rows.iter().map(|r| r.json(args.device)).collect();
+        std::fs::write(path, serde_json::to_string_pretty(&all).unwrap()).unwrap();
+    }
+}
