@@ -1,14 +1,16 @@
 //! AdamW (Loshchilov & Hutter 2019, decoupled weight decay) with its moment buffers as plain
 //! tensors, so they can be checkpointed and restored: a resumed run continues exactly where
-//! the killed one stopped. Same update as `torch.optim.AdamW`.
+//! the killed one stopped. Same update as `torch.optim.AdamW`, with one step count for all
+//! tensors (torch keeps one per tensor; they differ only for a tensor whose first gradient
+//! comes after the first step).
 //!
 //! Multi-tensor: the trained tensors of one device and dtype are moved into one flat buffer
 //! (each parameter becomes a view of it, the way Apex and DeepSpeed flatten parameters), and
 //! so are their gradients once every one of them exists. Zeroing, the gradient norm, clipping
 //! and the update are then a handful of kernels per step instead of a dozen per tensor: on a
 //! GPU the per-tensor form is bound by kernel launches (272 tensors in a full fine-tune of
-//! SmolLM2-135M, 120 in its default LoRA), and tch wraps neither torch's fused nor its
-//! foreach AdamW. A group some of whose tensors have no gradient yet is updated tensor by
+//! SmolLM2-135M, 424 with LLaRA's default LoRA and the projector), and tch wraps neither
+//! torch's fused nor its foreach AdamW. A group some of whose tensors have no gradient yet is updated tensor by
 //! tensor, on views of the same buffers, so semantics never depend on the path.
 
 use serde::{Deserialize, Serialize};
