@@ -13,7 +13,9 @@ use rsllm_llm::LoraConfig;
 use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions};
 use rsllm_recommender::{ModelKind, RecConfig, RecModel};
 use rsllm_trainer::eval::{EvalOptions, Evaluated, evaluate, write_csv};
-use rsllm_trainer::stage::{Domain, StageSpec, open_stage, run_stage_mixed, training_rows};
+use rsllm_trainer::stage::{
+    Domain, StageSpec, open_stage, recorded_spec, run_stage_mixed, training_rows,
+};
 use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
 use serde_json::json;
 
@@ -109,6 +111,50 @@ pub struct PipelineArgs {
     /// reached is checkpointed and evaluated, and the report marks the run as stopped.
     #[arg(long)]
     stage_time_limit_secs: Option<u64>,
+}
+
+/// A run directory whose training runs were started with other settings (another version of
+/// the tool, another recommender, other flags) cannot be resumed. The default directory is
+/// the main job's: it is renamed to `<dir>.replaced-<unix seconds>`, kept for inspection,
+/// and the pipeline starts afresh, so running the main job again always works. A directory
+/// the caller named is left alone and refused, naming what differs.
+fn set_aside_if_stale(
+    out: &Path,
+    default_dir: bool,
+    runs: &[(StageSpec, String, String)],
+) -> anyhow::Result<()> {
+    let mut stale = Vec::new();
+    for (spec, dir, _) in runs {
+        if recorded_spec(&out.join(dir))?.is_some_and(|previous| &previous != spec) {
+            stale.push(dir.as_str());
+        }
+    }
+    if stale.is_empty() {
+        return Ok(());
+    }
+    let stale = stale.join(", ");
+    if !default_dir {
+        anyhow::bail!(
+            "{}: {stale} were started with other settings and cannot be resumed with these; \
+             give another --out, or remove it to start over",
+            out.display()
+        );
+    }
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut aside = out.as_os_str().to_owned();
+    aside.push(format!(".replaced-{seconds}"));
+    let aside = PathBuf::from(aside);
+    std::fs::rename(out, &aside)
+        .with_context(|| format!("moving {} to {}", out.display(), aside.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    eprintln!(
+        "{} held runs started with other settings ({stale}): moved to {}; starting afresh",
+        out.display(),
+        aside.display()
+    );
+    Ok(())
 }
 
 struct Method {
@@ -241,6 +287,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             format!("[4/5] variant: {}", variant.label()),
         ));
     }
+    set_aside_if_stale(&out, args.out.is_none(), &runs)?;
     for (stage_spec, dir, label) in &runs {
         eprintln!("{label}");
         let others = crate::train_cmd::domains(&stage_spec.mixture, &mixture);
@@ -507,4 +554,79 @@ fn write_report(
         .with_context(|| format!("writing {}", out.join("figure.png").display()))?;
     rsllm_core::artefact::write_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stage-1 spec as an older version of the tool wrote it (no autocast, no mixture).
+    fn spec(peak_lr: f64) -> StageSpec {
+        serde_json::from_value(json!({
+            "stage": 1, "dataset": "movielens", "base_model": "model.gguf",
+            "base_model_sha256": "00", "recommender": null, "init_from": null,
+            "train_limit": 192, "num_candidates": 20,
+            "lora": {"rank": 8, "alpha": 32.0, "dropout": 0.1, "targets": ["q_proj"]},
+            "train": {"epochs": 1, "max_steps": null, "micro_batch": 4, "grad_accum": 4,
+                "peak_lr": peak_lr, "warmup_fraction": 0.05, "max_grad_norm": 1.0,
+                "seed": 1234, "checkpoint_every": 20, "keep_last": 2, "pad_id": 2,
+                "loss": {"use_lm": true, "lambda_ui": 0.1, "lambda_it": 0.1, "tau": 0.07},
+                "adamw": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}}
+        }))
+        .unwrap()
+    }
+
+    fn started(out: &Path, spec: &StageSpec) {
+        std::fs::create_dir_all(out.join("stage1")).unwrap();
+        rsllm_core::artefact::write_json_atomic(&out.join("stage1/stage.json"), spec).unwrap();
+        std::fs::write(out.join("report.md"), "old").unwrap();
+    }
+
+    fn runs(spec: StageSpec) -> Vec<(StageSpec, String, String)> {
+        vec![(spec, "stage1".into(), "stage 1".into())]
+    }
+
+    #[test]
+    fn a_default_run_directory_with_other_settings_is_set_aside_and_started_afresh() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("pipeline-movielens-quick");
+        started(&out, &spec(8e-4));
+
+        set_aside_if_stale(&out, true, &runs(spec(8e-4))).unwrap();
+        assert!(
+            out.join("report.md").exists(),
+            "same settings: resumed in place"
+        );
+
+        set_aside_if_stale(&out, true, &runs(spec(1e-3))).unwrap();
+        assert_eq!(
+            std::fs::read_dir(&out).unwrap().count(),
+            0,
+            "a fresh directory"
+        );
+        let aside: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("pipeline-movielens-quick.replaced-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        let kept = root.path().join(&aside[0]).join("report.md");
+        assert_eq!(std::fs::read_to_string(kept).unwrap(), "old");
+    }
+
+    #[test]
+    fn a_named_run_directory_with_other_settings_is_refused_and_left_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("mine");
+        started(&out, &spec(8e-4));
+        let err = set_aside_if_stale(&out, false, &runs(spec(1e-3)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("stage1") && err.contains("other settings"),
+            "{err}"
+        );
+        assert!(out.join("report.md").exists());
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+    }
 }

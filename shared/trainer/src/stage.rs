@@ -363,6 +363,23 @@ pub fn run_stage(
     run_stage_mixed(spec, base, target, &[], out, on_step)
 }
 
+/// The spec a stage's run directory was started with (`stage.json`), if it was started: a
+/// directory holding another spec cannot be resumed with this one.
+pub fn recorded_spec(out: &Path) -> Result<Option<StageSpec>> {
+    let path = out.join(SPEC_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(TrainError::Io { path, source }),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| TrainError::BadCheckpoint {
+            path,
+            reason: format!("not a stage spec: {e}"),
+        })
+}
+
 /// [`run_stage`] with the other domains of a stage-1 mixture (`spec.mixture`, in that
 /// order; the caller loads their prepared splits).
 pub fn run_stage_mixed(
@@ -392,21 +409,17 @@ pub fn run_stage_mixed(
     };
     std::fs::create_dir_all(out).map_err(io(out))?;
     let spec_path = out.join(SPEC_FILE);
-    if spec_path.exists() {
-        let text = std::fs::read_to_string(&spec_path).map_err(io(&spec_path))?;
-        let previous: StageSpec =
-            serde_json::from_str(&text).map_err(|e| TrainError::BadCheckpoint {
-                path: spec_path.clone(),
-                reason: format!("not a stage spec: {e}"),
-            })?;
-        if &previous != spec {
+    match recorded_spec(out)? {
+        Some(previous) if &previous != spec => {
             return Err(TrainError::Invalid(format!(
                 "{} holds a different stage spec; resume with the same settings or use a new output directory",
                 spec_path.display()
             )));
         }
-    } else {
-        rsllm_core::artefact::write_json_atomic(&spec_path, spec).map_err(io(&spec_path))?;
+        Some(_) => {}
+        None => {
+            rsllm_core::artefact::write_json_atomic(&spec_path, spec).map_err(io(&spec_path))?
+        }
     }
     let mut rsllm = build_rsllm(base, spec, catalog)?;
     if !others.is_empty() {
