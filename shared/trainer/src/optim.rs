@@ -627,6 +627,7 @@ mod tests {
         // Every gradient is now a view of the group's flat buffer ...
         let flat = ours.groups[0].grads.as_ref().expect("gradients adopted");
         assert_eq!(flat.numel(), 12 + 3 + 4);
+        let before = flat.data_ptr() as usize;
         // ... so zeroing the buffer zeroes what the tensors see, and the norm covers them all.
         for (_, p) in &ours.params {
             assert!(p.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
@@ -637,6 +638,13 @@ mod tests {
             assert_eq!(left, 0.0, "{name}");
         }
         assert_eq!(ours.clip_grad_norm(1.0).unwrap(), 0.0);
+        // Autograd accumulates into the adopted views in place: the buffer is not rebuilt.
+        let [a, b, unused] = [0, 1, 2].map(|i| ours.params[i].1.shallow_clone());
+        (two_tensor_loss(&a, &b) + unused.square().sum(Kind::Float)).backward();
+        ours.step(0.05).unwrap();
+        let after = ours.groups[0].grads.as_ref().unwrap().data_ptr() as usize;
+        assert_eq!(before, after);
+        assert!(a.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
 
     #[test]
