@@ -465,33 +465,52 @@ mod tests {
         (w - target).square().sum(Kind::Float) + w.abs().sum(Kind::Float) * 0.1
     }
 
-    #[test]
-    fn matches_libtorch_adamw() {
-        let _rng = crate::test_support::rng_lock();
-        let config = AdamWConfig {
-            weight_decay: 0.01,
-            ..AdamWConfig::default()
-        };
-        let (vs_ref, w_ref) = quadratic_store(1);
+    /// Steps libtorch's AdamW over `vs_ref` and ours over `vs` side by side, both with
+    /// `weight_decay` and `lr`, each side's gradients from its own loss; returns ours.
+    fn side_by_side(
+        (vs_ref, loss_ref): (&nn::VarStore, &dyn Fn() -> Tensor),
+        (vs, loss): (&nn::VarStore, &dyn Fn() -> Tensor),
+        weight_decay: f64,
+        lr: f64,
+        steps: usize,
+    ) -> AdamW {
         let mut reference = nn::AdamW {
             beta1: 0.9,
             beta2: 0.999,
-            wd: 0.01,
+            wd: weight_decay,
             eps: 1e-8,
             amsgrad: false,
         }
-        .build(&vs_ref, 0.05)
+        .build(vs_ref, lr)
         .unwrap();
-        let (vs, w) = quadratic_store(1);
-        let mut ours = AdamW::for_var_store(&vs, config).unwrap();
-        for _ in 0..20 {
+        let config = AdamWConfig {
+            weight_decay,
+            ..AdamWConfig::default()
+        };
+        let mut ours = AdamW::for_var_store(vs, config).unwrap();
+        for _ in 0..steps {
             reference.zero_grad();
-            loss(&w_ref).backward();
+            loss_ref().backward();
             reference.step();
             ours.zero_grad();
-            loss(&w).backward();
-            ours.step(0.05).unwrap();
+            loss().backward();
+            ours.step(lr).unwrap();
         }
+        ours
+    }
+
+    #[test]
+    fn matches_libtorch_adamw() {
+        let _rng = crate::test_support::rng_lock();
+        let (vs_ref, w_ref) = quadratic_store(1);
+        let (vs, w) = quadratic_store(1);
+        side_by_side(
+            (&vs_ref, &|| loss(&w_ref)),
+            (&vs, &|| loss(&w)),
+            0.01,
+            0.05,
+            20,
+        );
         let diff = (&w - &w_ref).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "{diff}");
     }
@@ -586,29 +605,14 @@ mod tests {
     /// difference between the two stores' tensors afterwards.
     fn against_libtorch(steps: usize, loss: impl Fn(&[Tensor; 3]) -> Tensor) -> (f64, AdamW) {
         let (vs_ref, t_ref) = three_tensor_store(5);
-        let mut reference = nn::AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            wd: 0.01,
-            eps: 1e-8,
-            amsgrad: false,
-        }
-        .build(&vs_ref, 0.05)
-        .unwrap();
         let (vs, t) = three_tensor_store(5);
-        let config = AdamWConfig {
-            weight_decay: 0.01,
-            ..AdamWConfig::default()
-        };
-        let mut ours = AdamW::for_var_store(&vs, config).unwrap();
-        for _ in 0..steps {
-            reference.zero_grad();
-            loss(&t_ref).backward();
-            reference.step();
-            ours.zero_grad();
-            loss(&t).backward();
-            ours.step(0.05).unwrap();
-        }
+        let ours = side_by_side(
+            (&vs_ref, &|| loss(&t_ref)),
+            (&vs, &|| loss(&t)),
+            0.01,
+            0.05,
+            steps,
+        );
         let diff = t
             .iter()
             .zip(&t_ref)
@@ -693,22 +697,14 @@ mod tests {
         };
         assert!(1024 * 1025 + 3 > chunk_values(Device::Cpu));
         let (vs_ref, a_ref, b_ref) = build();
-        // tch's default weight decay is 0.01, ours (transformers') 0.
-        let libtorch = nn::AdamW {
-            wd: 0.0,
-            ..nn::AdamW::default()
-        };
-        let mut reference = libtorch.build(&vs_ref, 0.01).unwrap();
         let (vs, a, b) = build();
-        let mut ours = AdamW::for_var_store(&vs, AdamWConfig::default()).unwrap();
-        for _ in 0..3 {
-            reference.zero_grad();
-            loss(&a_ref, &b_ref).backward();
-            reference.step();
-            ours.zero_grad();
-            loss(&a, &b).backward();
-            ours.step(0.01).unwrap();
-        }
+        side_by_side(
+            (&vs_ref, &|| loss(&a_ref, &b_ref)),
+            (&vs, &|| loss(&a, &b)),
+            0.0,
+            0.01,
+            3,
+        );
         for (x, y) in [(&a, &a_ref), (&b, &b_ref)] {
             let diff = (x - y).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "{diff}");
