@@ -47,6 +47,8 @@ use crate::templates::{Piece, Templates, template_domain};
 
 /// How a slot is shown in `BuiltPrompt::text` (display only; the ids hold `slot_token_id`).
 pub const SLOT_MARKER: &str = "[ID]";
+/// How the user slot is shown in `BuiltPrompt::text` (display only, as `SLOT_MARKER`).
+pub const USER_SLOT_MARKER: &str = "[USER]";
 
 /// Text-only (stage 1: titles only) or unified Text-ID (stage 2: each title followed by one ID
 /// slot). Note LLaRA's own text-only prompts keep a `[PH]` placeholder token after each title;
@@ -60,6 +62,12 @@ pub enum PromptMode {
     /// title (it is what generation is judged on), so the model must name items it was shown
     /// only as ID vectors.
     IdOnly,
+    /// Unified, plus one user slot right after the history (`... Titanic [ID] [USER] in the
+    /// previous ...`) whose vector is the recommender's user state after the shown history:
+    /// the vector the recommender itself scores items with. Our choice, beyond METHOD.md (the
+    /// paper's "users' sequential behaviours as a language" read literally): with it the LLM
+    /// need not rebuild the recommender's sequence model from the item slots.
+    UnifiedWithUser,
 }
 
 impl PromptMode {
@@ -85,10 +93,14 @@ pub enum TemplateChoice {
 pub enum SlotRole {
     History,
     Candidate,
+    /// The user slot of `PromptMode::UnifiedWithUser`; its `item` is the newest history item
+    /// (bookkeeping only: its vector is the recommender's user state after
+    /// `BuiltPrompt::history`, never an item vector).
+    User,
 }
 
 /// One ID slot: `input_ids[position] == slot_token_id`; its embedding is to be replaced by the
-/// projected ID embedding of `item`.
+/// projected ID embedding of `item` (for `SlotRole::User`: of the user state, see there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Slot {
     pub position: usize,
@@ -145,8 +157,9 @@ pub struct BuiltPrompt {
     pub text: String,
     /// Prompt tokens, ending right before the answer. No BOS is added.
     pub input_ids: Vec<u32>,
-    /// Unified mode: one slot per history item, then one per candidate, in prompt order
-    /// (history oldest first). Empty in text-only mode.
+    /// Modes with slots: one slot per history item (then, in `UnifiedWithUser` mode, the user
+    /// slot), then one per candidate, in prompt order (history oldest first). Empty in
+    /// text-only mode.
     pub slots: Vec<Slot>,
     /// Token spans of the history titles, in prompt order.
     pub history_spans: Vec<ItemSpan>,
@@ -340,7 +353,7 @@ impl PromptBuilder {
         let text = display_text(&segments);
         let encoded = match mode {
             PromptMode::TextOnly => encode_whole(encoder, &segments, &text)?,
-            PromptMode::Unified | PromptMode::IdOnly => {
+            PromptMode::Unified | PromptMode::IdOnly | PromptMode::UnifiedWithUser => {
                 encode_segmentwise(encoder, &segments, self.options.slot_token_id)?
             }
         };
@@ -437,6 +450,14 @@ impl PromptBuilder {
                     });
                 }
             }
+            if let (PromptMode::UnifiedWithUser, SlotRole::History, Some(&newest)) =
+                (mode, role, items.last())
+            {
+                segments.push(Segment {
+                    kind: SegmentKind::Slot(newest, SlotRole::User),
+                    text: String::new(),
+                });
+            }
         }
         if !literal.is_empty() {
             segments.push(Segment {
@@ -477,6 +498,10 @@ fn display_text(segments: &[Segment]) -> String {
     let mut text = String::new();
     for segment in segments {
         match segment.kind {
+            SegmentKind::Slot(_, SlotRole::User) => {
+                text.push(' ');
+                text.push_str(USER_SLOT_MARKER);
+            }
             SegmentKind::Slot(..) => {
                 text.push(' ');
                 text.push_str(SLOT_MARKER);
@@ -501,6 +526,8 @@ impl Encoded {
         match role {
             SlotRole::History => self.history_spans.push(span),
             SlotRole::Candidate => self.candidate_spans.push(span),
+            // A user slot has no title, so no span.
+            SlotRole::User => {}
         }
     }
 }

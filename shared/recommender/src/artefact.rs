@@ -262,6 +262,28 @@ impl RecModel {
         Ok(scores)
     }
 
+    /// The user state after each history (`histories.len() x dim`, on the model's device,
+    /// detached): the vector the recommender dots with item vectors to score them, and what
+    /// fills a prompt's user slot (RSLLM's `UnifiedWithUser` prompts). Ids are checked; an
+    /// empty history is all padding and still has a state.
+    pub fn user_states(&self, histories: &[&[ItemId]]) -> Result<Tensor, RecError> {
+        for (row, history) in histories.iter().enumerate() {
+            self.check_ids(history, "history", row)?;
+        }
+        let _guard = tch::no_grad_guard();
+        let mut states = Vec::with_capacity(histories.len().div_ceil(SCORE_BATCH));
+        for chunk in histories.chunks(SCORE_BATCH) {
+            states.push(self.encode(chunk.iter().copied())?);
+        }
+        if states.is_empty() {
+            return Ok(Tensor::f_zeros(
+                [0, self.dim() as i64],
+                (Kind::Float, self.device()),
+            )?);
+        }
+        Ok(Tensor::f_cat(&states, 0)?.f_detach()?)
+    }
+
     /// Scores given candidates after each history (`candidates[i]` for `histories[i]`).
     /// Checked: equal list lengths, non-empty histories, every id < num_items.
     pub fn score_candidates(
@@ -616,5 +638,32 @@ mod tests {
             model.score_all(&[long]).unwrap(),
             model.score_all(&[tail]).unwrap()
         );
+    }
+
+    #[test]
+    fn user_states_are_what_the_scores_are_made_of() {
+        let _rng = crate::test_rng_lock();
+        for kind in [ModelKind::Sasrec, ModelKind::Gru4rec, ModelKind::Caser] {
+            let model = model(kind);
+            let histories = histories();
+            let slices: Vec<&[ItemId]> = histories.iter().map(Vec::as_slice).collect();
+            let states = model.user_states(&slices).unwrap();
+            assert_eq!(states.size(), [3, model.dim() as i64], "{kind}");
+            let table = model.item_embedding_tensor().unwrap();
+            let from_states = Vec::<Vec<f32>>::try_from(states.matmul(&table.tr())).unwrap();
+            let scores = model.score_all(&histories).unwrap();
+            for (a, b) in from_states.iter().flatten().zip(scores.iter().flatten()) {
+                assert!((a - b).abs() < 1e-4, "{kind}: {a} vs {b}");
+            }
+            let err = model.user_states(&[&[1, 30]]).unwrap_err().to_string();
+            assert!(
+                err.contains("history 0") && err.contains("item id 30"),
+                "{err}"
+            );
+            assert_eq!(
+                model.user_states(&[]).unwrap().size(),
+                [0, model.dim() as i64]
+            );
+        }
     }
 }

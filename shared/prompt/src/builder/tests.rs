@@ -791,3 +791,69 @@ fn id_only_prompts_carry_slots_and_no_titles() {
         decode(&tokenizer, &unified.answer_ids)
     );
 }
+
+#[test]
+fn unified_with_user_adds_one_user_slot_after_the_history() {
+    let unified = build(PromptMode::Unified, 0);
+    let with_user = build(PromptMode::UnifiedWithUser, 0);
+    assert_eq!(with_user.slots.len(), unified.slots.len() + 1);
+    let users: Vec<&Slot> = with_user
+        .slots
+        .iter()
+        .filter(|s| s.role == SlotRole::User)
+        .collect();
+    assert_eq!(users.len(), 1);
+    let user = users[0];
+    // Right after the newest history item's slot, before the first candidate's title.
+    let newest = with_user
+        .slots
+        .iter()
+        .rfind(|s| s.role == SlotRole::History)
+        .unwrap();
+    assert_eq!(user.item, *HISTORY.last().unwrap());
+    assert_eq!(user.position, newest.position + 1);
+    assert!(user.position < with_user.candidate_spans[0].start);
+    assert_eq!(with_user.input_ids[user.position], PAD_ID);
+    assert!(
+        with_user.text.contains(&format!(
+            "Brian {SLOT_MARKER} {USER_SLOT_MARKER} in the previous"
+        )),
+        "{}",
+        with_user.text
+    );
+    // Everything else is the unified prompt with one more token.
+    let mut ids = with_user.input_ids.clone();
+    ids.remove(user.position);
+    assert_eq!(ids, unified.input_ids);
+    let without: Vec<(ItemId, SlotRole)> = with_user
+        .slots
+        .iter()
+        .filter(|s| s.role != SlotRole::User)
+        .map(|s| (s.item, s.role))
+        .collect();
+    let expected: Vec<(ItemId, SlotRole)> =
+        unified.slots.iter().map(|s| (s.item, s.role)).collect();
+    assert_eq!(without, expected);
+    assert_eq!(with_user.answer_ids, unified.answer_ids);
+    // Every template of every domain gets exactly one, after the history.
+    for dataset in ["movielens", "steam", "lastfm"] {
+        let b = builder(dataset);
+        for template in 0..b.templates().len() {
+            let p = b
+                .build(
+                    &tokenizer(),
+                    &catalog(dataset),
+                    &HISTORY,
+                    &CANDIDATES,
+                    Some(8),
+                    PromptMode::UnifiedWithUser,
+                    TemplateChoice::Fixed(template),
+                )
+                .unwrap();
+            let roles: Vec<SlotRole> = p.slots.iter().map(|s| s.role).collect();
+            let at = roles.iter().position(|r| *r == SlotRole::User).unwrap();
+            assert_eq!(at, HISTORY.len(), "{dataset} template {template}");
+            assert_eq!(roles.iter().filter(|r| **r == SlotRole::User).count(), 1);
+        }
+    }
+}
