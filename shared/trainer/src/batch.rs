@@ -8,6 +8,7 @@ use rsllm_prompt::BuiltPrompt;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainError};
+use crate::objective::SlotIndex;
 
 #[derive(Debug)]
 pub struct Batch {
@@ -15,10 +16,8 @@ pub struct Batch {
     pub ids: Tensor,
     /// `[B, T]` int64 positions 0..T.
     pub positions: Tensor,
-    /// The ID slots: `[N]` row, `[N]` position and `[N]` item id (int64) of each.
-    pub slot_batch: Tensor,
-    pub slot_position: Tensor,
-    pub slot_items: Tensor,
+    /// The ID slots (item and user slots) and what fills them.
+    pub slots: SlotIndex,
     /// Rows that predict an answer token: `[M]` row and position, `[M]` target token.
     pub answer_batch: Tensor,
     pub answer_position: Tensor,
@@ -44,8 +43,8 @@ pub fn collate(prompts: &[BuiltPrompt], pad_id: u32, device: Device) -> Result<B
         .map(|p| p.input_ids.len() + p.answer_ids.len())
         .max()
         .unwrap_or(0);
-    let (mut ids, mut slots_b, mut slots_p, mut slots_i) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut ids = Vec::new();
+    let mut slots = SlotIndex::default();
     let (mut ans_b, mut ans_p, mut ans_t, mut last) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut targets, mut candidates) = (Vec::new(), Vec::new());
@@ -71,11 +70,7 @@ pub fn collate(prompts: &[BuiltPrompt], pad_id: u32, device: Device) -> Result<B
             i64::from(pad_id),
             width - prompt_len - p.answer_ids.len(),
         ));
-        for slot in &p.slots {
-            slots_b.push(row as i64);
-            slots_p.push(slot.position as i64);
-            slots_i.push(i64::from(slot.item));
-        }
+        slots.push(row, p);
         // Position prompt_len - 1 + j predicts answer token j.
         for (j, &token) in p.answer_ids.iter().enumerate() {
             ans_b.push(row as i64);
@@ -94,9 +89,7 @@ pub fn collate(prompts: &[BuiltPrompt], pad_id: u32, device: Device) -> Result<B
     Ok(Batch {
         ids: i64s(&ids, device)?.f_view([b, t])?,
         positions,
-        slot_batch: i64s(&slots_b, device)?,
-        slot_position: i64s(&slots_p, device)?,
-        slot_items: i64s(&slots_i, device)?,
+        slots,
         answer_batch: i64s(&ans_b, device)?,
         answer_position: i64s(&ans_p, device)?,
         answer_targets: i64s(&ans_t, device)?,

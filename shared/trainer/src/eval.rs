@@ -17,10 +17,9 @@ use rsllm_core::{Catalog, ItemId, SeqExample};
 use rsllm_llm::{GenerateOptions, Llama, LlmTokenizer, Sampling, SlotOverrides};
 use rsllm_prompt::{BuiltPrompt, PromptBuilder, PromptMode, TemplateChoice};
 use serde::Serialize;
-use tch::Tensor;
 
 use crate::error::{Result, TrainError};
-use crate::objective::{ItemTable, RsllmHeads};
+use crate::objective::{ItemTable, RsllmHeads, SlotIndex};
 
 /// What LLaRA's matching rule says about one generated answer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -137,17 +136,13 @@ impl Default for EvalOptions {
     }
 }
 
-/// The projected slot vectors of one prompt (batch index `row` in a batch), or None.
+/// The projected slot vectors of prompts batched in this order, or None.
 fn slot_overrides(e: &Evaluated<'_>, prompts: &[&BuiltPrompt]) -> Result<Option<SlotOverrides>> {
-    let (mut rows, mut positions, mut items) = (Vec::new(), Vec::new(), Vec::new());
+    let mut slots = SlotIndex::default();
     for (row, p) in prompts.iter().enumerate() {
-        for slot in &p.slots {
-            rows.push(row as i64);
-            positions.push(slot.position as i64);
-            items.push(i64::from(slot.item));
-        }
+        slots.push(row, p);
     }
-    if items.is_empty() {
+    if slots.is_empty() {
         return Ok(None);
     }
     let (Some(heads), Some(table)) = (e.heads, e.items) else {
@@ -155,17 +150,11 @@ fn slot_overrides(e: &Evaluated<'_>, prompts: &[&BuiltPrompt]) -> Result<Option<
             "unified prompts need the projector and the recommender's item vectors".into(),
         ));
     };
-    let device = e.model.device();
-    let ids = Tensor::f_from_slice(&items)?.f_to_device(device)?;
-    let vectors = heads
-        .projector
-        .forward(&table.vectors.f_index_select(0, &ids)?)?
-        .f_to_kind(e.model.kind())?;
-    Ok(Some(SlotOverrides {
-        batch: Tensor::f_from_slice(&rows)?.f_to_device(device)?,
-        position: Tensor::f_from_slice(&positions)?.f_to_device(device)?,
-        vectors,
-    }))
+    let Some(mut overrides) = slots.overrides(heads, table, e.model.device())? else {
+        return Ok(None);
+    };
+    overrides.vectors = overrides.vectors.f_to_kind(e.model.kind())?;
+    Ok(Some(overrides))
 }
 
 fn prompt_error(row: usize, err: impl std::fmt::Display) -> TrainError {

@@ -1,7 +1,10 @@
 //! RSLLM's objective on one batch (METHOD.md, "Objective"):
 //! `L = L_lm + lambda_ui * L_ui + lambda_it * L_it`, each term switchable.
 //!
-//! - ID slots get `P(e_i)`: the frozen recommender's item vector through the projector.
+//! - ID slots get `P(e_i)`: the frozen recommender's item vector through the projector; the
+//!   user slot of `UnifiedWithUser` prompts gets `P(s_u)`, the recommender's user state after
+//!   the prompt's history (same projector: the recommender scores items by `s_u . e_i`, so
+//!   both live in one space).
 //! - `t_i`, an item's text vector: the mean of the LLM's input embeddings of its title tokens.
 //! - L_lm: cross-entropy on the answer tokens (the prompt is masked).
 //! - L_it: symmetric InfoNCE between `P(e_i)` and `t_i` over the batch's distinct items.
@@ -13,8 +16,10 @@ use std::collections::BTreeSet;
 
 use rsllm_core::ItemId;
 use rsllm_llm::{Llama, Projector, SlotOverrides};
+use rsllm_prompt::{BuiltPrompt, SlotRole};
+use rsllm_recommender::RecModel;
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor, nn};
+use tch::{Device, Kind, Tensor, nn};
 
 use crate::batch::Batch;
 use crate::error::{Result, TrainError};
@@ -71,6 +76,95 @@ pub struct ItemTable {
     pub vectors: Tensor,
     /// Title token ids per item id.
     pub title_ids: Vec<Vec<u32>>,
+    /// The recommender itself (on the CPU), for the user states that fill user slots; None
+    /// where the prompts have none.
+    pub recommender: Option<RecModel>,
+}
+
+/// Where a batch's slots are and what fills them: item slots by item id, user slots by the
+/// history whose user state fills them.
+#[derive(Debug, Default)]
+pub struct SlotIndex {
+    pub item_batch: Vec<i64>,
+    pub item_position: Vec<i64>,
+    pub items: Vec<i64>,
+    pub user_batch: Vec<i64>,
+    pub user_position: Vec<i64>,
+    pub user_histories: Vec<Vec<ItemId>>,
+}
+
+impl SlotIndex {
+    /// Adds the slots of `prompt`, which is row `row` of the batch.
+    pub fn push(&mut self, row: usize, prompt: &BuiltPrompt) {
+        for slot in &prompt.slots {
+            if slot.role == SlotRole::User {
+                self.user_batch.push(row as i64);
+                self.user_position.push(slot.position as i64);
+                self.user_histories.push(prompt.history.clone());
+            } else {
+                self.item_batch.push(row as i64);
+                self.item_position.push(slot.position as i64);
+                self.items.push(i64::from(slot.item));
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.user_batch.is_empty()
+    }
+
+    /// The projected vectors for every slot (item slots first, then user slots), or None when
+    /// there are no slots. Item ids are checked against the table; user slots need the table's
+    /// recommender.
+    pub fn overrides(
+        &self,
+        heads: &RsllmHeads,
+        items: &ItemTable,
+        device: Device,
+    ) -> Result<Option<SlotOverrides>> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        for &item in &self.items {
+            items.check(item as ItemId)?;
+        }
+        let to_device = |values: &[i64]| -> Result<Tensor> {
+            Ok(Tensor::f_from_slice(values)?.f_to_device(device)?)
+        };
+        let ids = to_device(&self.items)?;
+        let mut raw = items.vectors.f_index_select(0, &ids)?;
+        if !self.user_batch.is_empty() {
+            let Some(recommender) = &items.recommender else {
+                return Err(TrainError::Invalid(
+                    "the prompts have user slots but no recommender was loaded to fill them".into(),
+                ));
+            };
+            let histories: Vec<&[ItemId]> = self.user_histories.iter().map(Vec::as_slice).collect();
+            let states = recommender
+                .user_states(&histories)
+                .map_err(|e| TrainError::Invalid(format!("user slots: {e}")))?
+                .f_to_device(device)?
+                .f_to_kind(raw.kind())?;
+            raw = Tensor::f_cat(&[raw, states], 0)?;
+        }
+        let batch: Vec<i64> = self
+            .item_batch
+            .iter()
+            .chain(&self.user_batch)
+            .copied()
+            .collect();
+        let position: Vec<i64> = self
+            .item_position
+            .iter()
+            .chain(&self.user_position)
+            .copied()
+            .collect();
+        Ok(Some(SlotOverrides {
+            batch: to_device(&batch)?,
+            position: to_device(&position)?,
+            vectors: heads.projector.forward(&raw)?,
+        }))
+    }
 }
 
 impl ItemTable {
@@ -141,20 +235,7 @@ pub fn losses(
     batch: &Batch,
     config: &LossConfig,
 ) -> Result<Losses> {
-    let slot_items: Vec<i64> = Vec::<i64>::try_from(&batch.slot_items)?;
-    for &item in &slot_items {
-        items.check(item as ItemId)?;
-    }
-    let overrides = if slot_items.is_empty() {
-        None
-    } else {
-        let vectors = items.vectors.f_index_select(0, &batch.slot_items)?;
-        Some(SlotOverrides {
-            batch: batch.slot_batch.shallow_clone(),
-            position: batch.slot_position.shallow_clone(),
-            vectors: heads.projector.forward(&vectors)?,
-        })
-    };
+    let overrides = batch.slots.overrides(heads, items, model.device())?;
     let embeds = model.embed(&batch.ids, overrides.as_ref())?;
     let hidden = model.forward_embeds(&embeds, &batch.positions, None, None)?;
     let device = model.device();
@@ -172,7 +253,7 @@ pub fn losses(
         out.lm = lm.double_value(&[]);
         total = total.f_add(&lm)?;
     }
-    let unified = !slot_items.is_empty();
+    let unified = !batch.slots.items.is_empty();
     if config.lambda_ui > 0.0 || (config.lambda_it > 0.0 && unified) {
         // The items of this batch: every candidate (the targets are among them).
         let distinct: BTreeSet<ItemId> = batch.candidates.iter().flatten().copied().collect();
@@ -253,16 +334,14 @@ mod tests {
         let b = batch(&s, PromptMode::Unified);
         assert_eq!(b.ids.size()[0], 2);
         // 3 + 4 slots in row 0, 2 + 4 in row 1.
-        assert_eq!(b.slot_items.size(), [13]);
-        let slot_rows = Vec::<i64>::try_from(&b.slot_batch).unwrap();
+        assert_eq!(b.slots.items.len(), 13);
+        assert!(b.slots.user_batch.is_empty());
+        let slot_rows = &b.slots.item_batch;
         assert_eq!(slot_rows.iter().filter(|&&r| r == 0).count(), 7);
         // Every slot position holds the slot token, every answer row predicts the next id.
         let ids = Vec::<i64>::try_from(b.ids.flatten(0, 1)).unwrap();
         let width = b.ids.size()[1];
-        for (row, pos) in slot_rows
-            .iter()
-            .zip(Vec::<i64>::try_from(&b.slot_position).unwrap())
-        {
+        for (row, pos) in slot_rows.iter().zip(b.slots.item_position.iter().copied()) {
             assert_eq!(ids[(row * width + pos) as usize], i64::from(PAD_ID));
         }
         let targets = Vec::<i64>::try_from(&b.answer_targets).unwrap();
@@ -328,11 +407,63 @@ mod tests {
     }
 
     #[test]
+    fn user_slots_carry_the_projected_user_state_of_their_history() {
+        let _rng = rng_lock();
+        let s = setup();
+        let b = batch(&s, PromptMode::UnifiedWithUser);
+        // One user slot per row, after the history's item slots; the items are as unified.
+        assert_eq!(b.slots.items.len(), 13);
+        assert_eq!(b.slots.user_batch, vec![0, 1]);
+        assert_eq!(b.slots.user_histories, vec![vec![0, 1, 2], vec![3, 4]]);
+        let overrides = b
+            .slots
+            .overrides(&s.heads, &s.items, Device::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(overrides.vectors.size(), [15, 32]);
+        let recommender = s.items.recommender.as_ref().unwrap();
+        let states = recommender.user_states(&[&[0, 1, 2], &[3, 4]]).unwrap();
+        let expected = s.heads.projector.forward(&states).unwrap();
+        let got = overrides.vectors.narrow(0, 13, 2);
+        assert!(
+            got.allclose(&expected, 1e-5, 1e-6, false),
+            "user slots hold P(user state)"
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(overrides.position.narrow(0, 13, 2)).unwrap(),
+            b.slots.user_position
+        );
+        // The slot matters to the loss, and its gradient reaches the projector.
+        let config = LossConfig::default();
+        let with = losses(&s.model, &s.heads, &s.items, &b, &config).unwrap();
+        with.total.backward();
+        let grad = s.trained.variables()["projector.fc1.weight"].grad();
+        assert!(grad.defined() && grad.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        let mut other = batch(&s, PromptMode::UnifiedWithUser);
+        other.slots.user_histories = vec![vec![9, 10, 11], vec![5]];
+        let changed = losses(&s.model, &s.heads, &s.items, &other, &config).unwrap();
+        assert_ne!(with.lm, changed.lm);
+        // Without a recommender to compute the states, the error says so.
+        let bare = ItemTable {
+            vectors: s.items.vectors.shallow_clone(),
+            title_ids: s.items.title_ids.clone(),
+            recommender: None,
+        };
+        let err = losses(&s.model, &s.heads, &bare, &b, &config)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("user slots") && err.contains("no recommender"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_items_are_named() {
         let _rng = crate::test_support::rng_lock();
         let s = setup();
         let mut b = batch(&s, PromptMode::Unified);
-        b.slot_items = Tensor::full_like(&b.slot_items, 40);
+        b.slots.items[3] = 40;
         let err = losses(&s.model, &s.heads, &s.items, &b, &LossConfig::default())
             .unwrap_err()
             .to_string();

@@ -58,6 +58,10 @@ pub struct StageSpec {
     /// and titles, shuffled together (`train_limit` applies to each). Empty: the target alone.
     #[serde(default)]
     pub mixture: Vec<String>,
+    /// Stage 2 with a user slot after the history, filled with the recommender's user state
+    /// (`PromptMode::UnifiedWithUser`; our choice beyond METHOD.md, the `user-slot` variant).
+    #[serde(default)]
+    pub user_slot: bool,
 }
 
 impl StageSpec {
@@ -65,8 +69,26 @@ impl StageSpec {
         match (self.stage >= 2, self.no_id_slots, self.no_titles) {
             (false, _, _) | (true, true, _) => PromptMode::TextOnly,
             (true, false, true) => PromptMode::IdOnly,
+            (true, false, false) if self.user_slot => PromptMode::UnifiedWithUser,
             (true, false, false) => PromptMode::Unified,
         }
+    }
+
+    /// Settings that cannot go together, named.
+    fn check_combination(&self) -> Result<()> {
+        if self.user_slot && (self.stage < 2 || self.no_id_slots || self.no_titles) {
+            return Err(TrainError::Invalid(format!(
+                "user_slot is a stage-2 unified-prompt setting: not with stage {}{}{}",
+                self.stage,
+                if self.no_id_slots {
+                    ", no_id_slots"
+                } else {
+                    ""
+                },
+                if self.no_titles { ", no_titles" } else { "" },
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -84,9 +106,11 @@ pub struct Rsllm {
 /// Attaches LoRA, builds projector and heads, loads the recommender's item vectors (a zero
 /// table when the stage has none: text-only prompts never read it) and the title tokens.
 pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) -> Result<Rsllm> {
+    spec.check_combination()?;
     let device = base.model.device();
     let trained = nn::VarStore::new(device);
     base.model.attach_lora(&trained.root(), &spec.lora)?;
+    let mut recommender = None;
     let (vectors, d_id, version) = match &spec.recommender {
         Some(dir) => {
             let rec = rsllm_recommender::RecModel::load(dir, Device::Cpu)
@@ -105,7 +129,16 @@ pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) 
             let table = Tensor::f_from_slice(&values)?
                 .f_view([rec.num_items() as i64, rec.dim() as i64])?
                 .f_to_device(device)?;
-            (table, rec.dim(), Some(rec.version().to_owned()))
+            let found = (table, rec.dim(), Some(rec.version().to_owned()));
+            if spec.user_slot {
+                recommender = Some(rec);
+            }
+            found
+        }
+        None if spec.user_slot => {
+            return Err(TrainError::Invalid(
+                "user_slot needs the recommender whose user states fill the slot".into(),
+            ));
         }
         None => (
             Tensor::f_zeros([catalog.num_items() as i64, 64], (Kind::Float, device))?,
@@ -124,7 +157,11 @@ pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) 
     Ok(Rsllm {
         trained,
         heads,
-        items: ItemTable { vectors, title_ids },
+        items: ItemTable {
+            vectors,
+            title_ids,
+            recommender,
+        },
         recommender_version: version,
     })
 }
@@ -547,6 +584,7 @@ mod tests {
             no_id_slots: false,
             no_titles: false,
             mixture: Vec::new(),
+            user_slot: false,
         }
     }
 
@@ -637,6 +675,7 @@ mod tests {
         let mut items = ItemTable {
             vectors: setup.items.vectors.copy(),
             title_ids: setup.items.title_ids.clone(),
+            recommender: None,
         };
         extend_items(&mut items, &tokenizer, &[band_domain]).unwrap();
         assert_eq!(items.vectors.size(), [17, 8]);
@@ -698,6 +737,20 @@ mod tests {
         let mut ablated = spec(2);
         ablated.no_titles = true;
         assert_eq!(ablated.prompt_mode(), PromptMode::IdOnly);
+        let mut with_user = spec(2);
+        with_user.user_slot = true;
+        assert_eq!(with_user.prompt_mode(), PromptMode::UnifiedWithUser);
+        assert!(with_user.check_combination().is_ok());
+        for (stage, no_slots, no_titles, named) in [
+            (1, false, false, "stage 1"),
+            (2, true, false, "no_id_slots"),
+            (2, false, true, "no_titles"),
+        ] {
+            let mut s = with_user.clone();
+            (s.stage, s.no_id_slots, s.no_titles) = (stage, no_slots, no_titles);
+            let err = s.check_combination().unwrap_err().to_string();
+            assert!(err.contains("user_slot") && err.contains(named), "{err}");
+        }
     }
 
     /// stage.json files written before `curriculum` and `no_id_slots` existed still load (and
@@ -708,6 +761,7 @@ mod tests {
         value.as_object_mut().unwrap().remove("no_id_slots");
         value.as_object_mut().unwrap().remove("no_titles");
         value.as_object_mut().unwrap().remove("mixture");
+        value.as_object_mut().unwrap().remove("user_slot");
         value["train"].as_object_mut().unwrap().remove("curriculum");
         let back: StageSpec = serde_json::from_value(value).unwrap();
         assert_eq!(back, spec(2));

@@ -79,9 +79,25 @@ pub(crate) fn setup() -> Setup {
         .iter()
         .map(|t| tokenizer.encode(&format!(" {t}")).unwrap())
         .collect();
+    let vectors = Tensor::randn([12, 8], (Kind::Float, Device::Cpu));
+    // Last: it reseeds libtorch's generator. Its user states fill user slots; the item
+    // vectors above stay random (no test needs the two to agree).
+    let recommender = rsllm_recommender::RecModel::new_untrained(
+        rsllm_recommender::ModelKind::Sasrec,
+        rsllm_recommender::RecConfig {
+            dim: 8,
+            num_heads: 2,
+            ..rsllm_recommender::RecConfig::default_for(rsllm_recommender::ModelKind::Sasrec)
+        },
+        "movielens",
+        12,
+        Device::Cpu,
+    )
+    .unwrap();
     let items = ItemTable {
-        vectors: Tensor::randn([12, 8], (Kind::Float, Device::Cpu)),
+        vectors,
         title_ids,
+        recommender: Some(recommender),
     };
     Setup {
         _base: base,
