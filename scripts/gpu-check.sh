@@ -128,7 +128,9 @@ pipeline)
         --out "$run" 2>&1 | tee "$out/pipeline.log"
     status=${PIPESTATUS[0]}
     set -e
-    for f in report.md metrics.json figure.png rows-rsllm.csv rows-text-only.csv; do
+    # A call brings back at most 8 files: the log, these three, and the LLM rows but zero-shot's.
+    for f in report.md metrics.json figure.png "$run"/rows-text-only.csv "$run"/rows-rsllm*.csv; do
+        f=$(basename "$f")
         [ -f "$run/$f" ] && cp "$run/$f" "$out/"
     done
     nvidia-smi --query-gpu=memory.used --format=csv >>"$out/pipeline.log" || true

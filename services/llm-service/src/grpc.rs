@@ -204,6 +204,7 @@ impl LlmApi {
             rsllm_prompt::PromptMode::TextOnly => pb::PromptMode::TextOnly,
             rsllm_prompt::PromptMode::Unified => pb::PromptMode::Unified,
             rsllm_prompt::PromptMode::IdOnly => pb::PromptMode::IdOnly,
+            rsllm_prompt::PromptMode::UnifiedWithUser => pb::PromptMode::UnifiedWithUser,
         };
         let mut request = Request::new(pb::BuildPromptRequest {
             domain: domain.to_owned(),

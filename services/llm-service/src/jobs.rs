@@ -311,6 +311,7 @@ impl Jobs {
             },
             no_id_slots: false,
             no_titles: false,
+            user_slot: false,
             mixture: Vec::new(),
         };
         let mut last_step = Instant::now();

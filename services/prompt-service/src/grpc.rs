@@ -90,6 +90,11 @@ impl PromptApi {
             Ok(pb::PromptMode::TextOnly) => PromptMode::TextOnly,
             Ok(pb::PromptMode::Unified) => PromptMode::Unified,
             Ok(pb::PromptMode::IdOnly) => PromptMode::IdOnly,
+            Ok(pb::PromptMode::UnifiedWithUser) => {
+                return Err(ServiceError::Invalid(
+                    "mode = PROMPT_MODE_UNIFIED_WITH_USER: user slots are not served yet".into(),
+                ));
+            }
             Ok(pb::PromptMode::Unspecified) | Err(_) => {
                 return Err(ServiceError::Invalid(format!(
                     "mode = {}: expected PROMPT_MODE_TEXT_ONLY, PROMPT_MODE_UNIFIED or PROMPT_MODE_ID_ONLY",

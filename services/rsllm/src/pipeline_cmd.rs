@@ -46,6 +46,9 @@ pub enum Variant {
     /// LLaRA-style baseline: from the base model, LM loss only, LLaRA's curriculum (unified
     /// prompts with probability step / total, text-only otherwise).
     Llara,
+    /// RSLLM plus a user slot after the history holding the recommender's user state
+    /// (`PromptMode::UnifiedWithUser`; our addition to the method, not an ablation).
+    UserSlot,
 }
 
 impl Variant {
@@ -57,6 +60,7 @@ impl Variant {
             Variant::NoSlots => "no-slots",
             Variant::NoTitles => "no-titles",
             Variant::Llara => "llara",
+            Variant::UserSlot => "user-slot",
         }
     }
 
@@ -68,6 +72,7 @@ impl Variant {
             Variant::NoSlots => "rsllm w/o ID slots",
             Variant::NoTitles => "rsllm w/o titles",
             Variant::Llara => "llara-style (lm loss, curriculum)",
+            Variant::UserSlot => "rsllm + user slot",
         }
     }
 }
@@ -90,8 +95,9 @@ pub struct PipelineArgs {
     #[arg(long)]
     test_limit: Option<usize>,
     /// Stage-2 variants to train and evaluate too, comma separated: ablations (no-stage1,
-    /// no-lit, no-lui, no-slots, no-titles) and the LLaRA-style baseline (llara). Each adds one stage-2 run and one
-    /// evaluation; none by default, so `quick` stays within its time budget.
+    /// no-lit, no-lui, no-slots, no-titles), the LLaRA-style baseline (llara) and RSLLM with a
+    /// user slot (user-slot). Each adds one stage-2 run and one evaluation; none by default,
+    /// so `quick` stays within its time budget.
     #[arg(long, value_delimiter = ',')]
     variants: Vec<Variant>,
     /// Epochs per training run (default: 1 for quick, 5 for full).
@@ -285,6 +291,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         },
         no_id_slots: false,
         no_titles: false,
+        user_slot: false,
         mixture: if stage == 1 {
             args.stage1_mixture
                 .iter()
@@ -324,6 +331,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
                 s.train.loss.lambda_ui = 0.0;
                 s.train.curriculum = true;
             }
+            Variant::UserSlot => s.user_slot = true,
         }
         runs.push((
             s,

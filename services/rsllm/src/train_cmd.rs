@@ -169,6 +169,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         },
         no_id_slots: false,
         no_titles: false,
+        user_slot: false,
         mixture: args.mixture.iter().map(ToString::to_string).collect(),
     };
     let target = Domain {
