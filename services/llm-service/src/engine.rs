@@ -83,8 +83,14 @@ pub struct SlotInput {
 
 #[derive(Debug, Clone)]
 pub enum SlotVector {
+    /// An item's vector already through this adapter's projector (from Redis).
     Projected(Vec<f32>),
+    /// An item's recommender vector, projected here; the projection is handed back for the
+    /// cache.
     Raw(Vec<f32>),
+    /// The recommender's user state at a user slot: projected here like `Raw`, never handed
+    /// back for the cache (it belongs to one request's history, not to an item).
+    UserState(Vec<f32>),
 }
 
 /// What to do with a prompt.
@@ -180,16 +186,24 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Queues a job; a full queue is refused at once.
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
+        // Counted before the send: the model thread may take the job and count it out before
+        // `try_send` even returns here, and the count must never go below zero (it wrapped
+        // to usize::MAX once, under a fleet test's load).
+        let depth = self.depth.fetch_add(1, Ordering::SeqCst).saturating_add(1);
         match self.tx.try_send(Message::Job(job)) {
             Ok(()) => {
-                let depth = self.depth.fetch_add(1, Ordering::SeqCst) + 1;
                 self.metrics.queue_depth.set(&[], depth as f64);
                 Ok(())
             }
-            Err(TrySendError::Full(_)) => Err(EngineError::QueueFull {
-                capacity: self.capacity,
-            }),
-            Err(TrySendError::Disconnected(_)) => Err(EngineError::Stopped),
+            Err(e) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => EngineError::QueueFull {
+                        capacity: self.capacity,
+                    },
+                    TrySendError::Disconnected(_) => EngineError::Stopped,
+                })
+            }
         }
     }
 
@@ -763,7 +777,7 @@ impl Worker {
         let mut raw: Vec<f32> = Vec::new();
         // For each slot: Ok(index into cached rows) or Err(index into raw rows).
         let mut source: Vec<Result<usize, usize>> = Vec::new();
-        let mut raw_owner: Vec<(usize, u32)> = Vec::new();
+        let mut raw_owner: Vec<Option<(usize, u32)>> = Vec::new();
         for (r, job) in group.iter().enumerate() {
             for slot in &job.slots {
                 if slot.position >= job.input_ids.len() {
@@ -787,18 +801,23 @@ impl Worker {
                         source.push(Ok(cached.len() / hidden));
                         cached.extend_from_slice(v);
                     }
-                    SlotVector::Raw(v) => {
+                    SlotVector::Raw(v) | SlotVector::UserState(v) => {
+                        let user = matches!(slot.vector, SlotVector::UserState(_));
                         if v.len() != self.d_id {
                             return Err(EngineError::Invalid(format!(
-                                "item {}'s recommender vector has {} values, the projector takes {}",
-                                slot.item,
+                                "{} has {} values, the projector takes {}",
+                                if user {
+                                    "the user state".to_owned()
+                                } else {
+                                    format!("item {}'s recommender vector", slot.item)
+                                },
                                 v.len(),
                                 self.d_id
                             )));
                         }
                         source.push(Err(raw.len() / self.d_id));
                         raw.extend_from_slice(v);
-                        raw_owner.push((r, slot.item));
+                        raw_owner.push((!user).then_some((r, slot.item)));
                     }
                 }
             }
@@ -832,8 +851,10 @@ impl Worker {
                     .map_err(t)?,
             )
             .map_err(t)?;
-            for (i, (r, item)) in raw_owner.iter().enumerate() {
-                projected_out[*r].push((*item, flat[i * hidden..(i + 1) * hidden].to_vec()));
+            for (i, owner) in raw_owner.iter().enumerate() {
+                if let Some((r, item)) = owner {
+                    projected_out[*r].push((*item, flat[i * hidden..(i + 1) * hidden].to_vec()));
+                }
             }
             p
         };
