@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rsllm_proto::v1::GetItemEmbeddingsRequest;
 use rsllm_proto::v1::embedding_service_client::EmbeddingServiceClient;
+use rsllm_proto::v1::{GetItemEmbeddingsRequest, GetUserStateRequest};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::conn::{CacheError, RedisCache, RedisOptions};
@@ -129,8 +129,11 @@ fn bump(c: &AtomicU64, n: u64) {
 pub enum ReaderError {
     /// The embedding-service answered with an error status (code kept, e.g. NOT_FOUND for an
     /// unknown model, INVALID_ARGUMENT for a bad id) or could not be reached (UNAVAILABLE).
-    #[error("embedding-service GetItemEmbeddings: {0}")]
-    Grpc(#[from] tonic::Status),
+    #[error("embedding-service {rpc}: {status}")]
+    Grpc {
+        rpc: &'static str,
+        status: tonic::Status,
+    },
     /// The configured endpoint is not a valid URI.
     #[error("invalid embedding-service endpoint {endpoint:?}: {source}")]
     Endpoint {
@@ -141,17 +144,17 @@ pub enum ReaderError {
     #[error("invalid redis url: {0}")]
     RedisUrl(#[from] redis::RedisError),
     /// The service's answer does not fit the request.
-    #[error("malformed GetItemEmbeddings response: {0}")]
-    Malformed(String),
+    #[error("malformed {rpc} response: {detail}")]
+    Malformed { rpc: &'static str, detail: String },
 }
 
 impl ReaderError {
     /// The gRPC code a caller should map this to.
     pub fn code(&self) -> tonic::Code {
         match self {
-            ReaderError::Grpc(s) => s.code(),
+            ReaderError::Grpc { status, .. } => status.code(),
             ReaderError::Endpoint { .. } | ReaderError::RedisUrl(_) => tonic::Code::Internal,
-            ReaderError::Malformed(_) => tonic::Code::Internal,
+            ReaderError::Malformed { .. } => tonic::Code::Internal,
         }
     }
 }
@@ -405,6 +408,43 @@ impl Reader {
         Ok(fetched)
     }
 
+    /// The recommender's user state after `history` (oldest first), from the embedding-service
+    /// (never cached: it belongs to one history), with the version of the model that computed
+    /// it. Same timeout and request decoration as the item-vector fallback.
+    pub async fn user_state(
+        &self,
+        model: &str,
+        history: &[u32],
+    ) -> Result<(String, Vec<f32>), ReaderError> {
+        let mut request = tonic::Request::new(GetUserStateRequest {
+            model: model.to_owned(),
+            history: history.to_vec(),
+        });
+        request.set_timeout(self.inner.grpc_timeout);
+        if let Some(decorate) = self.inner.decorate {
+            decorate(request.metadata_mut());
+        }
+        let response = self
+            .inner
+            .client
+            .clone()
+            .get_user_state(request)
+            .await
+            .map_err(|status| ReaderError::Grpc {
+                rpc: "GetUserState",
+                status,
+            })?
+            .into_inner();
+        if response.values.is_empty() {
+            return Err(ReaderError::Malformed {
+                rpc: "GetUserState",
+                detail: format!("an empty user state from model {model}"),
+            });
+        }
+        self.remember_version(model, &response.model_version);
+        Ok((response.model_version, response.values))
+    }
+
     async fn call_grpc(&self, model: &str, ids: &[u32]) -> Result<ItemVectors, ReaderError> {
         bump(&self.inner.counters.fallbacks, 1);
         let mut request = tonic::Request::new(GetItemEmbeddingsRequest {
@@ -420,18 +460,25 @@ impl Reader {
             .client
             .clone()
             .get_item_embeddings(request)
-            .await?
+            .await
+            .map_err(|status| ReaderError::Grpc {
+                rpc: "GetItemEmbeddings",
+                status,
+            })?
             .into_inner();
         let dim = usize::try_from(response.dim).unwrap_or(usize::MAX);
         if ids.is_empty() && response.values.is_empty() {
             // Nothing asked, nothing to check.
         } else if dim == 0 || Some(response.values.len()) != ids.len().checked_mul(dim) {
-            return Err(ReaderError::Malformed(format!(
-                "{} values for {} ids of dim {}",
-                response.values.len(),
-                ids.len(),
-                response.dim
-            )));
+            return Err(ReaderError::Malformed {
+                rpc: "GetItemEmbeddings",
+                detail: format!(
+                    "{} values for {} ids of dim {}",
+                    response.values.len(),
+                    ids.len(),
+                    response.dim
+                ),
+            });
         }
         self.remember_version(model, &response.model_version);
         Ok(ItemVectors {
