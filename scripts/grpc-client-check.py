@@ -59,6 +59,8 @@ def main():
         check(len(vecs.values) == 3 * vecs.dim and vecs.dim == model.dim, "EmbeddingService/GetItemEmbeddings")
         scores = emb.ScoreCandidates(e.ScoreCandidatesRequest(model=model.name, history=[1, 2], candidates=[5, 6, 7]), timeout=TIMEOUT)
         check(len(scores.scores) == 3, "EmbeddingService/ScoreCandidates")
+        state = emb.GetUserState(e.GetUserStateRequest(model=model.name, history=[1, 2]), timeout=TIMEOUT)
+        check(len(state.values) == model.dim and state.model_version == vecs.model_version, "EmbeddingService/GetUserState")
         top = emb.TopK(e.TopKRequest(model=model.name, history=[1, 2], k=5, exclude_history=True), timeout=TIMEOUT)
         check(len(top.items) == 5 and all(i.item_id not in (1, 2) for i in top.items), "EmbeddingService/TopK")
         try:
@@ -72,6 +74,8 @@ def main():
         check("movielens" in [d.name for d in domains], "PromptService/ListDomains")
         built = prm.BuildPrompt(ps.BuildPromptRequest(domain="movielens", history=[1, 2, 3], candidates=[10, 11], mode=ps.PROMPT_MODE_UNIFIED), timeout=TIMEOUT)
         check(len(built.slots) == 5 and len(built.slot_vectors) == 5 * built.slot_dim and len(built.continuations) == 2, "PromptService/BuildPrompt")
+        with_user = prm.BuildPrompt(ps.BuildPromptRequest(domain="movielens", history=[1, 2, 3], candidates=[10, 11], mode=ps.PROMPT_MODE_UNIFIED_WITH_USER), timeout=TIMEOUT)
+        check([s.user for s in with_user.slots] == [False] * 3 + [True] + [False] * 2 and len(with_user.slot_vectors) == 6 * with_user.slot_dim, "PromptService/BuildPrompt (user slot)")
 
         llm = lg.LlmServiceStub(grpc.insecure_channel(a.llm))
         listed = llm.ListModels(l.LlmServiceListModelsRequest(), timeout=TIMEOUT)

@@ -11,7 +11,8 @@ use rsllm_integration_tests::{
 use rsllm_itemvec::{Reader, ReaderConfig, Source, item_key, meta_key, model_key};
 use rsllm_proto::v1::embedding_service_client::EmbeddingServiceClient;
 use rsllm_proto::v1::{
-    GetItemEmbeddingsRequest, ListModelsRequest, ScoreCandidatesRequest, TopKRequest,
+    GetItemEmbeddingsRequest, GetUserStateRequest, ListModelsRequest, ScoreCandidatesRequest,
+    TopKRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -379,6 +380,30 @@ async fn bad_input_gets_a_clear_status_and_breaks_nothing() {
         "no-such-model",
     );
 
+    let user = |history: Vec<u32>| GetUserStateRequest {
+        model: TEST_MODEL.into(),
+        history,
+    };
+    assert_status(
+        c.get_user_state(user(vec![])).await,
+        Code::InvalidArgument,
+        "history is empty",
+    );
+    assert_status(
+        c.get_user_state(user(vec![1, 60])).await,
+        Code::InvalidArgument,
+        "history[1] = 60",
+    );
+    assert_status(
+        c.get_user_state(GetUserStateRequest {
+            model: "no-such-model".into(),
+            history: vec![1],
+        })
+        .await,
+        Code::NotFound,
+        "no-such-model",
+    );
+
     // A history longer than the window is accepted and cut to its last TEST_WINDOW items.
     let long: Vec<u32> = (0..45).collect();
     let tail = long[long.len() - TEST_WINDOW..].to_vec();
@@ -395,6 +420,33 @@ async fn bad_input_gets_a_clear_status_and_breaks_nothing() {
         .into_inner();
     assert_eq!(long_scores.scores, tail_scores.scores);
     assert_eq!(long_scores.model_version, models.manifest.version);
+    // The user state is what the scores are made of: state . item vector = score.
+    let state = c
+        .get_user_state(user(long.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state.model_version, models.manifest.version);
+    let tail_state = c
+        .get_user_state(user(tail.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state.values, tail_state.values);
+    let table = c
+        .get_item_embeddings(get(m(), cands.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state.values.len(), table.dim as usize);
+    for (row, score) in table
+        .values
+        .chunks(table.dim as usize)
+        .zip(&long_scores.scores)
+    {
+        let dot: f32 = row.iter().zip(&state.values).map(|(a, b)| a * b).sum();
+        assert!((dot - score).abs() < 1e-4, "{dot} vs {score}");
+    }
     let long_top = c.top_k(topk(long.clone(), 10)).await.unwrap().into_inner();
     let tail_top = c.top_k(topk(tail, 10)).await.unwrap().into_inner();
     assert_eq!(long_top.items, tail_top.items);

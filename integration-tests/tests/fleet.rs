@@ -389,6 +389,86 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
         ) >= 5.0
     );
 
+    // The user-slot variant over gRPC: refused for stage 1; trained for stage 2, its adapter
+    // serves with prompts whose user slot holds the embedding-service's user state.
+    let user_spec = |stage: u32| pb::JobSpec {
+        stage,
+        dataset: "movielens".into(),
+        train_limit: Some(4),
+        max_steps: Some(1),
+        micro_batch: Some(2),
+        grad_accum: Some(1),
+        user_slot: true,
+        ..Default::default()
+    };
+    let refused = c
+        .start_training(pb::StartTrainingRequest {
+            spec: Some(user_spec(1)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("spec.user_slot"),
+        "{}",
+        refused.message()
+    );
+    let user_job = c
+        .start_training(pb::StartTrainingRequest {
+            spec: Some(user_spec(2)),
+        })
+        .await
+        .expect("StartTraining (user slot)")
+        .into_inner()
+        .job_id;
+    let user_end = watch_to_end(&mut c, &user_job).await;
+    assert_eq!(
+        user_end.state,
+        pb::JobState::Succeeded as i32,
+        "{}",
+        user_end.message
+    );
+    for mode in [Ranking, Generative] {
+        let r = call_recommend(&mut c, recommend(&HISTORY, candidates(), 3, mode))
+            .await
+            .expect("user slot");
+        assert_eq!(r.versions.unwrap().adapter, user_end.adapter_version);
+    }
+    let mut prompts = PromptServiceClient::new(fleet.prompt.channel());
+    let built = prompts
+        .build_prompt(pb::BuildPromptRequest {
+            domain: "movielens".into(),
+            history: HISTORY.to_vec(),
+            candidates: candidates(),
+            mode: pb::PromptMode::UnifiedWithUser as i32,
+            template_index: None,
+        })
+        .await
+        .expect("BuildPrompt with a user slot")
+        .into_inner();
+    let at = built
+        .slots
+        .iter()
+        .position(|s| s.user)
+        .expect("a user slot");
+    assert_eq!(built.slots.iter().filter(|s| s.user).count(), 1);
+    assert_eq!(at, HISTORY.len());
+    let dim = built.slot_dim as usize;
+    let state =
+        pb::embedding_service_client::EmbeddingServiceClient::new(fleet.embedding.channel())
+            .get_user_state(pb::GetUserStateRequest {
+                model: "movielens-llara-sasrec".into(),
+                history: HISTORY.to_vec(),
+            })
+            .await
+            .expect("GetUserState")
+            .into_inner();
+    assert_eq!(state.model_version, built.recommender_version);
+    assert_eq!(
+        built.slot_vectors[at * dim..(at + 1) * dim],
+        state.values[..]
+    );
+
     // CancelJob stops at the next step and keeps the checkpoint.
     let long_job = c
         .start_training(pb::StartTrainingRequest {
@@ -529,8 +609,21 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
         "took {:?}",
         started.elapsed()
     );
-    // With candidates given, no retrieval is needed: the slot vectors are still in Redis.
-    call_recommend(&mut c, recommend(&HISTORY, candidates(), 2, Ranking))
+    // With candidates given, no retrieval is needed: the slot vectors are still in Redis,
+    // for the unified adapter. The user-slot adapter needs the embedding-service for every
+    // call (the user state is never cached), and says so.
+    let mut with_user = recommend(&HISTORY, candidates(), 2, Ranking);
+    with_user.adapter_version = Some(user_end.adapter_version.clone());
+    let status = call_recommend(&mut c, with_user).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(
+        status.message().contains("GetUserState"),
+        "{}",
+        status.message()
+    );
+    let mut pinned = recommend(&HISTORY, candidates(), 2, Ranking);
+    pinned.adapter_version = Some(end.adapter_version.clone());
+    call_recommend(&mut c, pinned)
         .await
         .expect("no embedding-service needed");
     fleet.prompt.sigterm();

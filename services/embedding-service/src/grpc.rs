@@ -9,9 +9,9 @@ use rsllm_core::ItemId;
 use rsllm_proto::v1::EMBEDDING_SERVICE_NAME;
 use rsllm_proto::v1::embedding_service_server::EmbeddingService;
 use rsllm_proto::v1::{
-    GetItemEmbeddingsRequest, GetItemEmbeddingsResponse, ListModelsRequest, ListModelsResponse,
-    ModelInfo, ScoreCandidatesRequest, ScoreCandidatesResponse, ScoredItem, TopKRequest,
-    TopKResponse,
+    GetItemEmbeddingsRequest, GetItemEmbeddingsResponse, GetUserStateRequest, GetUserStateResponse,
+    ListModelsRequest, ListModelsResponse, ModelInfo, ScoreCandidatesRequest,
+    ScoreCandidatesResponse, ScoredItem, TopKRequest, TopKResponse,
 };
 use rsllm_recommender::ModelKind;
 use tonic::{Request, Response, Status};
@@ -278,6 +278,41 @@ impl EmbeddingService for EmbeddingApi {
         };
         self.metrics
             .observe("TopK", span, handled)
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_user_state(
+        &self,
+        request: Request<GetUserStateRequest>,
+    ) -> Result<Response<GetUserStateResponse>, Status> {
+        let span = self.metrics.span("GetUserState", request.metadata());
+        let handled = async move {
+            self.test_delay("GetUserState").await;
+            let req = request.into_inner();
+            let model = self.state.registry()?.get(&req.model)?.clone();
+            let history = window(&req.history, &model, self.state.limits)?;
+            let dim = model.dim;
+            let values = model
+                .with_model("encoding the history", move |m| {
+                    let state = m.user_states(&[history.as_slice()])?;
+                    let values = Vec::<f32>::try_from(state.f_flatten(0, -1)?)?;
+                    if values.len() != dim {
+                        return Err(rsllm_recommender::RecError::Invalid(format!(
+                            "a user state of {} values, the model's width is {dim}",
+                            values.len()
+                        )));
+                    }
+                    Ok(values)
+                })
+                .await?;
+            Ok::<_, ServiceError>(GetUserStateResponse {
+                model_version: model.version.clone(),
+                values,
+            })
+        };
+        self.metrics
+            .observe("GetUserState", span, handled)
             .await
             .map(Response::new)
     }

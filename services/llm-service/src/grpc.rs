@@ -253,20 +253,30 @@ impl LlmApi {
                 ),
             ));
         }
-        let cached = self
-            .cached_projections(&p.adapter.version, &prompt.slots)
-            .await;
+        // Only item slots are cached (a user slot's vector belongs to this request's history).
+        let item_slots: Vec<&pb::IdSlot> = prompt.slots.iter().filter(|s| !s.user).collect();
+        let mut cached = self
+            .cached_projections(&p.adapter.version, &item_slots)
+            .await
+            .into_iter();
         Ok(prompt
             .slots
             .iter()
             .enumerate()
-            .map(|(i, s)| SlotInput {
-                position: s.position as usize,
-                item: s.item_id,
-                vector: match cached.get(i).cloned().flatten() {
-                    Some(v) => SlotVector::Projected(v),
-                    None => SlotVector::Raw(prompt.slot_vectors[i * dim..(i + 1) * dim].to_vec()),
-                },
+            .map(|(i, s)| {
+                let raw = || prompt.slot_vectors[i * dim..(i + 1) * dim].to_vec();
+                SlotInput {
+                    position: s.position as usize,
+                    item: s.item_id,
+                    vector: if s.user {
+                        SlotVector::UserState(raw())
+                    } else {
+                        match cached.next().flatten() {
+                            Some(v) => SlotVector::Projected(v),
+                            None => SlotVector::Raw(raw()),
+                        }
+                    },
+                }
             })
             .collect())
     }
@@ -275,7 +285,7 @@ impl LlmApi {
     async fn cached_projections(
         &self,
         version: &str,
-        slots: &[pb::IdSlot],
+        slots: &[&pb::IdSlot],
     ) -> Vec<Option<Vec<f32>>> {
         let Some(redis) = self.state.get().and_then(|s| s.redis.as_ref()) else {
             return vec![None; slots.len()];

@@ -134,6 +134,12 @@ impl Jobs {
                 spec.stage
             )));
         }
+        if spec.user_slot && spec.stage != 2 {
+            return Err(invalid(format!(
+                "spec.user_slot = true with spec.stage = {}: the user slot is a stage-2 setting",
+                spec.stage
+            )));
+        }
         let dataset: DatasetName = spec
             .dataset
             .parse()
@@ -198,6 +204,7 @@ impl Jobs {
             grad_accum: positive("grad_accum", spec.grad_accum)?.unwrap_or(4),
             lr: f64::from(lr),
             seed: spec.seed.unwrap_or(42),
+            user_slot: spec.user_slot,
             eval_limit: spec.eval_limit.unwrap_or(0),
         })
     }
@@ -311,7 +318,7 @@ impl Jobs {
             },
             no_id_slots: false,
             no_titles: false,
-            user_slot: false,
+            user_slot: plan.user_slot,
             mixture: Vec::new(),
         };
         let mut last_step = Instant::now();
@@ -435,6 +442,7 @@ struct Plan {
     lr: f64,
     seed: u64,
     eval_limit: u32,
+    user_slot: bool,
 }
 
 enum JobEnd {

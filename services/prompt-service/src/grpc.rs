@@ -3,8 +3,8 @@
 use std::sync::{Arc, OnceLock};
 
 use rsllm_common::metrics::{Counter, Registry, RpcMetrics};
-use rsllm_itemvec::{Reader, ReaderError, Source};
-use rsllm_prompt::{PromptMode, TemplateChoice};
+use rsllm_itemvec::{ItemVectors, Reader, ReaderError, Source};
+use rsllm_prompt::{PromptMode, SlotRole, TemplateChoice};
 use rsllm_proto::v1 as pb;
 use rsllm_proto::v1::prompt_service_server::PromptService;
 use tonic::{Code, Request, Response, Status};
@@ -90,14 +90,10 @@ impl PromptApi {
             Ok(pb::PromptMode::TextOnly) => PromptMode::TextOnly,
             Ok(pb::PromptMode::Unified) => PromptMode::Unified,
             Ok(pb::PromptMode::IdOnly) => PromptMode::IdOnly,
-            Ok(pb::PromptMode::UnifiedWithUser) => {
-                return Err(ServiceError::Invalid(
-                    "mode = PROMPT_MODE_UNIFIED_WITH_USER: user slots are not served yet".into(),
-                ));
-            }
+            Ok(pb::PromptMode::UnifiedWithUser) => PromptMode::UnifiedWithUser,
             Ok(pb::PromptMode::Unspecified) | Err(_) => {
                 return Err(ServiceError::Invalid(format!(
-                    "mode = {}: expected PROMPT_MODE_TEXT_ONLY, PROMPT_MODE_UNIFIED or PROMPT_MODE_ID_ONLY",
+                    "mode = {}: expected PROMPT_MODE_TEXT_ONLY, PROMPT_MODE_UNIFIED, PROMPT_MODE_ID_ONLY or PROMPT_MODE_UNIFIED_WITH_USER",
                     req.mode
                 )));
             }
@@ -162,6 +158,7 @@ impl PromptApi {
                 .map(|s| pb::IdSlot {
                     position: s.position as u32,
                     item_id: s.item,
+                    user: s.role == SlotRole::User,
                 })
                 .collect(),
             candidate_spans: built
@@ -179,15 +176,31 @@ impl PromptApi {
             ..Default::default()
         };
         if !built.slots.is_empty() {
-            let ids: Vec<u32> = built.slots.iter().map(|s| s.item).collect();
-            let vectors = self
-                .state
-                .reader
-                .get(&domain.recommender, &ids)
+            let reader = &self.state.reader;
+            let has_user_slot = built.slots.iter().any(|s| s.role == SlotRole::User);
+            // The user state first: the item vectors are then read for the very model version
+            // that computed it, so the two cannot come from a model swapped in between.
+            let (model, user_state) = if has_user_slot {
+                let (version, state) = reader
+                    .user_state(&domain.recommender, &built.history)
+                    .await
+                    .map_err(|e| vector_error(&domain.recommender, e))?;
+                (version, Some(state))
+            } else {
+                (domain.recommender.clone(), None)
+            };
+            let ids: Vec<u32> = built
+                .slots
+                .iter()
+                .filter(|s| s.role != SlotRole::User)
+                .map(|s| s.item)
+                .collect();
+            let vectors = reader
+                .get(&model, &ids)
                 .await
                 .map_err(|e| vector_error(&domain.recommender, e))?;
             response.slot_dim = vectors.dim as u32;
-            response.slot_vectors = vectors.values;
+            response.slot_vectors = slot_vectors(&built.slots, &vectors, user_state.as_deref())?;
             response.recommender_version = vectors.model_version;
             response.vectors_from_cache = vectors.source == Source::Redis;
             let source = match vectors.source {
@@ -215,6 +228,42 @@ impl PromptApi {
                 .collect(),
         })
     }
+}
+
+/// The slot vectors in slot order: item slots' rows of `items` (read in the order of the
+/// non-user slots), the user slot's `user_state`.
+fn slot_vectors(
+    slots: &[rsllm_prompt::Slot],
+    items: &ItemVectors,
+    user_state: Option<&[f32]>,
+) -> Result<Vec<f32>, ServiceError> {
+    let mut values = Vec::with_capacity(slots.len() * items.dim);
+    let mut next_item = 0;
+    for slot in slots {
+        let row = if slot.role == SlotRole::User {
+            user_state.filter(|s| s.len() == items.dim).ok_or_else(|| {
+                ServiceError::internal(
+                    "assembling slot vectors",
+                    format!(
+                        "a user state of {:?} values for item vectors of width {}",
+                        user_state.map(<[f32]>::len),
+                        items.dim
+                    ),
+                )
+            })?
+        } else {
+            let row = items.row(next_item).ok_or_else(|| {
+                ServiceError::internal(
+                    "assembling slot vectors",
+                    format!("no item vector row {next_item}"),
+                )
+            })?;
+            next_item += 1;
+            row
+        };
+        values.extend_from_slice(row);
+    }
+    Ok(values)
 }
 
 /// The embedding-service's own verdicts on ids pass through (our ids came from the catalog, so

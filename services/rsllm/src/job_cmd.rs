@@ -67,6 +67,9 @@ pub struct SubmitArgs {
     /// Evaluate on the first N test rows at the end.
     #[arg(long)]
     eval_limit: Option<u32>,
+    /// Stage 2: prompts with a user slot holding the recommender's user state.
+    #[arg(long)]
+    user_slot: bool,
     /// Stream the job's progress until it ends (exit 1 unless it succeeded).
     #[arg(long)]
     watch: bool,
@@ -114,6 +117,7 @@ async fn run_async(command: JobCommand, endpoint: Endpoint) -> anyhow::Result<()
                 learning_rate: a.lr,
                 seed: a.seed,
                 eval_limit: a.eval_limit,
+                user_slot: a.user_slot,
             };
             let job_id = client
                 .start_training(pb::StartTrainingRequest { spec: Some(spec) })

@@ -59,6 +59,10 @@ pub struct TrainArgs {
     /// model, about 0.5 GB for SmolLM2-135M in f32).
     #[arg(long)]
     full_finetune: bool,
+    /// Stage 2: one more slot after the history holding the recommender's user state (the
+    /// pipeline's `user-slot` variant).
+    #[arg(long)]
+    user_slot: bool,
     /// Stage 1 on a mixture of domains: these datasets' training rows join the target's, each
     /// in its own templates (comma separated; `--limit` applies to each).
     #[arg(long, value_delimiter = ',')]
@@ -169,7 +173,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         },
         no_id_slots: false,
         no_titles: false,
-        user_slot: false,
+        user_slot: args.user_slot,
         mixture: args.mixture.iter().map(ToString::to_string).collect(),
     };
     let target = Domain {

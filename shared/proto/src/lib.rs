@@ -79,6 +79,12 @@ mod tests {
             ) -> Result<tonic::Response<v1::TopKResponse>, tonic::Status> {
                 Err(tonic::Status::unimplemented(""))
             }
+            async fn get_user_state(
+                &self,
+                _: tonic::Request<v1::GetUserStateRequest>,
+            ) -> Result<tonic::Response<v1::GetUserStateResponse>, tonic::Status> {
+                Err(tonic::Status::unimplemented(""))
+            }
             async fn list_models(
                 &self,
                 _: tonic::Request<v1::ListModelsRequest>,
