@@ -307,3 +307,46 @@ impl PromptService for PromptApi {
             .map(Response::new)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rsllm_prompt::Slot;
+
+    use super::*;
+
+    fn slot(position: usize, item: u32, role: SlotRole) -> Slot {
+        Slot {
+            position,
+            item,
+            role,
+        }
+    }
+
+    #[test]
+    fn the_user_state_lands_at_the_user_slot_between_item_rows() {
+        let slots = [
+            slot(3, 7, SlotRole::History),
+            slot(5, 9, SlotRole::History),
+            slot(6, 9, SlotRole::User),
+            slot(9, 4, SlotRole::Candidate),
+        ];
+        // Rows of the non-user slots, in their order: items 7, 9, 4.
+        let items = ItemVectors {
+            model_version: "v".into(),
+            dim: 2,
+            values: vec![7.0, 7.5, 9.0, 9.5, 4.0, 4.5],
+            source: Source::Grpc,
+        };
+        let values = slot_vectors(&slots, &items, Some(&[0.1, 0.2])).unwrap();
+        assert_eq!(values, vec![7.0, 7.5, 9.0, 9.5, 0.1, 0.2, 4.0, 4.5]);
+        // A state of the wrong width, or none, is a bug named as such, never a shifted row.
+        let err = slot_vectors(&slots, &items, Some(&[0.1])).unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+        assert!(slot_vectors(&slots, &items, None).is_err());
+        let short = ItemVectors {
+            values: vec![7.0, 7.5],
+            ..items
+        };
+        assert!(slot_vectors(&slots, &short, Some(&[0.1, 0.2])).is_err());
+    }
+}
