@@ -379,7 +379,9 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         )?;
         bar.finish_and_clear();
         let seconds = stage_started.elapsed().as_secs_f64();
-        let reached = summary.last.as_ref().map_or(0, |r| r.step);
+        // The step the run stands at, counting an earlier, resumed run's steps: a finished
+        // stage that is only resumed reports its whole schedule, not the zero steps taken now.
+        let reached = summary.steps;
         let planned = stage_spec.train.total_steps(rows);
         if summary.stopped {
             eprintln!("  stopped by --stage-time-limit-secs at step {reached} of {planned}");
@@ -545,7 +547,7 @@ fn write_report(
         let rate = |key: &str| {
             t[key]
                 .as_f64()
-                .filter(|_| seconds > 0.0)
+                .filter(|&n| seconds > 0.0 && n > 0.0)
                 .map_or("-".to_owned(), |n| {
                     let r = n / seconds;
                     if r < 10.0 {

@@ -428,6 +428,8 @@ pub fn run_stage_mixed(
     on_step: &mut dyn FnMut(&StepReport) -> std::ops::ControlFlow<()>,
 ) -> Result<TrainSummary> {
     let catalog = target.catalog;
+    // Before anything is written: a refused spec must not leave a stage.json behind.
+    spec.check_combination()?;
     check_mixture(spec, others)?;
     if !(1..=2).contains(&spec.stage) {
         return Err(TrainError::Invalid(format!(
