@@ -16,7 +16,7 @@
 # before the longer call 2. Both use the device image's own PyTorch 2.11.0 as libtorch.
 # Pipeline settings come from the environment (defaults below: the H100 run of docs/results.md,
 # 248 s wall on MovieLens, micro-batch 64 being 2.7x faster than 16), so a rerun needs no edit:
-# GPU_LIMIT (training rows per stage), GPU_MICRO, GPU_ACCUM, GPU_STAGE_SECS, GPU_VARIANTS, GPU_LR,
+# GPU_LIMIT (training rows per stage), GPU_EPOCHS, GPU_MICRO, GPU_ACCUM, GPU_STAGE_SECS, GPU_VARIANTS, GPU_LR,
 # GPU_FULL=1 (full fine-tune, as the peer anchor's text-only baseline: try GPU_LR=1e-4), and for
 # a dry run on the CPU machine GPU_DEVICE=cpu GPU_TEST_LIMIT=3 (with OUT and /tmp/rsllm-gpu here).
 set -euo pipefail
@@ -120,7 +120,7 @@ pipeline)
     set +e
     RSLLM_CACHE_DIR=$cache RSLLM_DATA_DIR=$PWD/.device/b/data RUST_LOG=info \
         timeout "${GPU_TIMEOUT:-480}" "$stage_dir/rsllm" pipeline --dataset "$(cat .device/b/dataset)" --profile full \
-        --device "${GPU_DEVICE:-cuda}" --limit "${GPU_LIMIT:-30000}" --epochs 1 \
+        --device "${GPU_DEVICE:-cuda}" --limit "${GPU_LIMIT:-30000}" --epochs "${GPU_EPOCHS:-1}" \
         --micro-batch "${GPU_MICRO:-64}" --grad-accum "${GPU_ACCUM:-2}" \
         --stage-time-limit-secs "${GPU_STAGE_SECS:-110}" \
         ${GPU_VARIANTS:+--variants "$GPU_VARIANTS"} ${GPU_TEST_LIMIT:+--test-limit "$GPU_TEST_LIMIT"} \
