@@ -416,14 +416,10 @@ impl Reader {
         model: &str,
         history: &[u32],
     ) -> Result<(String, Vec<f32>), ReaderError> {
-        let mut request = tonic::Request::new(GetUserStateRequest {
+        let request = self.request(GetUserStateRequest {
             model: model.to_owned(),
             history: history.to_vec(),
         });
-        request.set_timeout(self.inner.grpc_timeout);
-        if let Some(decorate) = self.inner.decorate {
-            decorate(request.metadata_mut());
-        }
         let response = self
             .inner
             .client
@@ -445,16 +441,22 @@ impl Reader {
         Ok((response.model_version, response.values))
     }
 
-    async fn call_grpc(&self, model: &str, ids: &[u32]) -> Result<ItemVectors, ReaderError> {
-        bump(&self.inner.counters.fallbacks, 1);
-        let mut request = tonic::Request::new(GetItemEmbeddingsRequest {
-            model: model.to_owned(),
-            item_ids: ids.to_vec(),
-        });
+    /// A request to the embedding-service with the reader's timeout and decoration.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
         request.set_timeout(self.inner.grpc_timeout);
         if let Some(decorate) = self.inner.decorate {
             decorate(request.metadata_mut());
         }
+        request
+    }
+
+    async fn call_grpc(&self, model: &str, ids: &[u32]) -> Result<ItemVectors, ReaderError> {
+        bump(&self.inner.counters.fallbacks, 1);
+        let request = self.request(GetItemEmbeddingsRequest {
+            model: model.to_owned(),
+            item_ids: ids.to_vec(),
+        });
         let response = self
             .inner
             .client

@@ -147,21 +147,10 @@ impl SlotIndex {
                 .f_to_kind(raw.kind())?;
             raw = Tensor::f_cat(&[raw, states], 0)?;
         }
-        let batch: Vec<i64> = self
-            .item_batch
-            .iter()
-            .chain(&self.user_batch)
-            .copied()
-            .collect();
-        let position: Vec<i64> = self
-            .item_position
-            .iter()
-            .chain(&self.user_position)
-            .copied()
-            .collect();
+        // Item slots first, then user slots: the order of `raw`'s rows.
         Ok(Some(SlotOverrides {
-            batch: to_device(&batch)?,
-            position: to_device(&position)?,
+            batch: to_device(&[&self.item_batch[..], &self.user_batch[..]].concat())?,
+            position: to_device(&[&self.item_position[..], &self.user_position[..]].concat())?,
             vectors: heads.projector.forward(&raw)?,
         }))
     }
