@@ -12,11 +12,19 @@
 #                                        # then `rsllm pipeline` on CUDA (GPU_DATASET at prepare
 #                                        # time picks the dataset, default movielens)
 #
+# `bash scripts/gpu-check.sh stage` (carry [".device/a"]) is call 1 without the benchmarks: it
+# only leaves the model's first half there. A further dataset on the same warm machine needs
+# neither the model nor the binary again:
+#
+#   GPU_DATASET=lastfm bash scripts/gpu-check.sh prepare-data   # here: stage .device/c
+#   GPU_PART=c bash scripts/gpu-check.sh pipeline               # there, carry [".device/c"]
+#
 # Call 1 also fails fast: if our binary cannot use CUDA there, the machine can be given back
 # before the longer call 2. Both use the device image's own PyTorch 2.11.0 as libtorch.
 # Pipeline settings come from the environment (defaults below: the H100 run of docs/results.md,
 # 248 s wall on MovieLens, micro-batch 64 being 2.7x faster than 16), so a rerun needs no edit:
 # GPU_LIMIT (training rows per stage), GPU_EPOCHS, GPU_MICRO, GPU_ACCUM, GPU_STAGE_SECS, GPU_VARIANTS, GPU_LR,
+# GPU_WARMUP (projector warm-up steps before every stage-2 run with slots),
 # GPU_FULL=1 (full fine-tune, as the peer anchor's text-only baseline: try GPU_LR=1e-4), and for
 # a dry run on the CPU machine GPU_DEVICE=cpu GPU_TEST_LIMIT=3 (with OUT and /tmp/rsllm-gpu here).
 set -euo pipefail
@@ -42,10 +50,42 @@ use_device_torch() {
     export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 }
 
+# Stages one dataset (GPU_DATASET, default movielens) into $1: its raw files, and its
+# prepared split and trained SASRec when they exist here (else the pipeline makes them there).
+stage_dataset() {
+    local dir=$1 cache=${RSLLM_CACHE_DIR:-$HOME/.cache/rsllm} data=${RSLLM_DATA_DIR:-../shared/data}
+    local dataset=${GPU_DATASET:-movielens} raw
+    case "$dataset" in
+    movielens) raw=movielens-100k ;;
+    lastfm) raw=lastfm-hetrec2011-2k ;;
+    steam | steam-valtrain) raw=steam ;;
+    *) echo "GPU_DATASET=$dataset: expected movielens, lastfm, steam or steam-valtrain" >&2; exit 2 ;;
+    esac
+    mkdir -p "$dir/cache/models/rec" "$dir/cache/prepared" "$dir/data"
+    cp -r "$data/$raw" "$dir/data/"
+    for f in "prepared/$dataset-llara" "models/rec/$dataset-llara-sasrec"; do
+        if [ -d "$cache/$f" ]; then cp -r "$cache/$f" "$dir/cache/$(dirname "$f")/"; fi
+    done
+    echo "$dataset" >"$dir/dataset"
+}
+
+# A call carries 64 MiB in all, the repository's own files (about 2 MiB) included.
+check_size() {
+    local size
+    size=$(du -sm "$1" | cut -f1)
+    echo "$1: ${size} MiB"
+    [ "$size" -le 61 ] || { echo "$1 is too large for one call" >&2; exit 1; }
+}
+
 case "${1:-}" in
+prepare-data)
+    rm -rf .device/c
+    stage_dataset .device/c
+    check_size .device/c
+    echo "staged; after call 2, on the same warm machine: 'GPU_PART=c bash scripts/gpu-check.sh pipeline' carry [\".device/c\"]"
+    ;;
 prepare)
     cache=${RSLLM_CACHE_DIR:-$HOME/.cache/rsllm}
-    data=${RSLLM_DATA_DIR:-../shared/data}
     gguf="$cache/models/llm/$model_file"
     [ -f "$gguf" ] || { echo "no $gguf: run scripts/setup.sh first" >&2; exit 1; }
     cargo build --release -p rsllm
@@ -54,7 +94,7 @@ prepare)
     bench=$(ls -t target/release/deps/llm_bench-* | grep -v '\.d$' | head -n1)
     optim_bench=$(ls -t target/release/deps/optim_bench-* | grep -v '\.d$' | head -n1)
     rm -rf .device/a .device/b
-    mkdir -p .device/a .device/b/cache/models/rec .device/b/cache/prepared .device/b/data
+    mkdir -p .device/a .device/b
     # Stripped and xz-packed: the line tables alone would exceed a call's 64 MiB.
     strip -o .device/a/llm_bench "$bench" && xz -T2 -f .device/a/llm_bench
     strip -o .device/a/optim_bench "$optim_bench" && xz -T2 -f .device/a/optim_bench
@@ -66,28 +106,16 @@ prepare)
     head -c "$first" "$gguf" >.device/a/model.part
     tail -c +"$((first + 1))" "$gguf" >.device/b/model.part
     sha256sum "$gguf" | cut -d' ' -f1 >.device/b/model.sha256
-    # One dataset per staging (GPU_DATASET, default movielens): its raw files, and its prepared
-    # split and trained SASRec when they exist here (else the pipeline makes them there).
-    dataset=${GPU_DATASET:-movielens}
-    case "$dataset" in
-    movielens) raw=movielens-100k ;;
-    lastfm) raw=lastfm-hetrec2011-2k ;;
-    steam | steam-valtrain) raw=steam ;;
-    *) echo "GPU_DATASET=$dataset: expected movielens, lastfm, steam or steam-valtrain" >&2; exit 2 ;;
-    esac
-    cp -r "$data/$raw" .device/b/data/
-    for f in "prepared/$dataset-llara" "models/rec/$dataset-llara-sasrec"; do
-        if [ -d "$cache/$f" ]; then cp -r "$cache/$f" ".device/b/cache/$(dirname "$f")/"; fi
-    done
-    echo "$dataset" >.device/b/dataset
-    for part in a b; do
-        size=$(du -sm ".device/$part" | cut -f1)
-        echo ".device/$part: ${size} MiB"
-        # A call carries 64 MiB in all, the repository's own files (about 2 MiB) included.
-        [ "$size" -le 61 ] || { echo ".device/$part is too large for one call" >&2; exit 1; }
-    done
+    stage_dataset .device/b
+    check_size .device/a
+    check_size .device/b
     echo "staged; call 1: 'bash scripts/gpu-check.sh bench' carry [\".device/a\"]," \
         "call 2 at once after it: 'bash scripts/gpu-check.sh pipeline' carry [\".device/b\"]"
+    ;;
+stage)
+    mkdir -p "$stage_dir"
+    cp .device/a/model.part "$stage_dir/model.part-a"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     ;;
 bench)
     out=${OUT:-.device/out}
@@ -107,24 +135,31 @@ bench)
     ;;
 pipeline)
     out=${OUT:-.device/out}
+    part=.device/${GPU_PART:-b}
     mkdir -p "$out"
-    [ -f "$stage_dir/model.part-a" ] || { echo "no $stage_dir/model.part-a: run call 1 first, on the same warm machine" >&2; exit 1; }
     use_device_torch
     cache=$stage_dir/cache
     mkdir -p "$cache/models/llm"
-    cp -r .device/b/cache/. "$cache/"
-    cat "$stage_dir/model.part-a" .device/b/model.part >"$cache/models/llm/$model_file"
-    echo "$(cat .device/b/model.sha256)  $cache/models/llm/$model_file" | sha256sum -c -
-    unxz_to .device/b/rsllm.xz "$stage_dir/rsllm"
-    run=$stage_dir/run
+    cp -r "$part/cache/." "$cache/"
+    model=$cache/models/llm/$model_file
+    if [ -f "$part/model.part" ]; then
+        [ -f "$stage_dir/model.part-a" ] || { echo "no $stage_dir/model.part-a: run call 1 first, on the same warm machine" >&2; exit 1; }
+        cat "$stage_dir/model.part-a" "$part/model.part" >"$model"
+        cp "$part/model.sha256" "$stage_dir/model.sha256"
+        unxz_to "$part/rsllm.xz" "$stage_dir/rsllm"
+    fi
+    # A data-only part (prepare-data) reuses the model and the binary an earlier call left.
+    [ -x "$stage_dir/rsllm" ] && [ -f "$stage_dir/model.sha256" ] || { echo "no model or binary in $stage_dir: run calls 1 and 2 first, on the same warm machine" >&2; exit 1; }
+    echo "$(cat "$stage_dir/model.sha256")  $model" | sha256sum -c -
+    run=$stage_dir/run-$(cat "$part/dataset")
     set +e
-    RSLLM_CACHE_DIR=$cache RSLLM_DATA_DIR=$PWD/.device/b/data RUST_LOG=info \
-        timeout "${GPU_TIMEOUT:-480}" "$stage_dir/rsllm" pipeline --dataset "$(cat .device/b/dataset)" --profile full \
+    RSLLM_CACHE_DIR=$cache RSLLM_DATA_DIR=$PWD/$part/data RUST_LOG=info \
+        timeout "${GPU_TIMEOUT:-480}" "$stage_dir/rsllm" pipeline --dataset "$(cat "$part/dataset")" --profile full \
         --device "${GPU_DEVICE:-cuda}" --limit "${GPU_LIMIT:-30000}" --epochs "${GPU_EPOCHS:-1}" \
         --micro-batch "${GPU_MICRO:-64}" --grad-accum "${GPU_ACCUM:-2}" \
         --stage-time-limit-secs "${GPU_STAGE_SECS:-110}" \
         ${GPU_VARIANTS:+--variants "$GPU_VARIANTS"} ${GPU_TEST_LIMIT:+--test-limit "$GPU_TEST_LIMIT"} \
-        ${GPU_LR:+--lr "$GPU_LR"} ${GPU_FULL:+--full-finetune --checkpoint-every 1000} \
+        ${GPU_LR:+--lr "$GPU_LR"} ${GPU_WARMUP:+--projector-warmup-steps "$GPU_WARMUP"} ${GPU_FULL:+--full-finetune --checkpoint-every 1000} \
         --out "$run" 2>&1 | tee "$out/pipeline.log"
     status=${PIPESTATUS[0]}
     set -e
@@ -137,7 +172,7 @@ pipeline)
     exit "$status"
     ;;
 *)
-    echo "usage: bash scripts/gpu-check.sh prepare|bench|pipeline" >&2
+    echo "usage: bash scripts/gpu-check.sh prepare|prepare-data|stage|bench|pipeline" >&2
     exit 2
     ;;
 esac

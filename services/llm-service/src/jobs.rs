@@ -140,6 +140,12 @@ impl Jobs {
                 spec.stage
             )));
         }
+        if spec.projector_warmup_steps > 0 && spec.stage != 2 {
+            return Err(invalid(format!(
+                "spec.projector_warmup_steps = {} with spec.stage = {}: the warm-up is a stage-2 setting",
+                spec.projector_warmup_steps, spec.stage
+            )));
+        }
         let dataset: DatasetName = spec
             .dataset
             .parse()
@@ -205,6 +211,7 @@ impl Jobs {
             lr: f64::from(lr),
             seed: spec.seed.unwrap_or(42),
             user_slot: spec.user_slot,
+            projector_warmup_steps: u64::from(spec.projector_warmup_steps),
             eval_limit: spec.eval_limit.unwrap_or(0),
         })
     }
@@ -319,6 +326,7 @@ impl Jobs {
             no_id_slots: false,
             no_titles: false,
             user_slot: plan.user_slot,
+            projector_warmup_steps: plan.projector_warmup_steps,
             mixture: Vec::new(),
         };
         let mut last_step = Instant::now();
@@ -443,6 +451,7 @@ struct Plan {
     seed: u64,
     eval_limit: u32,
     user_slot: bool,
+    projector_warmup_steps: u64,
 }
 
 enum JobEnd {

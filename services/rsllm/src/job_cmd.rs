@@ -70,6 +70,9 @@ pub struct SubmitArgs {
     /// Stage 2: prompts with a user slot holding the recommender's user state.
     #[arg(long)]
     user_slot: bool,
+    /// Stage 2: steps of projector warm-up before the first training step (0: none).
+    #[arg(long, default_value_t = 0)]
+    projector_warmup_steps: u32,
     /// Stream the job's progress until it ends (exit 1 unless it succeeded).
     #[arg(long)]
     watch: bool,
@@ -118,6 +121,7 @@ async fn run_async(command: JobCommand, endpoint: Endpoint) -> anyhow::Result<()
                 seed: a.seed,
                 eval_limit: a.eval_limit,
                 user_slot: a.user_slot,
+                projector_warmup_steps: a.projector_warmup_steps,
             };
             let job_id = client
                 .start_training(pb::StartTrainingRequest { spec: Some(spec) })

@@ -130,6 +130,10 @@ pub struct PipelineArgs {
     /// step it reached anyway); raise it for a full fine-tune, whose checkpoints are large.
     #[arg(long, default_value_t = 20)]
     checkpoint_every: u64,
+    /// Steps of projector warm-up at the start of every stage-2 run with ID slots (see
+    /// `rsllm train --projector-warmup-steps`; our addition beyond METHOD.md). 0: none.
+    #[arg(long, default_value_t = 0)]
+    projector_warmup_steps: u64,
 }
 
 /// A run directory whose training runs were started with other settings (another version of
@@ -292,6 +296,11 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         no_id_slots: false,
         no_titles: false,
         user_slot: false,
+        projector_warmup_steps: if stage == 2 {
+            args.projector_warmup_steps
+        } else {
+            0
+        },
         mixture: if stage == 1 {
             args.stage1_mixture
                 .iter()
@@ -323,7 +332,11 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             Variant::NoStage1 => s.init_from = None,
             Variant::NoLit => s.train.loss.lambda_it = 0.0,
             Variant::NoLui => s.train.loss.lambda_ui = 0.0,
-            Variant::NoSlots => s.no_id_slots = true,
+            Variant::NoSlots => {
+                // No slots, no projector input to warm up.
+                s.no_id_slots = true;
+                s.projector_warmup_steps = 0;
+            }
             Variant::NoTitles => s.no_titles = true,
             Variant::Llara => {
                 s.init_from = None;
@@ -386,11 +399,19 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         if summary.stopped {
             eprintln!("  stopped by --stage-time-limit-secs at step {reached} of {planned}");
         }
+        // Written once, when the run started (a resumed run keeps its first start's report).
+        let warmup_path = out.join(dir).join(rsllm_trainer::stage::WARMUP_FILE);
+        let warmup = match std::fs::read(&warmup_path) {
+            Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
+                .with_context(|| format!("{}", warmup_path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
+            Err(e) => return Err(e).with_context(|| format!("{}", warmup_path.display())),
+        };
         training.insert(
             dir.clone(),
             json!({"steps": reached, "planned_steps": planned, "stopped": summary.stopped,
                    "seconds": seconds, "resumed_from": summary.resumed_from,
-                   "rows": rows_done, "tokens": tokens_done}),
+                   "rows": rows_done, "tokens": tokens_done, "projector_warmup": warmup}),
         );
         // The checkpoint holds the whole curve, also the steps of an earlier, resumed run.
         let saved = rsllm_trainer::checkpoint::latest(
@@ -569,6 +590,30 @@ fn write_report(
                 "no"
             }
         ));
+    }
+    let warmed: Vec<_> = metrics["training"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, t)| t["projector_warmup"].is_object())
+        .collect();
+    if !warmed.is_empty() {
+        md.push_str("\nProjector warm-up (before stage 2's first step; HR@1 on held-out training rows, each with its drawn candidates):\n\n| training run | steps | L_it first -> last | user-slot HR@1 by title / by ID slot | recommender HR@1 | slots closest to their own title |\n|---|---|---|---|---|---|\n");
+        let share =
+            |v: &serde_json::Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.3}"));
+        for (run, t) in warmed {
+            let w = &t["projector_warmup"];
+            md.push_str(&format!(
+                "| {run} | {} | {} -> {} | {} / {} | {} | {} |\n",
+                w["steps"],
+                share(&w["item_loss_first"]),
+                share(&w["item_loss_last"]),
+                share(&w["user_slot_hr1_by_title"]),
+                share(&w["user_slot_hr1_by_slot"]),
+                share(&w["recommender_hr1"]),
+                share(&w["item_own_title_top1"]),
+            ));
+        }
     }
     md.push_str(
         "\n![loss curves and metrics](figure.png)\n\nIntervals, loss curves and per-row outputs: metrics.json, rows-*.csv.\n",

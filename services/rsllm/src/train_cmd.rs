@@ -63,6 +63,12 @@ pub struct TrainArgs {
     /// pipeline's `user-slot` variant).
     #[arg(long)]
     user_slot: bool,
+    /// Stage 2: steps of projector warm-up before the first training step: the projector
+    /// alone aligned with the item titles (and the user slot with the target's title), no
+    /// transformer pass; written to <out>/projector-warmup.json. 0: none (METHOD.md as
+    /// written).
+    #[arg(long, default_value_t = 0)]
+    projector_warmup_steps: u64,
     /// Stage 1 on a mixture of domains: these datasets' training rows join the target's, each
     /// in its own templates (comma separated; `--limit` applies to each).
     #[arg(long, value_delimiter = ',')]
@@ -174,6 +180,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         no_id_slots: false,
         no_titles: false,
         user_slot: args.user_slot,
+        projector_warmup_steps: args.projector_warmup_steps,
         mixture: args.mixture.iter().map(ToString::to_string).collect(),
     };
     let target = Domain {

@@ -18,6 +18,7 @@ pub mod stage;
 #[cfg(test)]
 mod test_support;
 pub mod train_loop;
+pub mod warmup;
 
 pub use checkpoint::{Checkpoint, CheckpointManifest};
 pub use error::{Result, TrainError};

@@ -169,7 +169,7 @@ impl ItemTable {
     }
 
     /// `[K, D]` mean input embedding of each item's title tokens.
-    fn text_vectors(&self, model: &Llama, items: &[ItemId]) -> Result<Tensor> {
+    pub(crate) fn text_vectors(&self, model: &Llama, items: &[ItemId]) -> Result<Tensor> {
         let device = model.device();
         let width = items
             .iter()

@@ -24,6 +24,7 @@ use crate::checkpoint;
 use crate::error::{Result, TrainError};
 use crate::objective::{ItemTable, RsllmHeads};
 use crate::train_loop::{ExampleSource, StepReport, TrainConfig, TrainSummary, Trainee, train};
+use crate::warmup::{WarmupConfig, warm_up_projector};
 
 /// Everything a stage needs to be run again or evaluated: written to `<out>/stage.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +63,10 @@ pub struct StageSpec {
     /// (`PromptMode::UnifiedWithUser`; our choice beyond METHOD.md, the `user-slot` variant).
     #[serde(default)]
     pub user_slot: bool,
+    /// Stage 2: steps of projector warm-up before the first training step (our choice beyond
+    /// METHOD.md; see [`crate::warmup`]). 0: none, the method as written.
+    #[serde(default)]
+    pub projector_warmup_steps: u64,
 }
 
 impl StageSpec {
@@ -88,12 +93,25 @@ impl StageSpec {
                 if self.no_titles { ", no_titles" } else { "" },
             )));
         }
+        if self.projector_warmup_steps > 0 && (self.stage < 2 || self.no_id_slots) {
+            return Err(TrainError::Invalid(format!(
+                "projector_warmup_steps warms up the ID slots' projector: not with stage {}{}",
+                self.stage,
+                if self.no_id_slots {
+                    ", no_id_slots"
+                } else {
+                    ""
+                },
+            )));
+        }
         Ok(())
     }
 }
 
 pub const SPEC_FILE: &str = "stage.json";
 pub const CHECKPOINT_DIR: &str = "checkpoints";
+/// The projector warm-up's report ([`crate::warmup::WarmupReport`]), beside `stage.json`.
+pub const WARMUP_FILE: &str = "projector-warmup.json";
 
 /// The trainable side built over a loaded base model.
 pub struct Rsllm {
@@ -465,11 +483,30 @@ pub fn run_stage_mixed(
         extend_items(&mut rsllm.items, &base.tokenizer, others)?;
     }
     let checkpoints = out.join(CHECKPOINT_DIR);
-    if let Some(init) = &spec.init_from
-        && checkpoint::latest(&checkpoints)?.is_none()
-    {
-        // Stage 1 trains the same tensors (adapters, projector, heads): all carry over.
-        load_trained(&rsllm.trained, Some(&base.vs), init)?;
+    // A resumed run finds everything below in its checkpoint.
+    if checkpoint::latest(&checkpoints)?.is_none() {
+        if let Some(init) = &spec.init_from {
+            // Stage 1 trains the same tensors (adapters, projector, heads): all carry over.
+            load_trained(&rsllm.trained, Some(&base.vs), init)?;
+        }
+        if spec.projector_warmup_steps > 0 {
+            let report = warm_up_projector(
+                &base.model,
+                &rsllm.heads,
+                &rsllm.trained,
+                &rsllm.items,
+                target.limited(spec.train_limit),
+                WarmupConfig {
+                    steps: spec.projector_warmup_steps,
+                    candidates: spec.num_candidates,
+                    tau: spec.train.loss.tau,
+                    seed: spec.train.seed,
+                },
+            )?;
+            tracing::info!(?report, "projector warmed up");
+            let path = out.join(WARMUP_FILE);
+            rsllm_core::artefact::write_json_atomic(&path, &report).map_err(io(&path))?;
+        }
     }
     let slot = base.tokenizer.pad_id.unwrap_or(0);
     let domains: Vec<Domain<'_>> = std::iter::once(target)
@@ -587,6 +624,7 @@ mod tests {
             no_titles: false,
             mixture: Vec::new(),
             user_slot: false,
+            projector_warmup_steps: 0,
         }
     }
 
