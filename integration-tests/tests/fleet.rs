@@ -389,8 +389,9 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
         ) >= 5.0
     );
 
-    // The user-slot variant over gRPC: refused for stage 1; trained for stage 2, its adapter
-    // serves with prompts whose user slot holds the embedding-service's user state.
+    // The user-slot variant over gRPC (with a few projector warm-up steps): refused for stage
+    // 1; trained for stage 2, its adapter serves with prompts whose user slot holds the
+    // embedding-service's user state.
     let user_spec = |stage: u32| pb::JobSpec {
         stage,
         dataset: "movielens".into(),
@@ -399,8 +400,24 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
         micro_batch: Some(2),
         grad_accum: Some(1),
         user_slot: true,
+        projector_warmup_steps: 3,
         ..Default::default()
     };
+    let refused = c
+        .start_training(pb::StartTrainingRequest {
+            spec: Some(pb::JobSpec {
+                user_slot: false,
+                ..user_spec(1)
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("spec.projector_warmup_steps"),
+        "{}",
+        refused.message()
+    );
     let refused = c
         .start_training(pb::StartTrainingRequest {
             spec: Some(user_spec(1)),

@@ -793,6 +793,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_projector_warm_up_is_a_stage_two_setting_with_slots() {
+        let mut warmed = spec(2);
+        warmed.projector_warmup_steps = 10;
+        assert!(warmed.check_combination().is_ok());
+        warmed.user_slot = true;
+        assert!(warmed.check_combination().is_ok());
+        warmed.user_slot = false;
+        warmed.no_titles = true;
+        assert!(
+            warmed.check_combination().is_ok(),
+            "ID-only prompts have slots"
+        );
+        for (stage, no_slots, named) in [(1, false, "stage 1"), (2, true, "no_id_slots")] {
+            let mut s = spec(2);
+            s.projector_warmup_steps = 10;
+            (s.stage, s.no_id_slots) = (stage, no_slots);
+            let err = s.check_combination().unwrap_err().to_string();
+            assert!(
+                err.contains("projector_warmup_steps") && err.contains(named),
+                "{err}"
+            );
+        }
+    }
+
     /// stage.json files written before `curriculum` and `no_id_slots` existed still load (and
     /// mean neither), so earlier runs resume and serve unchanged.
     #[test]
@@ -802,6 +827,10 @@ mod tests {
         value.as_object_mut().unwrap().remove("no_titles");
         value.as_object_mut().unwrap().remove("mixture");
         value.as_object_mut().unwrap().remove("user_slot");
+        value
+            .as_object_mut()
+            .unwrap()
+            .remove("projector_warmup_steps");
         value["train"].as_object_mut().unwrap().remove("curriculum");
         let back: StageSpec = serde_json::from_value(value).unwrap();
         assert_eq!(back, spec(2));
