@@ -485,6 +485,27 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
         built.slot_vectors[at * dim..(at + 1) * dim],
         state.values[..]
     );
+    // The `user-slot-last` placement: the same slot and vector, as the prompt's last token.
+    let last = prompts
+        .build_prompt(pb::BuildPromptRequest {
+            domain: "movielens".into(),
+            history: HISTORY.to_vec(),
+            candidates: candidates(),
+            mode: pb::PromptMode::UnifiedWithUserLast as i32,
+            template_index: None,
+        })
+        .await
+        .expect("BuildPrompt with the user slot last")
+        .into_inner();
+    let user = last.slots.last().expect("slots");
+    assert!(user.user);
+    assert_eq!(user.position as usize, last.input_ids.len() - 1);
+    assert_eq!(last.slots.iter().filter(|s| s.user).count(), 1);
+    let at = last.slots.len() - 1;
+    assert_eq!(
+        last.slot_vectors[at * dim..(at + 1) * dim],
+        state.values[..]
+    );
 
     // CancelJob stops at the next step and keeps the checkpoint.
     let long_job = c

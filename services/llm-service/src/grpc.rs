@@ -205,6 +205,7 @@ impl LlmApi {
             rsllm_prompt::PromptMode::Unified => pb::PromptMode::Unified,
             rsllm_prompt::PromptMode::IdOnly => pb::PromptMode::IdOnly,
             rsllm_prompt::PromptMode::UnifiedWithUser => pb::PromptMode::UnifiedWithUser,
+            rsllm_prompt::PromptMode::UnifiedWithUserLast => pb::PromptMode::UnifiedWithUserLast,
         };
         let mut request = Request::new(pb::BuildPromptRequest {
             domain: domain.to_owned(),

@@ -140,6 +140,11 @@ impl Jobs {
                 spec.stage
             )));
         }
+        if spec.user_slot_last && !spec.user_slot {
+            return Err(invalid(
+                "spec.user_slot_last = true without spec.user_slot: it places the user slot".into(),
+            ));
+        }
         if spec.projector_warmup_steps > 0 && spec.stage != 2 {
             return Err(invalid(format!(
                 "spec.projector_warmup_steps = {} with spec.stage = {}: the warm-up is a stage-2 setting",
@@ -211,6 +216,7 @@ impl Jobs {
             lr: f64::from(lr),
             seed: spec.seed.unwrap_or(42),
             user_slot: spec.user_slot,
+            user_slot_last: spec.user_slot_last,
             projector_warmup_steps: u64::from(spec.projector_warmup_steps),
             eval_limit: spec.eval_limit.unwrap_or(0),
         })
@@ -326,6 +332,7 @@ impl Jobs {
             no_id_slots: false,
             no_titles: false,
             user_slot: plan.user_slot,
+            user_slot_last: plan.user_slot_last,
             projector_warmup_steps: plan.projector_warmup_steps,
             mixture: Vec::new(),
         };
@@ -451,6 +458,7 @@ struct Plan {
     seed: u64,
     eval_limit: u32,
     user_slot: bool,
+    user_slot_last: bool,
     projector_warmup_steps: u64,
 }
 

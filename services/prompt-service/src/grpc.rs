@@ -91,9 +91,10 @@ impl PromptApi {
             Ok(pb::PromptMode::Unified) => PromptMode::Unified,
             Ok(pb::PromptMode::IdOnly) => PromptMode::IdOnly,
             Ok(pb::PromptMode::UnifiedWithUser) => PromptMode::UnifiedWithUser,
+            Ok(pb::PromptMode::UnifiedWithUserLast) => PromptMode::UnifiedWithUserLast,
             Ok(pb::PromptMode::Unspecified) | Err(_) => {
                 return Err(ServiceError::Invalid(format!(
-                    "mode = {}: expected PROMPT_MODE_TEXT_ONLY, PROMPT_MODE_UNIFIED, PROMPT_MODE_ID_ONLY or PROMPT_MODE_UNIFIED_WITH_USER",
+                    "mode = {}: expected PROMPT_MODE_TEXT_ONLY, PROMPT_MODE_UNIFIED, PROMPT_MODE_ID_ONLY, PROMPT_MODE_UNIFIED_WITH_USER or PROMPT_MODE_UNIFIED_WITH_USER_LAST",
                     req.mode
                 )));
             }

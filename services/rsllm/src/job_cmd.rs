@@ -70,6 +70,9 @@ pub struct SubmitArgs {
     /// Stage 2: prompts with a user slot holding the recommender's user state.
     #[arg(long)]
     user_slot: bool,
+    /// Stage 2: the user slot as the prompt's last token (implies --user-slot).
+    #[arg(long)]
+    user_slot_last: bool,
     /// Stage 2: steps of projector warm-up before the first training step (0: none).
     #[arg(long, default_value_t = 0)]
     projector_warmup_steps: u32,
@@ -120,7 +123,8 @@ async fn run_async(command: JobCommand, endpoint: Endpoint) -> anyhow::Result<()
                 learning_rate: a.lr,
                 seed: a.seed,
                 eval_limit: a.eval_limit,
-                user_slot: a.user_slot,
+                user_slot: a.user_slot || a.user_slot_last,
+                user_slot_last: a.user_slot_last,
                 projector_warmup_steps: a.projector_warmup_steps,
             };
             let job_id = client

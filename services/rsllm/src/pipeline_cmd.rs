@@ -49,6 +49,9 @@ pub enum Variant {
     /// RSLLM plus a user slot after the history holding the recommender's user state
     /// (`PromptMode::UnifiedWithUser`; our addition to the method, not an ablation).
     UserSlot,
+    /// The same user slot as the prompt's last token, right before the answer
+    /// (`PromptMode::UnifiedWithUserLast`; our addition too).
+    UserSlotLast,
 }
 
 impl Variant {
@@ -61,6 +64,7 @@ impl Variant {
             Variant::NoTitles => "no-titles",
             Variant::Llara => "llara",
             Variant::UserSlot => "user-slot",
+            Variant::UserSlotLast => "user-slot-last",
         }
     }
 
@@ -73,6 +77,7 @@ impl Variant {
             Variant::NoTitles => "rsllm w/o titles",
             Variant::Llara => "llara-style (lm loss, curriculum)",
             Variant::UserSlot => "rsllm + user slot",
+            Variant::UserSlotLast => "rsllm + user slot, last",
         }
     }
 }
@@ -96,7 +101,7 @@ pub struct PipelineArgs {
     test_limit: Option<usize>,
     /// Stage-2 variants to train and evaluate too, comma separated: ablations (no-stage1,
     /// no-lit, no-lui, no-slots, no-titles), the LLaRA-style baseline (llara) and RSLLM with a
-    /// user slot (user-slot). Each adds one stage-2 run and one evaluation; none by default,
+    /// user slot after the history (user-slot) or as the prompt's last token (user-slot-last). Each adds one stage-2 run and one evaluation; none by default,
     /// so `quick` stays within its time budget.
     #[arg(long, value_delimiter = ',')]
     variants: Vec<Variant>,
@@ -296,6 +301,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         no_id_slots: false,
         no_titles: false,
         user_slot: false,
+        user_slot_last: false,
         projector_warmup_steps: if stage == 2 {
             args.projector_warmup_steps
         } else {
@@ -345,6 +351,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
                 s.train.curriculum = true;
             }
             Variant::UserSlot => s.user_slot = true,
+            Variant::UserSlotLast => (s.user_slot, s.user_slot_last) = (true, true),
         }
         runs.push((
             s,

@@ -63,6 +63,10 @@ pub struct TrainArgs {
     /// pipeline's `user-slot` variant).
     #[arg(long)]
     user_slot: bool,
+    /// Stage 2: the user slot as the prompt's last token, right before the answer (implies
+    /// --user-slot; the pipeline's `user-slot-last` variant).
+    #[arg(long)]
+    user_slot_last: bool,
     /// Stage 2: steps of projector warm-up before the first training step: the projector
     /// alone aligned with the item titles (and the user slot with the target's title), no
     /// transformer pass; written to <out>/projector-warmup.json. 0: none (METHOD.md as
@@ -179,7 +183,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         },
         no_id_slots: false,
         no_titles: false,
-        user_slot: args.user_slot,
+        user_slot: args.user_slot || args.user_slot_last,
+        user_slot_last: args.user_slot_last,
         projector_warmup_steps: args.projector_warmup_steps,
         mixture: args.mixture.iter().map(ToString::to_string).collect(),
     };

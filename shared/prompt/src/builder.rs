@@ -68,6 +68,11 @@ pub enum PromptMode {
     /// paper's "users' sequential behaviours as a language" read literally): with it the LLM
     /// need not rebuild the recommender's sequence model from the item slots.
     UnifiedWithUser,
+    /// `UnifiedWithUser` with the user slot as the prompt's last token, right before the
+    /// answer (`... Answer: [USER]`): the position that predicts the answer's first token
+    /// then starts from the user state itself, one attention step from the candidates' ID
+    /// slots. Our choice too (the `user-slot-last` variant).
+    UnifiedWithUserLast,
 }
 
 impl PromptMode {
@@ -93,7 +98,8 @@ pub enum TemplateChoice {
 pub enum SlotRole {
     History,
     Candidate,
-    /// The user slot of `PromptMode::UnifiedWithUser`; its `item` is the newest history item
+    /// The user slot of `PromptMode::UnifiedWithUser` and `UnifiedWithUserLast`; its `item` is
+    /// the newest history item
     /// (bookkeeping only: its vector is the recommender's user state after
     /// `BuiltPrompt::history`, never an item vector).
     User,
@@ -158,8 +164,8 @@ pub struct BuiltPrompt {
     /// Prompt tokens, ending right before the answer. No BOS is added.
     pub input_ids: Vec<u32>,
     /// Modes with slots: one slot per history item (then, in `UnifiedWithUser` mode, the user
-    /// slot), then one per candidate, in prompt order (history oldest first). Empty in
-    /// text-only mode.
+    /// slot), then one per candidate (then, in `UnifiedWithUserLast` mode, the user slot), in
+    /// prompt order (history oldest first). Empty in text-only mode.
     pub slots: Vec<Slot>,
     /// Token spans of the history titles, in prompt order.
     pub history_spans: Vec<ItemSpan>,
@@ -353,7 +359,10 @@ impl PromptBuilder {
         let text = display_text(&segments);
         let encoded = match mode {
             PromptMode::TextOnly => encode_whole(encoder, &segments, &text)?,
-            PromptMode::Unified | PromptMode::IdOnly | PromptMode::UnifiedWithUser => {
+            PromptMode::Unified
+            | PromptMode::IdOnly
+            | PromptMode::UnifiedWithUser
+            | PromptMode::UnifiedWithUserLast => {
                 encode_segmentwise(encoder, &segments, self.options.slot_token_id)?
             }
         };
@@ -463,6 +472,12 @@ impl PromptBuilder {
             segments.push(Segment {
                 kind: SegmentKind::Literal,
                 text: literal,
+            });
+        }
+        if let (PromptMode::UnifiedWithUserLast, Some(&newest)) = (mode, history.last()) {
+            segments.push(Segment {
+                kind: SegmentKind::Slot(newest, SlotRole::User),
+                text: String::new(),
             });
         }
         Ok(segments)

@@ -448,6 +448,25 @@ mod tests {
     }
 
     #[test]
+    fn a_last_user_slot_is_each_rows_final_prompt_position_and_moves_the_answer() {
+        let _rng = rng_lock();
+        let s = setup();
+        let b = batch(&s, PromptMode::UnifiedWithUserLast);
+        assert_eq!(b.slots.user_batch, vec![0, 1]);
+        assert_eq!(
+            b.slots.user_position,
+            Vec::<i64>::try_from(&b.last_prompt).unwrap(),
+            "the position that predicts the answer's first token"
+        );
+        let config = LossConfig::default();
+        let with = losses(&s.model, &s.heads, &s.items, &b, &config).unwrap();
+        let mut other = batch(&s, PromptMode::UnifiedWithUserLast);
+        other.slots.user_histories = vec![vec![9, 10, 11], vec![5]];
+        let changed = losses(&s.model, &s.heads, &s.items, &other, &config).unwrap();
+        assert_ne!(with.lm, changed.lm);
+    }
+
+    #[test]
     fn unknown_items_are_named() {
         let _rng = crate::test_support::rng_lock();
         let s = setup();

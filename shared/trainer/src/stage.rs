@@ -63,6 +63,10 @@ pub struct StageSpec {
     /// (`PromptMode::UnifiedWithUser`; our choice beyond METHOD.md, the `user-slot` variant).
     #[serde(default)]
     pub user_slot: bool,
+    /// With `user_slot`: the user slot as the prompt's last token instead of after the history
+    /// (`PromptMode::UnifiedWithUserLast`, the `user-slot-last` variant).
+    #[serde(default)]
+    pub user_slot_last: bool,
     /// Stage 2: steps of projector warm-up before the first training step (our choice beyond
     /// METHOD.md; see [`crate::warmup`]). 0: none, the method as written.
     #[serde(default)]
@@ -74,6 +78,9 @@ impl StageSpec {
         match (self.stage >= 2, self.no_id_slots, self.no_titles) {
             (false, _, _) | (true, true, _) => PromptMode::TextOnly,
             (true, false, true) => PromptMode::IdOnly,
+            (true, false, false) if self.user_slot && self.user_slot_last => {
+                PromptMode::UnifiedWithUserLast
+            }
             (true, false, false) if self.user_slot => PromptMode::UnifiedWithUser,
             (true, false, false) => PromptMode::Unified,
         }
@@ -92,6 +99,11 @@ impl StageSpec {
                 },
                 if self.no_titles { ", no_titles" } else { "" },
             )));
+        }
+        if self.user_slot_last && !self.user_slot {
+            return Err(TrainError::Invalid(
+                "user_slot_last places the user slot: it needs user_slot".into(),
+            ));
         }
         if self.projector_warmup_steps > 0 && (self.stage < 2 || self.no_id_slots) {
             return Err(TrainError::Invalid(format!(
@@ -624,6 +636,7 @@ mod tests {
             no_titles: false,
             mixture: Vec::new(),
             user_slot: false,
+            user_slot_last: false,
             projector_warmup_steps: 0,
         }
     }
@@ -781,6 +794,16 @@ mod tests {
         with_user.user_slot = true;
         assert_eq!(with_user.prompt_mode(), PromptMode::UnifiedWithUser);
         assert!(with_user.check_combination().is_ok());
+        let mut last = with_user.clone();
+        last.user_slot_last = true;
+        assert_eq!(last.prompt_mode(), PromptMode::UnifiedWithUserLast);
+        assert!(last.check_combination().is_ok());
+        last.user_slot = false;
+        let err = last.check_combination().unwrap_err().to_string();
+        assert!(
+            err.contains("user_slot_last") && err.contains("needs user_slot"),
+            "{err}"
+        );
         for (stage, no_slots, no_titles, named) in [
             (1, false, false, "stage 1"),
             (2, true, false, "no_id_slots"),
@@ -827,6 +850,7 @@ mod tests {
         value.as_object_mut().unwrap().remove("no_titles");
         value.as_object_mut().unwrap().remove("mixture");
         value.as_object_mut().unwrap().remove("user_slot");
+        value.as_object_mut().unwrap().remove("user_slot_last");
         value
             .as_object_mut()
             .unwrap()

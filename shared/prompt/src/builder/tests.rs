@@ -857,3 +857,57 @@ fn unified_with_user_adds_one_user_slot_after_the_history() {
         }
     }
 }
+
+#[test]
+fn unified_with_user_last_ends_the_prompt_with_the_user_slot() {
+    let unified = build(PromptMode::Unified, 0);
+    let last = build(PromptMode::UnifiedWithUserLast, 0);
+    assert_eq!(last.mode, PromptMode::UnifiedWithUserLast);
+    let user = *last.slots.last().unwrap();
+    assert_eq!(user.role, SlotRole::User);
+    assert_eq!(user.item, *HISTORY.last().unwrap());
+    // The last prompt token, right before the answer, and the only user slot.
+    assert_eq!(user.position, last.input_ids.len() - 1);
+    assert_eq!(last.input_ids[user.position], PAD_ID);
+    assert_eq!(
+        last.slots
+            .iter()
+            .filter(|s| s.role == SlotRole::User)
+            .count(),
+        1
+    );
+    assert!(
+        last.text.ends_with(&format!("Answer: {USER_SLOT_MARKER}")),
+        "{}",
+        last.text
+    );
+    // Everything before it is the unified prompt, spans and answer included.
+    assert_eq!(&last.input_ids[..user.position], &unified.input_ids[..]);
+    assert_eq!(&last.slots[..last.slots.len() - 1], &unified.slots[..]);
+    assert_eq!(last.candidate_spans, unified.candidate_spans);
+    assert_eq!(last.answer_ids, unified.answer_ids);
+    // Every template of every domain ends with it.
+    for dataset in ["movielens", "steam", "lastfm"] {
+        let b = builder(dataset);
+        for template in 0..b.templates().len() {
+            let p = b
+                .build(
+                    &tokenizer(),
+                    &catalog(dataset),
+                    &HISTORY,
+                    &CANDIDATES,
+                    Some(8),
+                    PromptMode::UnifiedWithUserLast,
+                    TemplateChoice::Fixed(template),
+                )
+                .unwrap();
+            let user = p.slots.last().unwrap();
+            assert_eq!(user.role, SlotRole::User, "{dataset} template {template}");
+            assert_eq!(user.position, p.input_ids.len() - 1);
+            assert_eq!(
+                p.slots.iter().filter(|s| s.role == SlotRole::User).count(),
+                1
+            );
+        }
+    }
+}
