@@ -420,6 +420,22 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
     );
     let refused = c
         .start_training(pb::StartTrainingRequest {
+            spec: Some(pb::JobSpec {
+                user_slot: false,
+                user_slot_last: true,
+                ..user_spec(2)
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("spec.user_slot_last"),
+        "{}",
+        refused.message()
+    );
+    let refused = c
+        .start_training(pb::StartTrainingRequest {
             spec: Some(user_spec(1)),
         })
         .await

@@ -99,9 +99,8 @@ pub enum SlotRole {
     History,
     Candidate,
     /// The user slot of `PromptMode::UnifiedWithUser` and `UnifiedWithUserLast`; its `item` is
-    /// the newest history item
-    /// (bookkeeping only: its vector is the recommender's user state after
-    /// `BuiltPrompt::history`, never an item vector).
+    /// the newest history item (bookkeeping only: its vector is the recommender's user state
+    /// after `BuiltPrompt::history`, never an item vector).
     User,
 }
 
