@@ -19,6 +19,10 @@
 #   GPU_DATASET=lastfm bash scripts/gpu-check.sh prepare-data   # here: stage .device/c
 #   GPU_PART=c bash scripts/gpu-check.sh pipeline               # there, carry [".device/c"]
 #
+# Each dataset's run directory there is /tmp/rsllm-gpu/run-<dataset>: a second call for the
+# same dataset resumes it when the settings are the same and is refused when they differ, so
+# start such a call with `rm -rf /tmp/rsllm-gpu/run-<dataset> &&`.
+#
 # Call 1 also fails fast: if our binary cannot use CUDA there, the machine can be given back
 # before the longer call 2. Both use the device image's own PyTorch 2.11.0 as libtorch.
 # Pipeline settings come from the environment (defaults below: the H100 run of docs/results.md,
