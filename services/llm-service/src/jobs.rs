@@ -18,7 +18,7 @@ use rsllm_core::{DatasetName, Paths, Protocol};
 use rsllm_llm::LoraConfig;
 use rsllm_proto::v1 as pb;
 use rsllm_proto::v1::JobState;
-use rsllm_trainer::stage::{StageSpec, run_stage};
+use rsllm_trainer::stage::{StageSpec, TrainSubset, run_stage};
 use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
 use tokio::sync::watch;
 
@@ -304,6 +304,7 @@ impl Jobs {
             recommender: plan.recommender.clone(),
             init_from: plan.init_from.clone(),
             train_limit: plan.train_limit.map(|n| n as usize),
+            train_subset: TrainSubset::Spread,
             num_candidates: 20,
             lora: LoraConfig::default(),
             train: TrainConfig {

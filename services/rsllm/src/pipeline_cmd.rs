@@ -14,7 +14,7 @@ use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions};
 use rsllm_recommender::{ModelKind, RecConfig, RecModel};
 use rsllm_trainer::eval::{EvalOptions, Evaluated, evaluate, write_csv};
 use rsllm_trainer::stage::{
-    Domain, StageSpec, open_stage, recorded_spec, run_stage_mixed, training_rows,
+    Domain, StageSpec, TrainSubset, open_stage, recorded_spec, run_stage_mixed, training_rows,
 };
 use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
 use serde_json::json;
@@ -278,6 +278,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         recommender: (stage == 2).then(|| rec_dir.clone()),
         init_from,
         train_limit: limit,
+        train_subset: TrainSubset::Spread,
         num_candidates: args.split.num_candidates,
         lora: lora.clone(),
         train: TrainConfig {

@@ -8,7 +8,9 @@ use clap::Args;
 use rsllm_core::Paths;
 use rsllm_core::dataset::{DatasetName, PreparedDataset};
 use rsllm_llm::LoraConfig;
-use rsllm_trainer::stage::{Domain, StageSpec, default_out, run_stage_mixed, training_rows};
+use rsllm_trainer::stage::{
+    Domain, StageSpec, TrainSubset, default_out, run_stage_mixed, training_rows,
+};
 use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
 
 use crate::data_cmd::SplitArgs;
@@ -156,6 +158,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         recommender,
         init_from: args.init_from.clone(),
         train_limit: args.limit,
+        train_subset: TrainSubset::Spread,
         num_candidates: args.split.num_candidates,
         lora: LoraConfig::default(),
         train: TrainConfig {

@@ -7,6 +7,7 @@
 //! The `stage.json` beside the checkpoints records the spec, so evaluation can rebuild the
 //! exact model.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use rand::SeedableRng;
@@ -40,8 +41,12 @@ pub struct StageSpec {
     pub recommender: Option<PathBuf>,
     /// A previous stage's output directory to start from (stage 1 for stage 2).
     pub init_from: Option<PathBuf>,
-    /// Training rows used (the first N of the split's training rows; all when None).
+    /// Training rows used (N of the split's training rows, chosen by `train_subset`; all when
+    /// None).
     pub train_limit: Option<usize>,
+    /// Which rows `train_limit` keeps; stage files written before it existed mean `first`.
+    #[serde(default)]
+    pub train_subset: TrainSubset,
     /// Candidates per training prompt, the target included (LLaRA: 20).
     pub num_candidates: usize,
     pub lora: LoraConfig,
@@ -226,12 +231,31 @@ pub struct Domain<'a> {
     pub rows: &'a [SeqExample],
 }
 
+/// Which rows a `train_limit` keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainSubset {
+    /// The first N rows of the split. A split lists each user's rows together, so these are
+    /// the rows of the first few users (192 rows of MovieLens: three users). What stage files
+    /// written before this choice existed used.
+    #[default]
+    First,
+    /// N rows evenly spaced over the split (row `i * len / N` for i < N): every part of it,
+    /// so nearly every training user, is represented.
+    Spread,
+}
+
 impl<'a> Domain<'a> {
-    /// The rows a stage trains on: the first `limit` (all when None).
-    pub fn limited(&self, limit: Option<usize>) -> &'a [SeqExample] {
-        match limit {
-            Some(n) => &self.rows[..n.min(self.rows.len())],
-            None => self.rows,
+    /// The rows a stage trains on: `limit` of them chosen by `subset` (all when None or when
+    /// the split has no more).
+    pub fn limited(&self, limit: Option<usize>, subset: TrainSubset) -> Cow<'a, [SeqExample]> {
+        let len = self.rows.len();
+        match (limit, subset) {
+            (Some(n), TrainSubset::First) if n < len => Cow::Borrowed(&self.rows[..n]),
+            (Some(n), TrainSubset::Spread) if n < len => {
+                Cow::Owned((0..n).map(|i| self.rows[i * len / n].clone()).collect())
+            }
+            _ => Cow::Borrowed(self.rows),
         }
     }
 }
@@ -241,14 +265,14 @@ impl<'a> Domain<'a> {
 pub fn training_rows(target: &Domain<'_>, others: &[Domain<'_>], limit: Option<usize>) -> usize {
     std::iter::once(target)
         .chain(others)
-        .map(|d| d.limited(limit).len())
+        .map(|d| limit.map_or(d.rows.len(), |n| n.min(d.rows.len())))
         .sum()
 }
 
 /// Training rows as prompts: candidates drawn per (epoch, row) from the template seed, as
 /// LLaRA draws its training negatives on the fly.
 pub struct TrainRows<'a> {
-    pub rows: &'a [SeqExample],
+    pub rows: Cow<'a, [SeqExample]>,
     pub catalog: &'a Catalog,
     pub tokenizer: &'a LlmTokenizer,
     pub builder: PromptBuilder,
@@ -265,20 +289,20 @@ pub struct MixedRows<'a> {
 }
 
 impl<'a> MixedRows<'a> {
-    /// The domains in order (the target first), each cut to its first `limit` rows, with
-    /// prompts in `mode` and the ID-slot token `slot`.
+    /// The domains in order (the target first), each cut to `limit` rows chosen by `subset`,
+    /// with prompts in `mode` and the ID-slot token `slot`.
     pub fn new(
         tokenizer: &'a LlmTokenizer,
         domains: &[Domain<'a>],
         slot: u32,
         mode: PromptMode,
         num_candidates: usize,
-        limit: Option<usize>,
+        (limit, subset): (Option<usize>, TrainSubset),
     ) -> Result<MixedRows<'a>> {
         let mut parts = Vec::new();
         let mut offset: ItemId = 0;
         for domain in domains {
-            let rows = domain.limited(limit);
+            let rows = domain.limited(limit, subset);
             let builder =
                 PromptBuilder::with_builtin_templates(domain.dataset, PromptOptions::new(slot))
                     .map_err(|e| TrainError::Invalid(format!("{}: {e}", domain.dataset)))?;
@@ -507,7 +531,7 @@ pub fn run_stage_mixed(
                 &rsllm.heads,
                 &rsllm.trained,
                 &rsllm.items,
-                target.limited(spec.train_limit),
+                &target.limited(spec.train_limit, spec.train_subset),
                 WarmupConfig {
                     steps: spec.projector_warmup_steps,
                     candidates: spec.num_candidates,
@@ -530,7 +554,7 @@ pub fn run_stage_mixed(
         slot,
         spec.prompt_mode(),
         spec.num_candidates,
-        spec.train_limit,
+        (spec.train_limit, spec.train_subset),
     )?;
     let trainee = Trainee {
         model: &base.model,
@@ -612,6 +636,7 @@ mod tests {
             recommender: None,
             init_from: None,
             train_limit: None,
+            train_subset: TrainSubset::Spread,
             num_candidates: 20,
             lora: LoraConfig::default(),
             train: TrainConfig {
@@ -690,7 +715,7 @@ mod tests {
             rsllm_prompt::testing::PAD_ID,
             PromptMode::TextOnly,
             3,
-            None,
+            (None, TrainSubset::Spread),
         )
         .unwrap();
         assert_eq!(mixed.len(), 5);
@@ -700,7 +725,7 @@ mod tests {
             rsllm_prompt::testing::PAD_ID,
             PromptMode::TextOnly,
             3,
-            Some(1),
+            (Some(1), TrainSubset::First),
         )
         .unwrap();
         assert_eq!(limited.len(), 2, "the limit applies to each domain");
@@ -817,6 +842,43 @@ mod tests {
     }
 
     #[test]
+    fn a_limit_keeps_the_first_rows_or_rows_spread_over_the_split() {
+        let rows: Vec<SeqExample> = (0..10)
+            .map(|i| SeqExample {
+                user: i / 3,
+                history: vec![i],
+                target: i + 1,
+                candidates: Vec::new(),
+            })
+            .collect();
+        let catalog = Catalog {
+            dataset: "movielens".into(),
+            titles: Vec::new(),
+        };
+        let domain = Domain {
+            dataset: "movielens",
+            catalog: &catalog,
+            rows: &rows,
+        };
+        let targets = |kept: &[SeqExample]| kept.iter().map(|r| r.target).collect::<Vec<_>>();
+        assert_eq!(
+            targets(&domain.limited(Some(4), TrainSubset::First)),
+            [1, 2, 3, 4]
+        );
+        // Rows 0, 2, 5 and 7: users 0, 1 and 2, where the first four rows hold users 0 and 1.
+        let spread = domain.limited(Some(4), TrainSubset::Spread);
+        assert_eq!(targets(&spread), [1, 3, 6, 8]);
+        let users: std::collections::BTreeSet<u32> = spread.iter().map(|r| r.user).collect();
+        assert_eq!(users.len(), 3);
+        for subset in [TrainSubset::First, TrainSubset::Spread] {
+            assert_eq!(domain.limited(None, subset).len(), 10);
+            assert_eq!(domain.limited(Some(50), subset).len(), 10);
+            assert!(matches!(domain.limited(None, subset), Cow::Borrowed(_)));
+        }
+        assert_eq!(training_rows(&domain, &[domain], Some(4)), 8);
+    }
+
+    #[test]
     fn the_projector_warm_up_is_a_stage_two_setting_with_slots() {
         let mut warmed = spec(2);
         warmed.projector_warmup_steps = 10;
@@ -851,12 +913,16 @@ mod tests {
         value.as_object_mut().unwrap().remove("mixture");
         value.as_object_mut().unwrap().remove("user_slot");
         value.as_object_mut().unwrap().remove("user_slot_last");
+        value.as_object_mut().unwrap().remove("train_subset");
         value
             .as_object_mut()
             .unwrap()
             .remove("projector_warmup_steps");
         value["train"].as_object_mut().unwrap().remove("curriculum");
         let back: StageSpec = serde_json::from_value(value).unwrap();
-        assert_eq!(back, spec(2));
+        // Which rows a limit keeps: the first, as before the choice existed.
+        let mut expected = spec(2);
+        expected.train_subset = TrainSubset::First;
+        assert_eq!(back, expected);
     }
 }
