@@ -90,7 +90,8 @@ pub struct PipelineArgs {
     model: ModelArgs,
     #[arg(long, default_value = "quick")]
     profile: Profile,
-    /// Training rows per stage (default: 192 for quick, all for full).
+    /// Training rows per stage, evenly spaced over the split (default: 192 for quick, all for
+    /// full).
     #[arg(long)]
     limit: Option<usize>,
     /// Run directory (default runs/pipeline-<dataset>-<profile>).

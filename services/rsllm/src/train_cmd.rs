@@ -32,7 +32,8 @@ pub struct TrainArgs {
     /// A finished stage's output directory to start from (stage 1's for stage 2).
     #[arg(long)]
     init_from: Option<PathBuf>,
-    /// Use only the first N training rows (the quick profile).
+    /// Use only N training rows, evenly spaced over the split so that nearly every training
+    /// user is represented (the quick profile).
     #[arg(long, env = "RSLLM_TRAIN_LIMIT")]
     limit: Option<usize>,
     #[arg(long, default_value_t = 1)]

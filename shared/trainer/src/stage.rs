@@ -236,8 +236,8 @@ pub struct Domain<'a> {
 #[serde(rename_all = "snake_case")]
 pub enum TrainSubset {
     /// The first N rows of the split. A split lists each user's rows together, so these are
-    /// the rows of the first few users (192 rows of MovieLens: three users). What stage files
-    /// written before this choice existed used.
+    /// the rows of the first few users (MovieLens's first 192 rows are all one user's). What
+    /// stage files written before this choice existed used.
     #[default]
     First,
     /// N rows evenly spaced over the split (row `i * len / N` for i < N): every part of it,
