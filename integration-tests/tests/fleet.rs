@@ -73,6 +73,20 @@ async fn expect_error(
     );
 }
 
+/// StartTraining with `spec` must be refused as INVALID_ARGUMENT naming `needle`.
+async fn expect_refused_job(c: &mut LlmServiceClient<Channel>, spec: pb::JobSpec, needle: &str) {
+    let status = c
+        .start_training(pb::StartTrainingRequest { spec: Some(spec) })
+        .await
+        .expect_err("a bad job spec must be refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    assert!(
+        status.message().contains(needle),
+        "{needle:?} not in {:?}",
+        status.message()
+    );
+}
+
 /// Runs a job to its end and returns the last update.
 async fn watch_to_end(c: &mut LlmServiceClient<Channel>, job_id: &str) -> pb::WatchJobResponse {
     let mut stream = c
@@ -284,12 +298,7 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
             "spec.micro_batch = 0",
         ),
     ] {
-        let status = c
-            .start_training(pb::StartTrainingRequest { spec: Some(spec) })
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
-        assert!(status.message().contains(needle), "{}", status.message());
+        expect_refused_job(&mut c, spec, needle).await;
     }
     let status = c
         .start_training(pb::StartTrainingRequest { spec: None })
@@ -403,49 +412,26 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
         projector_warmup_steps: 3,
         ..Default::default()
     };
-    let refused = c
-        .start_training(pb::StartTrainingRequest {
-            spec: Some(pb::JobSpec {
+    for (spec, needle) in [
+        (
+            pb::JobSpec {
                 user_slot: false,
                 ..user_spec(1)
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::InvalidArgument);
-    assert!(
-        refused.message().contains("spec.projector_warmup_steps"),
-        "{}",
-        refused.message()
-    );
-    let refused = c
-        .start_training(pb::StartTrainingRequest {
-            spec: Some(pb::JobSpec {
+            },
+            "spec.projector_warmup_steps",
+        ),
+        (
+            pb::JobSpec {
                 user_slot: false,
                 user_slot_last: true,
                 ..user_spec(2)
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::InvalidArgument);
-    assert!(
-        refused.message().contains("spec.user_slot_last"),
-        "{}",
-        refused.message()
-    );
-    let refused = c
-        .start_training(pb::StartTrainingRequest {
-            spec: Some(user_spec(1)),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::InvalidArgument);
-    assert!(
-        refused.message().contains("spec.user_slot"),
-        "{}",
-        refused.message()
-    );
+            },
+            "spec.user_slot_last",
+        ),
+        (user_spec(1), "spec.user_slot"),
+    ] {
+        expect_refused_job(&mut c, spec, needle).await;
+    }
     let user_job = c
         .start_training(pb::StartTrainingRequest {
             spec: Some(user_spec(2)),

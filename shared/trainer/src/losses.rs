@@ -30,6 +30,15 @@ pub fn lm_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .f_nll_loss::<Tensor>(targets, None, tch::Reduction::Mean, -100)?)
 }
 
+/// Rows of `x` scaled to unit L2 norm, in f32 (a zero row stays zero).
+pub(crate) fn l2_normalise(x: &Tensor) -> Result<Tensor> {
+    let x = x.f_to_kind(Kind::Float)?;
+    let norm = x
+        .f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)?
+        .f_clamp_min(1e-8)?;
+    Ok(x.f_div(&norm)?)
+}
+
 fn cosine_logits(queries: &Tensor, keys: &Tensor, tau: f64) -> Result<Tensor> {
     // Written so that NaN fails too.
     let positive = tau > 0.0;
@@ -44,15 +53,8 @@ fn cosine_logits(queries: &Tensor, keys: &Tensor, tau: f64) -> Result<Tensor> {
             "InfoNCE: queries {q:?} and keys {k:?} must be non-empty [N, d] and [M, d]"
         )));
     }
-    let normalise = |x: &Tensor| -> Result<Tensor> {
-        let x = x.f_to_kind(Kind::Float)?;
-        let norm = x
-            .f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)?
-            .f_clamp_min(1e-8)?;
-        Ok(x.f_div(&norm)?)
-    };
-    Ok(normalise(queries)?
-        .f_matmul(&normalise(keys)?.f_transpose(0, 1)?)?
+    Ok(l2_normalise(queries)?
+        .f_matmul(&l2_normalise(keys)?.f_transpose(0, 1)?)?
         .f_div_scalar(tau)?)
 }
 

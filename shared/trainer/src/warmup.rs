@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::error::{Result, TrainError};
-use crate::losses::{info_nce, symmetric_info_nce};
+use crate::losses::{info_nce, l2_normalise, symmetric_info_nce};
 use crate::objective::{ItemTable, RsllmHeads};
 use crate::optim::{AdamW, AdamWConfig};
 
@@ -85,6 +85,15 @@ fn all_text_vectors(model: &Llama, items: &ItemTable) -> Result<Tensor> {
 
 fn index_tensor(values: &[i64], device: tch::Device) -> Result<Tensor> {
     Ok(Tensor::f_from_slice(values)?.f_to_device(device)?)
+}
+
+/// `k` of `pool` drawn without replacement, as an index tensor on `device`.
+fn draw(rng: &mut ChaCha8Rng, pool: &[usize], k: usize, device: tch::Device) -> Result<Tensor> {
+    let picked: Vec<i64> = sample(rng, pool.len(), k.min(pool.len()))
+        .into_iter()
+        .map(|i| pool[i] as i64)
+        .collect();
+    index_tensor(&picked, device)
 }
 
 /// Share of rows whose highest score among their candidates (`candidates` `[N, C]` item
@@ -186,13 +195,10 @@ pub fn warm_up_projector(
         recommender_hr1: None,
         item_own_title_top1: 0.0,
     };
+    let all_items: Vec<usize> = (0..n_items).collect();
     for step in 0..steps {
         optimizer.zero_grad();
-        let picked: Vec<i64> = sample(&mut rng, n_items, BATCH.min(n_items))
-            .into_iter()
-            .map(|i| i as i64)
-            .collect();
-        let picked = index_tensor(&picked, device)?;
+        let picked = draw(&mut rng, &all_items, BATCH, device)?;
         let projected = heads
             .projector
             .forward(&vectors.f_index_select(0, &picked)?)?
@@ -203,11 +209,7 @@ pub fn warm_up_projector(
         if let Some((states, targets, train, _)) = &user_side
             && !train.is_empty()
         {
-            let chosen: Vec<i64> = sample(&mut rng, train.len(), BATCH.min(train.len()))
-                .into_iter()
-                .map(|i| train[i] as i64)
-                .collect();
-            let chosen = index_tensor(&chosen, device)?;
+            let chosen = draw(&mut rng, train, BATCH, device)?;
             let queries = heads
                 .projector
                 .forward(&states.f_index_select(0, &chosen)?)?
@@ -235,14 +237,8 @@ pub fn warm_up_projector(
     }
 
     let _guard = tch::no_grad_guard();
-    let normalise = |x: &Tensor| -> Result<Tensor> {
-        let norm = x
-            .f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)?
-            .f_clamp_min(1e-8)?;
-        Ok(x.f_div(&norm)?)
-    };
-    let slots = normalise(&heads.projector.forward(&vectors)?.f_to_kind(Kind::Float)?)?;
-    let titles = normalise(&text)?;
+    let slots = l2_normalise(&heads.projector.forward(&vectors)?)?;
+    let titles = l2_normalise(&text)?;
     let own = Tensor::f_arange(n_items as i64, (Kind::Int64, device))?;
     report.item_own_title_top1 = slots
         .f_matmul(&titles.f_transpose(0, 1)?)?
@@ -271,7 +267,7 @@ pub fn warm_up_projector(
             );
         }
         let drawn = index_tensor(&drawn, device)?.f_view([held.len() as i64, candidates as i64])?;
-        let users = normalise(&heads.projector.forward(&states)?.f_to_kind(Kind::Float)?)?;
+        let users = l2_normalise(&heads.projector.forward(&states)?)?;
         let by_title = users.f_matmul(&titles.f_transpose(0, 1)?)?;
         let by_slot = users.f_matmul(&slots.f_transpose(0, 1)?)?;
         let by_recommender = states.f_matmul(&vectors.f_transpose(0, 1)?)?;

@@ -56,6 +56,29 @@ fn builder(dataset: &str) -> PromptBuilder {
 const HISTORY: [ItemId; 5] = [0, 3, 4, 6, 7];
 const CANDIDATES: [ItemId; 6] = [1, 5, 8, 2, 9, 10];
 
+/// `(dataset, template index, prompt)` for every built-in template of every domain in `mode`.
+fn every_template(mode: PromptMode) -> Vec<(&'static str, usize, BuiltPrompt)> {
+    let mut built = Vec::new();
+    for dataset in ["movielens", "steam", "lastfm"] {
+        let b = builder(dataset);
+        for template in 0..b.templates().len() {
+            let p = b
+                .build(
+                    &tokenizer(),
+                    &catalog(dataset),
+                    &HISTORY,
+                    &CANDIDATES,
+                    Some(8),
+                    mode,
+                    TemplateChoice::Fixed(template),
+                )
+                .unwrap();
+            built.push((dataset, template, p));
+        }
+    }
+    built
+}
+
 fn build(mode: PromptMode, template: usize) -> BuiltPrompt {
     builder("movielens")
         .build(
@@ -836,25 +859,11 @@ fn unified_with_user_adds_one_user_slot_after_the_history() {
     assert_eq!(without, expected);
     assert_eq!(with_user.answer_ids, unified.answer_ids);
     // Every template of every domain gets exactly one, after the history.
-    for dataset in ["movielens", "steam", "lastfm"] {
-        let b = builder(dataset);
-        for template in 0..b.templates().len() {
-            let p = b
-                .build(
-                    &tokenizer(),
-                    &catalog(dataset),
-                    &HISTORY,
-                    &CANDIDATES,
-                    Some(8),
-                    PromptMode::UnifiedWithUser,
-                    TemplateChoice::Fixed(template),
-                )
-                .unwrap();
-            let roles: Vec<SlotRole> = p.slots.iter().map(|s| s.role).collect();
-            let at = roles.iter().position(|r| *r == SlotRole::User).unwrap();
-            assert_eq!(at, HISTORY.len(), "{dataset} template {template}");
-            assert_eq!(roles.iter().filter(|r| **r == SlotRole::User).count(), 1);
-        }
+    for (dataset, template, p) in every_template(PromptMode::UnifiedWithUser) {
+        let roles: Vec<SlotRole> = p.slots.iter().map(|s| s.role).collect();
+        let at = roles.iter().position(|r| *r == SlotRole::User).unwrap();
+        assert_eq!(at, HISTORY.len(), "{dataset} template {template}");
+        assert_eq!(roles.iter().filter(|r| **r == SlotRole::User).count(), 1);
     }
 }
 
@@ -887,27 +896,13 @@ fn unified_with_user_last_ends_the_prompt_with_the_user_slot() {
     assert_eq!(last.candidate_spans, unified.candidate_spans);
     assert_eq!(last.answer_ids, unified.answer_ids);
     // Every template of every domain ends with it.
-    for dataset in ["movielens", "steam", "lastfm"] {
-        let b = builder(dataset);
-        for template in 0..b.templates().len() {
-            let p = b
-                .build(
-                    &tokenizer(),
-                    &catalog(dataset),
-                    &HISTORY,
-                    &CANDIDATES,
-                    Some(8),
-                    PromptMode::UnifiedWithUserLast,
-                    TemplateChoice::Fixed(template),
-                )
-                .unwrap();
-            let user = p.slots.last().unwrap();
-            assert_eq!(user.role, SlotRole::User, "{dataset} template {template}");
-            assert_eq!(user.position, p.input_ids.len() - 1);
-            assert_eq!(
-                p.slots.iter().filter(|s| s.role == SlotRole::User).count(),
-                1
-            );
-        }
+    for (dataset, template, p) in every_template(PromptMode::UnifiedWithUserLast) {
+        let user = p.slots.last().unwrap();
+        assert_eq!(user.role, SlotRole::User, "{dataset} template {template}");
+        assert_eq!(user.position, p.input_ids.len() - 1);
+        assert_eq!(
+            p.slots.iter().filter(|s| s.role == SlotRole::User).count(),
+            1
+        );
     }
 }
