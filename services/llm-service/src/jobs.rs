@@ -329,6 +329,7 @@ impl Jobs {
                 curriculum: false,
                 full_finetune: false,
                 autocast_bf16: true,
+                group_by_length: true,
             },
             no_id_slots: false,
             no_titles: false,

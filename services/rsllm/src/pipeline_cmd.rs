@@ -299,6 +299,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             curriculum: false,
             full_finetune: args.full_finetune,
             autocast_bf16: true,
+            group_by_length: true,
         },
         no_id_slots: false,
         no_titles: false,
@@ -373,7 +374,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         let rows = training_rows(&target, &others, limit);
         let bar = indicatif::ProgressBar::new(stage_spec.train.total_steps(rows));
         let mut curve = Vec::new();
-        let (mut rows_done, mut tokens_done) = (0usize, 0usize);
+        let (mut rows_done, mut tokens_done, mut padded_done) = (0usize, 0usize, 0usize);
+        let mut loader_wait = 0.0;
         // A fresh base per stage: LoRA attaches to the model it is built on.
         let mut stage_base = args.model.load()?;
         let stage_started = Instant::now();
@@ -392,6 +394,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
                 curve.push(json!([r.step, r.loss, r.lm, r.ui, r.it, r.lr]));
                 rows_done += r.examples;
                 tokens_done += r.tokens;
+                padded_done += r.padded_tokens;
+                loader_wait += r.loader_wait_secs;
                 if time_limit.is_some_and(|t| stage_started.elapsed() >= t) {
                     std::ops::ControlFlow::Break(())
                 } else {
@@ -420,7 +424,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             dir.clone(),
             json!({"steps": reached, "planned_steps": planned, "stopped": summary.stopped,
                    "seconds": seconds, "resumed_from": summary.resumed_from,
-                   "rows": rows_done, "tokens": tokens_done, "projector_warmup": warmup}),
+                   "rows": rows_done, "tokens": tokens_done, "padded_tokens": padded_done,
+                   "loader_wait_secs": loader_wait, "projector_warmup": warmup}),
         );
         // The checkpoint holds the whole curve, also the steps of an earlier, resumed run.
         let saved = rsllm_trainer::checkpoint::latest(
@@ -570,7 +575,7 @@ fn write_report(
             ));
         }
     }
-    md.push_str("\n| training run | steps | planned | seconds | rows/s | tokens/s | stopped by the time limit |\n|---|---|---|---|---|---|---|\n");
+    md.push_str("\n| training run | steps | planned | seconds | rows/s | tokens/s | computed / real tokens (padding) | waiting for prompts (s) | stopped by the time limit |\n|---|---|---|---|---|---|---|---|---|\n");
     for (run, t) in metrics["training"].as_object().into_iter().flatten() {
         // Rates over this invocation's steps (a resumed run's earlier steps are not timed).
         let seconds = t["seconds"].as_f64().unwrap_or(0.0);
@@ -587,8 +592,16 @@ fn write_report(
                     }
                 })
         };
+        // Absent from runs written before these were recorded.
+        let padding = match (t["padded_tokens"].as_f64(), t["tokens"].as_f64()) {
+            (Some(p), Some(r)) if r > 0.0 => format!("{:.3}", p / r),
+            _ => "-".to_owned(),
+        };
+        let waited = t["loader_wait_secs"]
+            .as_f64()
+            .map_or("-".to_owned(), |w| format!("{w:.1}"));
         md.push_str(&format!(
-            "| {run} | {} | {} | {seconds:.0} | {} | {} | {} |\n",
+            "| {run} | {} | {} | {seconds:.0} | {} | {} | {padding} | {waited} | {} |\n",
             t["steps"],
             t["planned_steps"],
             rate("rows"),

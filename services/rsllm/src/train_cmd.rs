@@ -184,6 +184,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             curriculum: false,
             full_finetune: args.full_finetune,
             autocast_bf16: true,
+            group_by_length: true,
         },
         no_id_slots: false,
         no_titles: false,

@@ -21,8 +21,8 @@ pub mod train_loop;
 pub mod warmup;
 
 pub use checkpoint::{Checkpoint, CheckpointManifest};
-pub use error::{Result, TrainError};
-pub use objective::{ItemTable, LossConfig, Losses, RsllmHeads};
+pub use error::{Divergence, Result, TrainError};
+pub use objective::{ItemTable, LossConfig, LossTerms, Losses, RsllmHeads};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::LrSchedule;
 pub use train_loop::{ExampleSource, StepReport, TrainConfig, TrainSummary, Trainee, train};

@@ -206,13 +206,36 @@ impl ItemTable {
     }
 }
 
-/// The loss terms of one batch (each 0 when switched off).
+/// The loss of one batch: the weighted total with its graph, and the terms left on the device
+/// (reading a value waits for the device, so the training loop reads each step's once).
 #[derive(Debug)]
 pub struct Losses {
+    /// `L_lm + lambda_ui L_ui + lambda_it L_it`, a scalar to call `backward` on.
     pub total: Tensor,
+    /// `[L_lm, L_ui, L_it]`, detached f32 (0 where a term is switched off), unweighted.
+    pub terms: Tensor,
+}
+
+/// The terms of [`Losses`] read back to the host.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossTerms {
     pub lm: f64,
     pub ui: f64,
     pub it: f64,
+}
+
+impl Losses {
+    /// Reads the terms (waits for the device).
+    pub fn read_terms(&self) -> Result<LossTerms> {
+        let v = Vec::<f64>::try_from(self.terms.f_to_kind(Kind::Double)?)?;
+        match v[..] {
+            [lm, ui, it] => Ok(LossTerms { lm, ui, it }),
+            _ => Err(TrainError::Invalid(format!(
+                "loss terms hold {} values, expected 3",
+                v.len()
+            ))),
+        }
+    }
 }
 
 /// Forward pass and losses for one batch. Gradients flow into whatever requires them: the
@@ -229,17 +252,13 @@ pub fn losses(
     let hidden = model.forward_embeds(&embeds, &batch.positions, None, None)?;
     let device = model.device();
     let mut total = Tensor::f_zeros([], (Kind::Float, device))?;
-    let mut out = Losses {
-        total: total.shallow_clone(),
-        lm: 0.0,
-        ui: 0.0,
-        it: 0.0,
-    };
+    let zero = || Tensor::f_zeros([], (Kind::Float, device));
+    let (mut lm_term, mut ui_term, mut it_term) = (zero()?, zero()?, zero()?);
     if config.use_lm {
         let logits =
             model.logits_at(&hidden, Some((&batch.answer_batch, &batch.answer_position)))?;
         let lm = lm_loss(&logits, &batch.answer_targets)?;
-        out.lm = lm.double_value(&[]);
+        lm_term = lm.f_detach()?.f_to_kind(Kind::Float)?;
         total = total.f_add(&lm)?;
     }
     let unified = !batch.slots.items.is_empty();
@@ -268,7 +287,7 @@ pub fn losses(
             && let Some(p) = &projected
         {
             let it = symmetric_info_nce(p, &text, config.tau)?;
-            out.it = it.double_value(&[]);
+            it_term = it.f_detach()?.f_to_kind(Kind::Float)?;
             total = total.f_add(&it.f_mul_scalar(config.lambda_it)?)?;
         }
         if config.lambda_ui > 0.0 {
@@ -300,12 +319,14 @@ pub fn losses(
                 .f_to_device(device)?;
             let positives = Tensor::f_from_slice(&positives)?.f_to_device(device)?;
             let ui = masked_info_nce(&u, &v, &positives, &allowed, config.tau)?;
-            out.ui = ui.double_value(&[]);
+            ui_term = ui.f_detach()?.f_to_kind(Kind::Float)?;
             total = total.f_add(&ui.f_mul_scalar(config.lambda_ui)?)?;
         }
     }
-    out.total = total;
-    Ok(out)
+    Ok(Losses {
+        total,
+        terms: Tensor::f_stack(&[lm_term, ui_term, it_term], 0)?,
+    })
 }
 
 #[cfg(test)]
@@ -357,17 +378,24 @@ mod tests {
             losses(&s.model, &s.heads, &s.items, &b, &c).unwrap()
         };
         let all = only(true, 0.1, 0.1);
-        assert!(all.lm > 0.0 && all.ui > 0.0 && all.it > 0.0);
+        let terms = all.read_terms().unwrap();
+        assert!(terms.lm > 0.0 && terms.ui > 0.0 && terms.it > 0.0);
+        let weighted = terms.lm + 0.1 * terms.ui + 0.1 * terms.it;
+        assert!((all.total.double_value(&[]) - weighted).abs() < 1e-5);
         let lm_only = only(true, 0.0, 0.0);
-        assert_eq!((lm_only.ui, lm_only.it), (0.0, 0.0));
-        assert!((lm_only.total.double_value(&[]) - all.lm).abs() < 1e-5);
+        let lm_terms = lm_only.read_terms().unwrap();
+        assert_eq!((lm_terms.ui, lm_terms.it), (0.0, 0.0));
+        assert!((lm_only.total.double_value(&[]) - terms.lm).abs() < 1e-5);
         let it_only = only(false, 0.0, 1.0);
-        assert_eq!(it_only.lm, 0.0);
-        assert!((it_only.total.double_value(&[]) - all.it).abs() < 1e-5);
+        assert_eq!(it_only.read_terms().unwrap().lm, 0.0);
+        assert!((it_only.total.double_value(&[]) - terms.it).abs() < 1e-5);
 
         // Text-only prompts: no slots, so no L_it and the projector gets no gradient.
         let text = batch(&s, PromptMode::TextOnly);
-        let t = losses(&s.model, &s.heads, &s.items, &text, &LossConfig::default()).unwrap();
+        let t = losses(&s.model, &s.heads, &s.items, &text, &LossConfig::default())
+            .unwrap()
+            .read_terms()
+            .unwrap();
         assert_eq!(t.it, 0.0);
         assert!(t.ui > 0.0);
 
@@ -431,7 +459,10 @@ mod tests {
         let mut other = batch(&s, PromptMode::UnifiedWithUser);
         other.slots.user_histories = vec![vec![9, 10, 11], vec![5]];
         let changed = losses(&s.model, &s.heads, &s.items, &other, &config).unwrap();
-        assert_ne!(with.lm, changed.lm);
+        assert_ne!(
+            with.read_terms().unwrap().lm,
+            changed.read_terms().unwrap().lm
+        );
         // Without a recommender to compute the states, the error says so.
         let bare = ItemTable {
             vectors: s.items.vectors.shallow_clone(),
@@ -463,7 +494,10 @@ mod tests {
         let mut other = batch(&s, PromptMode::UnifiedWithUserLast);
         other.slots.user_histories = vec![vec![9, 10, 11], vec![5]];
         let changed = losses(&s.model, &s.heads, &s.items, &other, &config).unwrap();
-        assert_ne!(with.lm, changed.lm);
+        assert_ne!(
+            with.read_terms().unwrap().lm,
+            changed.read_terms().unwrap().lm
+        );
     }
 
     #[test]

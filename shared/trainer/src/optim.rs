@@ -342,9 +342,7 @@ impl AdamW {
         }
         let norm = total.map_or(Ok(0.0), |t| t.f_double_value(&[]))?.sqrt();
         if !norm.is_finite() {
-            return Err(TrainError::Invalid(format!(
-                "gradient norm is {norm}: the loss diverged"
-            )));
+            return Err(TrainError::NonFiniteGradNorm(norm));
         }
         if norm > max_norm {
             let scale = max_norm / (norm + 1e-6);

@@ -656,6 +656,7 @@ mod tests {
                 curriculum: false,
                 full_finetune: false,
                 autocast_bf16: false,
+                group_by_length: true,
             },
             no_id_slots: false,
             no_titles: false,
@@ -774,7 +775,10 @@ mod tests {
         )
         .unwrap();
         assert!(out.total.double_value(&[]).is_finite());
-        assert!(out.ui > 0.0, "L_ui sees both domains' items");
+        assert!(
+            out.read_terms().unwrap().ui > 0.0,
+            "L_ui sees both domains' items"
+        );
     }
 
     #[test]

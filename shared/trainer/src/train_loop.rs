@@ -3,12 +3,14 @@
 //!
 //! Determinism: epoch `e` visits the examples in a permutation drawn from `seed` and `e`;
 //! example `i` of it uses the template seeded by `(seed, e, i)`; libtorch's generator (adapter
-//! dropout) is reseeded from `(seed, step, micro-batch)` before every micro-batch. A resumed
+//! dropout) is reseeded from `(seed, step, micro-batch)` before every micro-batch (micro-batches
+//! are split after the optional sort by length, itself deterministic). A resumed
 //! run therefore sees exactly the data, templates and dropout masks the uninterrupted run
 //! would have, and its losses match it to floating-point tolerance.
 
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::time::Instant;
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -16,11 +18,11 @@ use rand_chacha::ChaCha8Rng;
 use rsllm_llm::Llama;
 use rsllm_prompt::{BuiltPrompt, PromptMode};
 use serde::{Deserialize, Serialize};
-use tch::nn;
+use tch::{Kind, Tensor, nn};
 
 use crate::batch::collate;
 use crate::checkpoint::{self, CheckpointManifest};
-use crate::error::{Result, TrainError};
+use crate::error::{Divergence, Result, TrainError};
 use crate::objective::{ItemTable, LossConfig, RsllmHeads, losses};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::LrSchedule;
@@ -72,6 +74,13 @@ pub struct TrainConfig {
     /// matrix products run in bf16. No effect on the CPU, where bf16 kernels are slower.
     #[serde(default)]
     pub autocast_bf16: bool,
+    /// Micro-batches of similar lengths: each step's rows are sorted by token count before
+    /// they are split into micro-batches, so each pads to a closer maximum (fewer padded
+    /// positions computed). The step still covers the same rows; which rows share a
+    /// micro-batch, and so its in-batch negatives for L_ui, changes. No effect without
+    /// gradient accumulation. Off in stage files written before it existed.
+    #[serde(default)]
+    pub group_by_length: bool,
 }
 
 impl TrainConfig {
@@ -116,6 +125,10 @@ pub struct StepReport {
     pub examples: usize,
     /// Prompt and answer tokens of the step's examples (padding not counted).
     pub tokens: usize,
+    /// Token positions the model computed: each micro-batch's rows times its longest row.
+    pub padded_tokens: usize,
+    /// Seconds the step waited for the loader thread's prompts (0 when it kept ahead).
+    pub loader_wait_secs: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -169,12 +182,179 @@ fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
+/// One optimizer step of the schedule: which examples, in which epoch, in which prompt mode.
+#[derive(Debug, Clone, PartialEq)]
+struct PlannedStep {
+    /// 0-based (the report counts from 1).
+    step: u64,
+    epoch: u64,
+    examples: Vec<usize>,
+    /// The curriculum's mode for this step; None: the source's own.
+    mode: Option<PromptMode>,
+    /// Where the schedule stands after this step (what its checkpoint records).
+    epoch_after: u64,
+    done_after: usize,
+}
+
+/// The schedule of `train`, step by step from a (resumed) position: epoch `e` visits the
+/// examples in its seeded permutation, `per_step` at a time; a last partial chunk is a step.
+/// Kept apart from the model so the loader thread can walk it ahead of the optimizer.
+struct StepPlan {
+    n: usize,
+    per_step: usize,
+    seed: u64,
+    epochs: u64,
+    total_steps: u64,
+    curriculum: bool,
+    step: u64,
+    epoch: u64,
+    done_in_epoch: usize,
+    /// The permutation of the epoch being walked.
+    order: Option<(u64, Vec<usize>)>,
+}
+
+impl StepPlan {
+    fn new(
+        n: usize,
+        config: &TrainConfig,
+        (step, epoch, done_in_epoch): (u64, u64, usize),
+    ) -> Self {
+        StepPlan {
+            n,
+            per_step: config.micro_batch * config.grad_accum,
+            seed: config.seed,
+            epochs: config.epochs,
+            total_steps: config.total_steps(n),
+            curriculum: config.curriculum,
+            step,
+            epoch,
+            done_in_epoch,
+            order: None,
+        }
+    }
+}
+
+impl Iterator for StepPlan {
+    type Item = PlannedStep;
+
+    fn next(&mut self) -> Option<PlannedStep> {
+        while self.step < self.total_steps && self.epoch < self.epochs {
+            if self.order.as_ref().is_none_or(|(e, _)| *e != self.epoch) {
+                self.order = Some((self.epoch, epoch_order(self.n, self.seed, self.epoch)));
+            }
+            let examples: Vec<usize> = self.order.as_ref().map_or_else(Vec::new, |(_, o)| {
+                o.iter()
+                    .skip(self.done_in_epoch)
+                    .take(self.per_step)
+                    .copied()
+                    .collect()
+            });
+            if examples.is_empty() {
+                self.epoch += 1;
+                self.done_in_epoch = 0;
+                continue;
+            }
+            let (step, epoch) = (self.step, self.epoch);
+            self.step += 1;
+            self.done_in_epoch += examples.len();
+            if self.done_in_epoch >= self.n {
+                self.epoch += 1;
+                self.done_in_epoch = 0;
+            }
+            return Some(PlannedStep {
+                step,
+                epoch,
+                mode: self
+                    .curriculum
+                    .then(|| curriculum_mode(self.seed, step, self.total_steps)),
+                examples,
+                epoch_after: self.epoch,
+                done_after: self.done_in_epoch,
+            });
+        }
+        None
+    }
+}
+
+/// A planned step with its prompts built, split into micro-batches.
+struct LoadedStep {
+    plan: PlannedStep,
+    /// Per micro-batch: the training rows and their prompts.
+    micro_batches: Vec<(Vec<usize>, Vec<BuiltPrompt>)>,
+}
+
+/// How a step's rows (given by their token counts, in the epoch's order) form micro-batches
+/// of `micro_batch`: positions into `lengths`, per micro-batch. With `group_by_length` the rows
+/// are sorted by length first (stable: ties keep the epoch's order).
+pub fn micro_batches(
+    lengths: &[usize],
+    micro_batch: usize,
+    group_by_length: bool,
+) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    if group_by_length {
+        order.sort_by_key(|&k| lengths[k]);
+    }
+    order
+        .chunks(micro_batch.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
+}
+
+/// Token positions a step computes: each micro-batch's rows times its longest row.
+pub fn padded_positions(lengths: &[usize], micro_batches: &[Vec<usize>]) -> usize {
+    micro_batches
+        .iter()
+        .map(|mb| mb.len() * mb.iter().map(|&k| lengths[k]).max().unwrap_or(0))
+        .sum()
+}
+
+/// Builds a step's prompts (example `i` with the template seeded by `(seed, epoch, i)`) and
+/// splits them into micro-batches ([`micro_batches`]).
+fn load_step(
+    source: &dyn ExampleSource,
+    config: &TrainConfig,
+    plan: PlannedStep,
+) -> Result<LoadedStep> {
+    let mut built = plan
+        .examples
+        .iter()
+        .map(|&i| {
+            source
+                .build(i, mix(config.seed, plan.epoch, i as u64), plan.mode)
+                .map(|p| Some((i, p)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let lengths: Vec<usize> = built
+        .iter()
+        .flatten()
+        .map(|(_, p)| p.input_ids.len() + p.answer_ids.len())
+        .collect();
+    let micro_batches = micro_batches(&lengths, config.micro_batch, config.group_by_length)
+        .into_iter()
+        .map(|members| members.into_iter().filter_map(|k| built[k].take()).unzip())
+        .collect();
+    Ok(LoadedStep {
+        plan,
+        micro_batches,
+    })
+}
+
+/// Steps the loader thread may build ahead of the optimizer (bounded: each holds its prompts).
+const LOADER_STEPS_AHEAD: usize = 2;
+
 /// Trains until the configured epochs or `max_steps`, or until `stop_after` optimizer steps
 /// of this call (a test's stand-in for a killed process). Resumes from the latest checkpoint
 /// under `checkpoints` when there is one.
+///
+/// A loader thread builds the prompts of the next steps while this one runs the model (a
+/// bounded queue of [`LOADER_STEPS_AHEAD`] steps), and each step's loss values are read from
+/// the device once, after all its micro-batches are queued. A step whose loss or gradient norm
+/// is NaN or infinite is not applied: the run stops with [`TrainError::Diverged`], naming the
+/// step, micro-batch and rows, and leaves the checkpoints on disk as they were.
 pub fn train(
     trainee: &Trainee<'_>,
-    source: &dyn ExampleSource,
+    source: &(dyn ExampleSource + Sync),
     config: &TrainConfig,
     checkpoints: &Path,
     stop_after: Option<u64>,
@@ -194,6 +374,7 @@ pub fn train(
     let (mut step, mut epoch, mut done_in_epoch) = (0u64, 0u64, 0usize);
     let mut metrics = serde_json::json!({ "loss": [] });
     let mut resumed_from = None;
+    let mut last_saved = None;
     if let Some(ckpt) = checkpoint::latest(checkpoints)? {
         let (trained, state) = ckpt.load()?;
         let base = config.full_finetune.then_some(trainee.base);
@@ -204,124 +385,180 @@ pub fn train(
         done_in_epoch = ckpt.manifest.examples_done_in_epoch as usize;
         metrics = ckpt.manifest.metrics.clone();
         resumed_from = Some(step);
+        last_saved = Some((step, ckpt.dir.clone()));
         tracing::info!(step, epoch, "resumed from {}", ckpt.dir.display());
     }
     let device = trainee.model.device();
-    let per_step = config.micro_batch * config.grad_accum;
+    let plan = StepPlan::new(n, config, (step, epoch, done_in_epoch));
     let mut last = None;
     let mut taken_here = 0u64;
     let mut stopped = false;
     trainee.model.set_training(true);
-    while step < total_steps && epoch < config.epochs {
-        if stop_after.is_some_and(|s| taken_here >= s) {
-            break;
-        }
-        let order = epoch_order(n, config.seed, epoch);
-        let chunk: Vec<usize> = order
-            .iter()
-            .skip(done_in_epoch)
-            .take(per_step)
-            .copied()
-            .collect();
-        if chunk.is_empty() {
-            epoch += 1;
-            done_in_epoch = 0;
-            continue;
-        }
-        opt.zero_grad();
-        let mode = config
-            .curriculum
-            .then(|| curriculum_mode(config.seed, step, total_steps));
-        let (mut sum, mut lm, mut ui, mut it) = (0.0, 0.0, 0.0, 0.0);
-        let mut tokens = 0;
-        let micro_batches: Vec<&[usize]> = chunk.chunks(config.micro_batch).collect();
-        for (m, micro) in micro_batches.iter().enumerate() {
-            let prompts = micro
-                .iter()
-                .map(|&i| source.build(i, mix(config.seed, epoch, i as u64), mode))
-                .collect::<Result<Vec<_>>>()?;
-            tokens += prompts
-                .iter()
-                .map(|p| p.input_ids.len() + p.answer_ids.len())
-                .sum::<usize>();
-            let batch = collate(&prompts, config.pad_id, device)?;
-            tch::manual_seed(mix(config.seed, step, m as u64) as i64);
-            let out = rsllm_llm::bf16_autocast(config.autocast_bf16 && device.is_cuda(), || {
-                losses(
-                    trainee.model,
-                    trainee.heads,
-                    trainee.items,
-                    &batch,
-                    &config.loss,
-                )
-            })?;
-            // Each micro-batch weighs by its share of the step's examples.
-            let share = micro.len() as f64 / chunk.len() as f64;
-            out.total.f_mul_scalar(share)?.backward();
-            sum += out.total.double_value(&[]) * share;
-            lm += out.lm * share;
-            ui += out.ui * share;
-            it += out.it * share;
-        }
-        let grad_norm = opt.clip_grad_norm(config.max_grad_norm)?;
-        let lr = schedule.lr(step);
-        opt.step(lr)?;
-        step += 1;
-        taken_here += 1;
-        done_in_epoch += chunk.len();
-        if done_in_epoch >= n {
-            epoch += 1;
-            done_in_epoch = 0;
-        }
-        let report = StepReport {
-            step,
-            total_steps,
-            epoch,
-            lr,
-            loss: sum,
-            lm,
-            ui,
-            it,
-            grad_norm,
-            examples: chunk.len(),
-            tokens,
-        };
-        if let Some(points) = metrics.get_mut("loss").and_then(|l| l.as_array_mut()) {
-            points.push(serde_json::json!([step, sum, lm, ui, it, lr]));
-        }
-        // A stop request (a cancelled job) still checkpoints the step it stopped at.
-        let stop = on_step(&report).is_break();
-        if stop || step % config.checkpoint_every == 0 || step == total_steps {
-            let manifest = CheckpointManifest {
-                step,
-                epoch,
-                examples_done_in_epoch: done_in_epoch as u64,
-                seed: config.seed,
-                base_model_sha256: trainee.base_model_sha256.clone(),
-                recommender_version: trainee.recommender_version.clone(),
-                config: serde_json::to_value(config)
-                    .map_err(|e| TrainError::Invalid(e.to_string()))?,
-                metrics: metrics.clone(),
-                trained_sha256: String::new(),
-                optimizer_sha256: String::new(),
+    let outcome = std::thread::scope(|scope| -> Result<()> {
+        let (loaded_tx, loaded_rx) = std::sync::mpsc::sync_channel(LOADER_STEPS_AHEAD);
+        scope.spawn(move || {
+            for planned in plan {
+                let loaded = load_step(source, config, planned);
+                let failed = loaded.is_err();
+                // A closed queue: the trainer stopped early.
+                if loaded_tx.send(loaded).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        loop {
+            if stop_after.is_some_and(|s| taken_here >= s) {
+                return Ok(());
+            }
+            let waited = Instant::now();
+            let Ok(loaded) = loaded_rx.recv() else {
+                return Ok(()); // the schedule is done
             };
-            let trained = saved_tensors(trainee, config.full_finetune);
-            checkpoint::save(
-                checkpoints,
-                manifest,
-                &trained,
-                &opt.state()?,
-                config.keep_last,
+            let loaded = loaded?;
+            let loader_wait_secs = waited.elapsed().as_secs_f64();
+            let plan = &loaded.plan;
+            opt.zero_grad();
+            let examples: usize = loaded.micro_batches.iter().map(|(r, _)| r.len()).sum();
+            let (mut tokens, mut padded_tokens) = (0, 0);
+            // Per micro-batch `[total, lm, ui, it]`, left on the device until the step's end.
+            let mut values = Vec::with_capacity(loaded.micro_batches.len());
+            for (m, (_, prompts)) in loaded.micro_batches.iter().enumerate() {
+                let real: usize = prompts
+                    .iter()
+                    .map(|p| p.input_ids.len() + p.answer_ids.len())
+                    .sum();
+                let batch = collate(prompts, config.pad_id, device)?;
+                tokens += real;
+                padded_tokens += batch.ids.numel();
+                tch::manual_seed(mix(config.seed, plan.step, m as u64) as i64);
+                let out =
+                    rsllm_llm::bf16_autocast(config.autocast_bf16 && device.is_cuda(), || {
+                        losses(
+                            trainee.model,
+                            trainee.heads,
+                            trainee.items,
+                            &batch,
+                            &config.loss,
+                        )
+                    })?;
+                // Each micro-batch weighs by its share of the step's examples.
+                let share = prompts.len() as f64 / examples as f64;
+                out.total.f_mul_scalar(share)?.backward();
+                values.push(Tensor::f_cat(
+                    &[
+                        out.total.f_detach()?.f_to_kind(Kind::Float)?.f_view([1])?,
+                        out.terms,
+                    ],
+                    0,
+                )?);
+            }
+            let values = Vec::<f64>::try_from(
+                Tensor::f_stack(&values, 0)?
+                    .f_to_kind(Kind::Double)?
+                    .f_flatten(0, -1)?,
             )?;
+            let diverged = |what: String, micro_batch: Option<usize>| {
+                let of = loaded.micro_batches.len();
+                TrainError::Diverged(Box::new(Divergence {
+                    step: plan.step + 1,
+                    epoch: plan.epoch,
+                    what,
+                    micro_batch: micro_batch.map(|m| (m + 1, of)),
+                    rows: match micro_batch {
+                        Some(m) => loaded.micro_batches[m].0.clone(),
+                        None => plan.examples.clone(),
+                    },
+                    last_checkpoint: last_saved.clone(),
+                }))
+            };
+            let (mut sum, mut lm, mut ui, mut it) = (0.0, 0.0, 0.0, 0.0);
+            for (m, ((_, prompts), v)) in loaded
+                .micro_batches
+                .iter()
+                .zip(values.chunks(4))
+                .enumerate()
+            {
+                let [total, l, u, i] = v else {
+                    return Err(TrainError::Invalid("loss values of a micro-batch".into()));
+                };
+                if !total.is_finite() {
+                    return Err(diverged(
+                        format!("the loss is {total} (lm {l}, ui {u}, it {i})"),
+                        Some(m),
+                    ));
+                }
+                let share = prompts.len() as f64 / examples as f64;
+                sum += total * share;
+                lm += l * share;
+                ui += u * share;
+                it += i * share;
+            }
+            let grad_norm = match opt.clip_grad_norm(config.max_grad_norm) {
+                Err(TrainError::NonFiniteGradNorm(norm)) => {
+                    return Err(diverged(format!("the gradient norm is {norm}"), None));
+                }
+                other => other?,
+            };
+            let lr = schedule.lr(plan.step);
+            opt.step(lr)?;
+            step = plan.step + 1;
+            epoch = plan.epoch_after;
+            done_in_epoch = plan.done_after;
+            taken_here += 1;
+            let report = StepReport {
+                step,
+                total_steps,
+                epoch,
+                lr,
+                loss: sum,
+                lm,
+                ui,
+                it,
+                grad_norm,
+                examples,
+                tokens,
+                padded_tokens,
+                loader_wait_secs,
+            };
+            if let Some(points) = metrics.get_mut("loss").and_then(|l| l.as_array_mut()) {
+                points.push(serde_json::json!([step, sum, lm, ui, it, lr]));
+            }
+            // A stop request (a cancelled job) still checkpoints the step it stopped at.
+            let stop = on_step(&report).is_break();
+            if stop || step % config.checkpoint_every == 0 || step == total_steps {
+                let manifest = CheckpointManifest {
+                    step,
+                    epoch,
+                    examples_done_in_epoch: done_in_epoch as u64,
+                    seed: config.seed,
+                    base_model_sha256: trainee.base_model_sha256.clone(),
+                    recommender_version: trainee.recommender_version.clone(),
+                    config: serde_json::to_value(config)
+                        .map_err(|e| TrainError::Invalid(e.to_string()))?,
+                    metrics: metrics.clone(),
+                    trained_sha256: String::new(),
+                    optimizer_sha256: String::new(),
+                };
+                let trained = saved_tensors(trainee, config.full_finetune);
+                let saved = checkpoint::save(
+                    checkpoints,
+                    manifest,
+                    &trained,
+                    &opt.state()?,
+                    config.keep_last,
+                )?;
+                last_saved = Some((step, saved.dir));
+            }
+            last = Some(report);
+            // A stop asked at the last planned step stops nothing: the run is complete.
+            if stop && step < total_steps {
+                stopped = true;
+                return Ok(());
+            }
         }
-        last = Some(report);
-        // A stop asked at the last planned step stops nothing: the run is complete.
-        if stop && step < total_steps {
-            stopped = true;
-            break;
-        }
-    }
+    });
     trainee.model.set_training(false);
+    outcome?;
     Ok(TrainSummary {
         steps: step,
         resumed_from,
@@ -435,8 +672,10 @@ mod tests {
     use rsllm_prompt::testing::PAD_ID;
     use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions, TemplateChoice};
 
+    /// The fixture's rows as a source: what the loader thread needs (no tensors).
     struct Rows<'a> {
-        setup: &'a Setup,
+        tokenizer: &'a tokenizers::Tokenizer,
+        catalog: &'a rsllm_core::Catalog,
         builder: PromptBuilder,
         rows: Vec<(Vec<u32>, Vec<u32>, u32)>,
     }
@@ -454,8 +693,8 @@ mod tests {
             let (h, c, t) = &self.rows[index];
             self.builder
                 .build(
-                    &self.setup.tokenizer,
-                    &self.setup.catalog,
+                    self.tokenizer,
+                    self.catalog,
                     h,
                     c,
                     Some(*t),
@@ -468,7 +707,8 @@ mod tests {
 
     fn rows(setup: &Setup) -> Rows<'_> {
         Rows {
-            setup,
+            tokenizer: &setup.tokenizer,
+            catalog: &setup.catalog,
             builder: PromptBuilder::with_builtin_templates("movielens", PromptOptions::new(PAD_ID))
                 .unwrap(),
             rows: (0..6u32)
@@ -499,6 +739,7 @@ mod tests {
             curriculum: false,
             full_finetune: false,
             autocast_bf16: false,
+            group_by_length: true,
         }
     }
 
@@ -632,6 +873,160 @@ mod tests {
             "a stop at the last planned step is a finished run"
         );
         assert_eq!(saved, Some(4));
+    }
+
+    #[test]
+    fn the_plan_resumed_anywhere_continues_the_straight_one() {
+        // 7 examples, 3 per step: steps of 3, 3, 1 per epoch; 3 epochs, capped at 8 steps.
+        let mut c = config();
+        (c.micro_batch, c.grad_accum, c.epochs, c.max_steps) = (3, 1, 3, Some(8));
+        let straight: Vec<PlannedStep> = StepPlan::new(7, &c, (0, 0, 0)).collect();
+        assert_eq!(straight.len(), 8);
+        let sizes: Vec<usize> = straight.iter().map(|p| p.examples.len()).collect();
+        assert_eq!(sizes, [3, 3, 1, 3, 3, 1, 3, 3]);
+        for epoch in 0..2 {
+            let mut seen: Vec<usize> = straight[epoch * 3..epoch * 3 + 3]
+                .iter()
+                .flat_map(|p| p.examples.clone())
+                .collect();
+            seen.sort_unstable();
+            assert_eq!(
+                seen,
+                (0..7).collect::<Vec<_>>(),
+                "epoch {epoch} visits each once"
+            );
+        }
+        assert_ne!(
+            straight[0].examples, straight[3].examples,
+            "a new order per epoch"
+        );
+        for (k, planned) in straight.iter().enumerate() {
+            let resumed: Vec<PlannedStep> = StepPlan::new(
+                7,
+                &c,
+                (planned.step + 1, planned.epoch_after, planned.done_after),
+            )
+            .collect();
+            assert_eq!(resumed, straight[k + 1..], "resumed after step {}", k + 1);
+        }
+    }
+
+    #[test]
+    fn grouping_by_length_sorts_the_rows_of_a_step_into_micro_batches() {
+        let _rng = crate::test_support::rng_lock();
+        let s = setup();
+        let mut source = rows(&s);
+        // Histories of 1 to 6 items: prompts of clearly different lengths.
+        source.rows = (0..6u32)
+            .map(|i| {
+                let history: Vec<u32> = (0..=i).map(|h| (h + 6) % 12).collect();
+                (history, vec![1, 2, 3], 2)
+            })
+            .collect();
+        let mut c = config();
+        (c.micro_batch, c.grad_accum) = (2, 3);
+        let plan = StepPlan::new(6, &c, (0, 0, 0)).next().unwrap();
+        let len = |p: &BuiltPrompt| p.input_ids.len() + p.answer_ids.len();
+        let padded = |step: &LoadedStep| -> usize {
+            step.micro_batches
+                .iter()
+                .map(|(_, ps)| ps.len() * ps.iter().map(len).max().unwrap())
+                .sum()
+        };
+        let grouped = load_step(&source, &c, plan.clone()).unwrap();
+        c.group_by_length = false;
+        let plain = load_step(&source, &c, plan.clone()).unwrap();
+        for step in [&grouped, &plain] {
+            assert_eq!(step.micro_batches.len(), 3);
+            let mut rows: Vec<usize> = step
+                .micro_batches
+                .iter()
+                .flat_map(|(r, ps)| {
+                    assert_eq!(r.len(), ps.len());
+                    r.clone()
+                })
+                .collect();
+            rows.sort_unstable();
+            assert_eq!(rows, (0..6).collect::<Vec<_>>(), "the same rows, once each");
+        }
+        let order: Vec<usize> = plain
+            .micro_batches
+            .iter()
+            .flat_map(|(r, _)| r.clone())
+            .collect();
+        assert_eq!(order, plan.examples, "ungrouped: the epoch's order");
+        let lengths: Vec<usize> = grouped
+            .micro_batches
+            .iter()
+            .flat_map(|(_, ps)| ps.iter().map(len))
+            .collect();
+        assert!(lengths.windows(2).all(|w| w[0] <= w[1]), "{lengths:?}");
+        assert!(padded(&grouped) < padded(&plain));
+    }
+
+    #[test]
+    fn a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
+        let _rng = crate::test_support::rng_lock();
+        let s = setup();
+        let dir = tempfile::tempdir().unwrap();
+        let trainee = Trainee {
+            model: &s.model,
+            heads: &s.heads,
+            trained: &s.trained,
+            base: &s._base,
+            items: &s.items,
+            base_model_sha256: "test".into(),
+            recommender_version: None,
+        };
+        let mut c = config();
+        c.checkpoint_every = 2;
+        let mut reports = Vec::new();
+        let err = train(&trainee, &rows(&s), &c, dir.path(), None, &mut |r| {
+            reports.push(r.step);
+            if r.step == 2 {
+                // The recommender's vectors turn NaN (they are not checkpointed with the
+                // trained tensors): the ID slots of step 3 make its loss NaN.
+                let _guard = tch::no_grad_guard();
+                let _ = s.items.vectors.shallow_clone().fill_(f64::NAN);
+            }
+            ControlFlow::Continue(())
+        })
+        .unwrap_err();
+        assert_eq!(reports, [1, 2], "no report for the step that failed");
+        let TrainError::Diverged(d) = &err else {
+            panic!("not a divergence: {err}");
+        };
+        assert_eq!((d.step, d.epoch), (3, 1));
+        assert_eq!(d.micro_batch, Some((1, 2)));
+        assert_eq!(d.rows.len(), 2);
+        assert!(d.rows.iter().all(|&r| r < 6));
+        assert!(d.what.contains("the loss is NaN"), "{}", d.what);
+        let kept = crate::checkpoint::latest(dir.path()).unwrap().unwrap();
+        assert_eq!(d.last_checkpoint, Some((2, kept.dir.clone())));
+        assert_eq!(kept.manifest.step, 2, "the last good checkpoint is kept");
+        // Step 3 was not applied: the trained tensors are still the checkpoint's.
+        let (saved, _) = kept.load().unwrap();
+        let vars = s.trained.variables();
+        for (name, t) in saved {
+            assert!(
+                t.isfinite().all().int64_value(&[]) == 1,
+                "{name} is not finite"
+            );
+            assert!(
+                t.equal(&vars[&name]),
+                "{name} moved after the last good step"
+            );
+        }
+        let message = err.to_string();
+        for part in [
+            "NaN",
+            "optimizer step 3",
+            "micro-batch 1 of 2",
+            "training rows",
+            "step 2",
+        ] {
+            assert!(message.contains(part), "{part:?} missing from: {message}");
+        }
     }
 
     #[test]
