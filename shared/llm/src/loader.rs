@@ -33,6 +33,8 @@ pub struct LoadedModel {
     pub format: ModelFormat,
     /// The dtypes of the tensors as stored, e.g. {"Q4_1": 210, "F32": 61, "Q8_0": 1}.
     pub stored_dtypes: BTreeMap<String, usize>,
+    /// `weights_sha256`, once computed (hashing the 98 MB default model takes a while).
+    weights_sha256: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -63,8 +65,12 @@ impl LoadedModel {
                 }
             }
         };
-        rsllm_core::artefact::sha256_file(&file)
-            .map_err(|source| LlmError::Io { path: file, source })
+        if let Some(known) = self.weights_sha256.get() {
+            return Ok(known.clone());
+        }
+        let sha = rsllm_core::artefact::sha256_file(&file)
+            .map_err(|source| LlmError::Io { path: file, source })?;
+        Ok(self.weights_sha256.get_or_init(|| sha).clone())
     }
 }
 
@@ -169,6 +175,7 @@ fn load_gguf(path: &Path, device: Device) -> Result<LoadedModel> {
         path: path.to_owned(),
         format: ModelFormat::Gguf,
         stored_dtypes,
+        weights_sha256: std::sync::OnceLock::new(),
     })
 }
 
@@ -210,6 +217,7 @@ fn load_hf_dir(dir: &Path, device: Device) -> Result<LoadedModel> {
         path: dir.to_owned(),
         format: ModelFormat::HfDirectory,
         stored_dtypes,
+        weights_sha256: std::sync::OnceLock::new(),
     })
 }
 

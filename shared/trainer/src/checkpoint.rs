@@ -53,6 +53,40 @@ pub struct CheckpointManifest {
     pub optimizer_sha256: String,
 }
 
+impl CheckpointManifest {
+    /// Refuses a checkpoint (at `dir`) trained over another base model, or with another
+    /// version of the recommender when `recommender_version` is given, naming both sides.
+    pub fn check_provenance(
+        &self,
+        dir: &Path,
+        base_model_sha256: &str,
+        recommender_version: Option<Option<&str>>,
+    ) -> Result<()> {
+        let refuse = |reason: String| {
+            Err(TrainError::BadCheckpoint {
+                path: dir.to_owned(),
+                reason,
+            })
+        };
+        if self.base_model_sha256 != base_model_sha256 {
+            return refuse(format!(
+                "was trained over the base model with sha256 {}; the loaded base model has sha256 {base_model_sha256}",
+                self.base_model_sha256
+            ));
+        }
+        if let Some(now) = recommender_version
+            && self.recommender_version.as_deref() != now
+        {
+            return refuse(format!(
+                "was trained with recommender version {}; the recommender loaded now is {}",
+                self.recommender_version.as_deref().unwrap_or("none"),
+                now.unwrap_or("none")
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -220,6 +254,43 @@ mod tests {
             "projector.fc1.weight".into(),
             Tensor::full([2, 3], value, (Kind::Float, Device::Cpu)),
         )]
+    }
+
+    #[test]
+    fn another_base_model_or_recommender_version_is_refused_naming_both() {
+        let m = manifest(3);
+        let dir = Path::new("runs/x/checkpoints/step-00000003");
+        assert!(m.check_provenance(dir, "b179", Some(Some("abc"))).is_ok());
+        assert!(
+            m.check_provenance(dir, "b179", None).is_ok(),
+            "the recommender unchecked"
+        );
+        let err = m
+            .check_provenance(dir, "ffff", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("step-00000003")
+                && err.contains("sha256 b179")
+                && err.contains("sha256 ffff"),
+            "{err}"
+        );
+        let err = m
+            .check_provenance(dir, "b179", Some(Some("def")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("version abc") && err.contains("is def"),
+            "{err}"
+        );
+        let err = m
+            .check_provenance(dir, "b179", Some(None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("version abc") && err.contains("is none"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use rsllm_prompt::{
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
-use crate::checkpoint;
+use crate::checkpoint::{self, CheckpointManifest};
 use crate::error::{Result, TrainError};
 use crate::objective::{ItemTable, RsllmHeads};
 use crate::train_loop::{ExampleSource, StepReport, TrainConfig, TrainSummary, Trainee, train};
@@ -209,7 +209,7 @@ pub fn load_trained(
     trained: &nn::VarStore,
     base: Option<&nn::VarStore>,
     stage_dir: &Path,
-) -> Result<u64> {
+) -> Result<CheckpointManifest> {
     let root = stage_dir.join(CHECKPOINT_DIR);
     let Some(ckpt) = checkpoint::latest(&root)? else {
         return Err(TrainError::BadCheckpoint {
@@ -219,7 +219,7 @@ pub fn load_trained(
     };
     let (tensors, _) = ckpt.load()?;
     crate::train_loop::restore_split(trained, base, tensors, &ckpt.dir)?;
-    Ok(ckpt.manifest.step)
+    Ok(ckpt.manifest)
 }
 
 /// One domain's training data for a stage: its dataset name (which picks the templates), its
@@ -413,6 +413,64 @@ impl ExampleSource for TrainRows<'_> {
     }
 }
 
+/// What differs between two specs, one `field: recorded -> now` each (nested fields by dotted
+/// path), so a refused resume says which setting changed.
+pub fn spec_differences(recorded: &StageSpec, now: &StageSpec) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                let null = serde_json::Value::Null;
+                for key in keys {
+                    let field = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    walk(
+                        &field,
+                        x.get(key).unwrap_or(&null),
+                        y.get(key).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            _ if a != b => out.push(format!("{path}: {a} -> {b}")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    match (serde_json::to_value(recorded), serde_json::to_value(now)) {
+        (Ok(a), Ok(b)) => walk("", &a, &b, &mut out),
+        _ => out.push("the specs cannot be compared".into()),
+    }
+    out
+}
+
+/// A stage started from another stage's output (`init_from`) must continue the same dataset
+/// over the same base model: the adapters were trained for those.
+fn check_init_from(spec: &StageSpec, init_spec: &StageSpec, init: &Path) -> Result<()> {
+    let refuse = |reason: String| {
+        Err(TrainError::Invalid(format!(
+            "init_from {} {reason}",
+            init.display()
+        )))
+    };
+    if init_spec.base_model_sha256 != spec.base_model_sha256 {
+        return refuse(format!(
+            "was trained over the base model with sha256 {}; this stage's base model has sha256 {}",
+            init_spec.base_model_sha256, spec.base_model_sha256
+        ));
+    }
+    if init_spec.dataset != spec.dataset {
+        return refuse(format!(
+            "was trained on {}; this stage is on {}",
+            init_spec.dataset, spec.dataset
+        ));
+    }
+    Ok(())
+}
+
 /// The mixture given must be the one the spec names, for stage 1, without the target.
 fn check_mixture(spec: &StageSpec, others: &[Domain<'_>]) -> Result<()> {
     let named: Vec<&str> = others.iter().map(|d| d.dataset).collect();
@@ -485,6 +543,9 @@ pub fn run_stage_mixed(
     // Before anything is written: a refused spec must not leave a stage.json behind.
     spec.check_combination()?;
     check_mixture(spec, others)?;
+    if let Some(init) = &spec.init_from {
+        check_init_from(spec, &read_spec(init)?, init)?;
+    }
     if !(1..=2).contains(&spec.stage) {
         return Err(TrainError::Invalid(format!(
             "stage {} is not 1 or 2",
@@ -505,8 +566,9 @@ pub fn run_stage_mixed(
     match recorded_spec(out)? {
         Some(previous) if &previous != spec => {
             return Err(TrainError::Invalid(format!(
-                "{} holds a different stage spec; resume with the same settings or use a new output directory",
-                spec_path.display()
+                "{} was started with other settings ({}); resume with the same settings or use a new output directory",
+                spec_path.display(),
+                spec_differences(&previous, spec).join("; ")
             )));
         }
         Some(_) => {}
@@ -523,7 +585,12 @@ pub fn run_stage_mixed(
     if checkpoint::latest(&checkpoints)?.is_none() {
         if let Some(init) = &spec.init_from {
             // Stage 1 trains the same tensors (adapters, projector, heads): all carry over.
-            load_trained(&rsllm.trained, Some(&base.vs), init)?;
+            // Its recommender (none, for stage 1) may differ; its base model may not.
+            load_trained(&rsllm.trained, Some(&base.vs), init)?.check_provenance(
+                init,
+                &spec.base_model_sha256,
+                None,
+            )?;
         }
         if spec.projector_warmup_steps > 0 {
             let report = warm_up_projector(
@@ -600,9 +667,22 @@ pub fn open_stage(
     catalog: &Catalog,
 ) -> Result<(StageSpec, Rsllm, u64)> {
     let spec = read_spec(dir)?;
+    let loaded = base.weights_sha256()?;
+    if spec.base_model_sha256 != loaded {
+        return Err(TrainError::BadCheckpoint {
+            path: dir.to_owned(),
+            reason: format!(
+                "was trained over {} (sha256 {}); the loaded base model {} has sha256 {loaded}",
+                spec.base_model.display(),
+                spec.base_model_sha256,
+                base.path.display()
+            ),
+        });
+    }
     let rsllm = build_rsllm(base, &spec, catalog)?;
-    let step = load_trained(&rsllm.trained, Some(&base.vs), dir)?;
-    Ok((spec, rsllm, step))
+    let manifest = load_trained(&rsllm.trained, Some(&base.vs), dir)?;
+    manifest.check_provenance(dir, &loaded, Some(rsllm.recommender_version.as_deref()))?;
+    Ok((spec, rsllm, manifest.step))
 }
 
 /// `<out>/stage.json` of a finished or running stage.
@@ -807,6 +887,50 @@ mod tests {
         };
         let err = check_mixture(&repeated, &[films]).unwrap_err().to_string();
         assert!(err.contains("repeats the target"), "{err}");
+    }
+
+    #[test]
+    fn a_changed_setting_is_named_with_both_values() {
+        let recorded = spec(2);
+        let mut now = spec(2);
+        now.base_model_sha256 = "y".into();
+        now.train.peak_lr = 1e-4;
+        let diff = spec_differences(&recorded, &now);
+        assert_eq!(
+            diff,
+            [
+                "base_model_sha256: \"x\" -> \"y\"".to_owned(),
+                format!("train.peak_lr: {} -> 0.0001", recorded.train.peak_lr),
+            ]
+        );
+        assert!(spec_differences(&recorded, &recorded).is_empty());
+    }
+
+    #[test]
+    fn a_stage_starts_only_from_one_of_the_same_dataset_and_base_model() {
+        let stage1 = spec(1);
+        let dir = Path::new("runs/movielens-stage1");
+        assert!(check_init_from(&spec(2), &stage1, dir).is_ok());
+        let mut other_base = spec(2);
+        other_base.base_model_sha256 = "y".into();
+        let err = check_init_from(&other_base, &stage1, dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("runs/movielens-stage1")
+                && err.contains("sha256 x")
+                && err.contains("sha256 y"),
+            "{err}"
+        );
+        let mut other_data = spec(2);
+        other_data.dataset = "lastfm".into();
+        let err = check_init_from(&other_data, &stage1, dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("trained on movielens; this stage is on lastfm"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -340,6 +340,72 @@ fn load_step(
     })
 }
 
+/// What a step's forward and backward passes leave on the host.
+struct Passes {
+    /// Per micro-batch `[total, lm, ui, it]`, unweighted, and its share of the step's rows.
+    values: Vec<[f64; 4]>,
+    shares: Vec<f64>,
+    tokens: usize,
+    padded_tokens: usize,
+}
+
+/// Runs the step's micro-batches forward and backward (gradients accumulate, each
+/// micro-batch's loss weighted by its share of the step's rows), then reads their loss values
+/// from the device in one transfer: the host queues the whole step before it waits.
+fn forward_backward(
+    trainee: &Trainee<'_>,
+    config: &TrainConfig,
+    step: &LoadedStep,
+) -> Result<Passes> {
+    let device = trainee.model.device();
+    let rows: usize = step.micro_batches.iter().map(|(r, _)| r.len()).sum();
+    let (mut tokens, mut padded_tokens) = (0, 0);
+    let (mut on_device, mut shares) = (Vec::new(), Vec::new());
+    for (m, (_, prompts)) in step.micro_batches.iter().enumerate() {
+        let batch = collate(prompts, config.pad_id, device)?;
+        tokens += prompts
+            .iter()
+            .map(|p| p.input_ids.len() + p.answer_ids.len())
+            .sum::<usize>();
+        padded_tokens += batch.ids.numel();
+        tch::manual_seed(mix(config.seed, step.plan.step, m as u64) as i64);
+        let out = rsllm_llm::bf16_autocast(config.autocast_bf16 && device.is_cuda(), || {
+            losses(
+                trainee.model,
+                trainee.heads,
+                trainee.items,
+                &batch,
+                &config.loss,
+            )
+        })?;
+        let share = prompts.len() as f64 / rows as f64;
+        out.total.f_mul_scalar(share)?.backward();
+        on_device.push(Tensor::f_cat(
+            &[
+                out.total.f_detach()?.f_to_kind(Kind::Float)?.f_view([1])?,
+                out.terms,
+            ],
+            0,
+        )?);
+        shares.push(share);
+    }
+    let flat = Vec::<f64>::try_from(
+        Tensor::f_stack(&on_device, 0)?
+            .f_to_kind(Kind::Double)?
+            .f_flatten(0, -1)?,
+    )?;
+    let values = flat
+        .chunks_exact(4)
+        .map(|v| [v[0], v[1], v[2], v[3]])
+        .collect();
+    Ok(Passes {
+        values,
+        shares,
+        tokens,
+        padded_tokens,
+    })
+}
+
 /// Steps the loader thread may build ahead of the optimizer (bounded: each holds its prompts).
 const LOADER_STEPS_AHEAD: usize = 2;
 
@@ -376,6 +442,11 @@ pub fn train(
     let mut resumed_from = None;
     let mut last_saved = None;
     if let Some(ckpt) = checkpoint::latest(checkpoints)? {
+        ckpt.manifest.check_provenance(
+            &ckpt.dir,
+            &trainee.base_model_sha256,
+            Some(trainee.recommender_version.as_deref()),
+        )?;
         let (trained, state) = ckpt.load()?;
         let base = config.full_finetune.then_some(trainee.base);
         restore_split(trainee.trained, base, trained, &ckpt.dir)?;
@@ -388,7 +459,6 @@ pub fn train(
         last_saved = Some((step, ckpt.dir.clone()));
         tracing::info!(step, epoch, "resumed from {}", ckpt.dir.display());
     }
-    let device = trainee.model.device();
     let plan = StepPlan::new(n, config, (step, epoch, done_in_epoch));
     let mut last = None;
     let mut taken_here = 0u64;
@@ -418,52 +488,13 @@ pub fn train(
             let loader_wait_secs = waited.elapsed().as_secs_f64();
             let plan = &loaded.plan;
             opt.zero_grad();
-            let examples: usize = loaded.micro_batches.iter().map(|(r, _)| r.len()).sum();
-            let (mut tokens, mut padded_tokens) = (0, 0);
-            // Per micro-batch `[total, lm, ui, it]`, left on the device until the step's end.
-            let mut values = Vec::with_capacity(loaded.micro_batches.len());
-            for (m, (_, prompts)) in loaded.micro_batches.iter().enumerate() {
-                let real: usize = prompts
-                    .iter()
-                    .map(|p| p.input_ids.len() + p.answer_ids.len())
-                    .sum();
-                let batch = collate(prompts, config.pad_id, device)?;
-                tokens += real;
-                padded_tokens += batch.ids.numel();
-                tch::manual_seed(mix(config.seed, plan.step, m as u64) as i64);
-                let out =
-                    rsllm_llm::bf16_autocast(config.autocast_bf16 && device.is_cuda(), || {
-                        losses(
-                            trainee.model,
-                            trainee.heads,
-                            trainee.items,
-                            &batch,
-                            &config.loss,
-                        )
-                    })?;
-                // Each micro-batch weighs by its share of the step's examples.
-                let share = prompts.len() as f64 / examples as f64;
-                out.total.f_mul_scalar(share)?.backward();
-                values.push(Tensor::f_cat(
-                    &[
-                        out.total.f_detach()?.f_to_kind(Kind::Float)?.f_view([1])?,
-                        out.terms,
-                    ],
-                    0,
-                )?);
-            }
-            let values = Vec::<f64>::try_from(
-                Tensor::f_stack(&values, 0)?
-                    .f_to_kind(Kind::Double)?
-                    .f_flatten(0, -1)?,
-            )?;
+            let passes = forward_backward(trainee, config, &loaded)?;
             let diverged = |what: String, micro_batch: Option<usize>| {
-                let of = loaded.micro_batches.len();
                 TrainError::Diverged(Box::new(Divergence {
                     step: plan.step + 1,
                     epoch: plan.epoch,
                     what,
-                    micro_batch: micro_batch.map(|m| (m + 1, of)),
+                    micro_batch: micro_batch.map(|m| (m + 1, loaded.micro_batches.len())),
                     rows: match micro_batch {
                         Some(m) => loaded.micro_batches[m].0.clone(),
                         None => plan.examples.clone(),
@@ -472,22 +503,15 @@ pub fn train(
                 }))
             };
             let (mut sum, mut lm, mut ui, mut it) = (0.0, 0.0, 0.0, 0.0);
-            for (m, ((_, prompts), v)) in loaded
-                .micro_batches
-                .iter()
-                .zip(values.chunks(4))
-                .enumerate()
+            for (m, (&[total, l, u, i], share)) in
+                passes.values.iter().zip(&passes.shares).enumerate()
             {
-                let [total, l, u, i] = v else {
-                    return Err(TrainError::Invalid("loss values of a micro-batch".into()));
-                };
                 if !total.is_finite() {
                     return Err(diverged(
                         format!("the loss is {total} (lm {l}, ui {u}, it {i})"),
                         Some(m),
                     ));
                 }
-                let share = prompts.len() as f64 / examples as f64;
                 sum += total * share;
                 lm += l * share;
                 ui += u * share;
@@ -515,9 +539,9 @@ pub fn train(
                 ui,
                 it,
                 grad_norm,
-                examples,
-                tokens,
-                padded_tokens,
+                examples: plan.examples.len(),
+                tokens: passes.tokens,
+                padded_tokens: passes.padded_tokens,
                 loader_wait_secs,
             };
             if let Some(points) = metrics.get_mut("loss").and_then(|l| l.as_array_mut()) {
@@ -1027,6 +1051,45 @@ mod tests {
         ] {
             assert!(message.contains(part), "{part:?} missing from: {message}");
         }
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_base_model_is_not_resumed() {
+        let _rng = crate::test_support::rng_lock();
+        let s = setup();
+        let dir = tempfile::tempdir().unwrap();
+        run(&s, dir.path(), Some(1));
+        let before = crate::checkpoint::latest(dir.path()).unwrap().unwrap();
+        let trainee = Trainee {
+            model: &s.model,
+            heads: &s.heads,
+            trained: &s.trained,
+            base: &s._base,
+            items: &s.items,
+            base_model_sha256: "another".into(),
+            recommender_version: None,
+        };
+        let mut steps = 0;
+        let err = train(
+            &trainee,
+            &rows(&s),
+            &config(),
+            dir.path(),
+            None,
+            &mut |_| {
+                steps += 1;
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(steps, 0, "refused before any step");
+        assert!(
+            err.contains("sha256 test") && err.contains("sha256 another"),
+            "{err}"
+        );
+        let after = crate::checkpoint::latest(dir.path()).unwrap().unwrap();
+        assert_eq!(after.manifest, before.manifest);
     }
 
     #[test]
