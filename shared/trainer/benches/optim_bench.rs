@@ -5,9 +5,12 @@
 //! - `full`: the 272 tensors of SmolLM2-135M (a full fine-tune, 134.5M f32 values);
 //! - `lora`: LLaRA's default LoRA (rank 8 on the 7 projections of the 30 blocks: 420 tensors)
 //!   plus the projector (64 -> 576 -> 576);
-//! - `train16` (GPU by default): a whole full fine-tuning step at `--batch` x 384 (bf16
-//!   autocast on CUDA, cross-entropy on the last 16 positions), once with each optimizer:
-//!   the step `llm_bench`'s `train16` times with libtorch's AdamW.
+//! - `train16` (GPU by default): a whole full fine-tuning step at `--batch` x `--seq` (384 by
+//!   default; bf16 autocast on CUDA, cross-entropy on the last 16 positions), once with each
+//!   optimizer: the step `llm_bench`'s `train16` times with libtorch's AdamW.
+//! - `train-lora`: the same step as the pipeline trains it: base frozen, LLaRA's LoRA
+//!   attached (dropout active), our AdamW over the adapters. Beside `train16` at the same
+//!   shape it says what the adapters cost per step (on a GPU: their extra kernel launches).
 //!
 //! `full` and `lora` time the update alone (gradients are set once by a backward pass and
 //! left in place); ours is timed for `step` and for `clip_grad_norm` + `step`, as the trainer
@@ -15,7 +18,7 @@
 //!
 //! ```text
 //! cargo bench -p rsllm-trainer --bench optim_bench -- [--device auto|cpu|cuda] [--iters 10]
-//!     [--only full,lora,train16] [--batch 16] [--json-out FILE]
+//!     [--only full,lora,train16,train-lora] [--batch 16] [--seq 384] [--json-out FILE]
 //! ```
 //! Median of `--iters` timed runs after two warm-up runs, min and max beside it; one JSON line
 //! per measurement on stdout, a markdown table on stderr.
@@ -47,6 +50,7 @@ struct Args {
     iters: usize,
     only: Vec<String>,
     batch: i64,
+    seq: i64,
     json_out: Option<PathBuf>,
 }
 
@@ -56,6 +60,7 @@ fn parse_args() -> Args {
         iters: 10,
         only: Vec::new(),
         batch: 16,
+        seq: SEQ,
         json_out: None,
     };
     let mut it = std::env::args().skip(1);
@@ -71,6 +76,7 @@ fn parse_args() -> Args {
             "--iters" => args.iters = it.next().unwrap().parse().unwrap(),
             "--only" => args.only = it.next().unwrap().split(',').map(str::to_owned).collect(),
             "--batch" => args.batch = it.next().unwrap().parse().unwrap(),
+            "--seq" => args.seq = it.next().unwrap().parse().unwrap(),
             "--json-out" => args.json_out = Some(PathBuf::from(it.next().unwrap())),
             // `cargo bench` passes --bench.
             _ => {}
@@ -229,7 +235,7 @@ fn lora_store(device: Device) -> nn::VarStore {
 /// A whole full fine-tuning step with each optimizer: zero_grad, forward (bf16 autocast on
 /// CUDA), loss on the last 16 positions, backward, update.
 fn train_step(args: &Args, rows: &mut Vec<Row>) {
-    let (b, t, tail) = (args.batch, SEQ, LOSS_POSITIONS);
+    let (b, t, tail) = (args.batch, args.seq, LOSS_POSITIONS);
     for optimizer in ["libtorch", "rsllm"] {
         let mut vs = nn::VarStore::new(args.device);
         let model = random_model(&vs);
@@ -279,6 +285,63 @@ fn train_step(args: &Args, rows: &mut Vec<Row>) {
     }
 }
 
+/// The pipeline's step: frozen base, LoRA (LLaRA's, with its dropout 0.1, and again without
+/// dropout), our AdamW over the adapters.
+fn lora_train_step(args: &Args, rows: &mut Vec<Row>) {
+    let (b, t, tail) = (args.batch, args.seq, LOSS_POSITIONS);
+    for (dropout, label) in [
+        (
+            0.1,
+            "rsllm AdamW (flat), LoRA r 8 on 7 projections, dropout 0.1",
+        ),
+        (
+            0.0,
+            "rsllm AdamW (flat), LoRA r 8 on 7 projections, no dropout",
+        ),
+    ] {
+        let mut base = nn::VarStore::new(args.device);
+        let mut model = random_model(&base);
+        // Frozen, as `rsllm_llm::load` leaves the base model.
+        base.freeze();
+        let trained = nn::VarStore::new(args.device);
+        let lora = LoraConfig {
+            dropout,
+            ..LoraConfig::default()
+        };
+        model.attach_lora(&trained.root(), &lora).unwrap();
+        model.set_training(true);
+        let tensors = trained.trainable_variables().len();
+        let values: i64 = trained
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
+        let x = Tensor::randint_low(3, 49152, [b, t], (Kind::Int64, args.device));
+        let targets = x.narrow(1, t - tail, tail).reshape([-1]);
+        let mut opt = AdamW::for_var_store(&trained, ours_config()).unwrap();
+        let seconds = timed(args.device, args.iters, || {
+            opt.zero_grad();
+            rsllm_llm::bf16_autocast(args.device.is_cuda(), || {
+                let hidden = model.forward_ids(&x, None).unwrap();
+                let logits = model.head(&hidden.narrow(1, t - tail - 1, tail)).unwrap();
+                logits
+                    .reshape([-1, model.config.vocab_size as i64])
+                    .cross_entropy_for_logits(&targets)
+            })
+            .backward();
+            opt.step(LR).unwrap();
+        });
+        rows.push(Row {
+            case: "train-lora",
+            optimizer: label,
+            tensors,
+            values,
+            seconds,
+            tokens: Some(b * t),
+        });
+    }
+}
+
 fn main() {
     let args = parse_args();
     eprintln!(
@@ -293,7 +356,8 @@ fn main() {
             "full" => update_only(&args, "full", full_store, &mut rows),
             "lora" => update_only(&args, "lora", lora_store, &mut rows),
             "train16" => train_step(&args, &mut rows),
-            other => panic!("--only {other}: expected full, lora or train16"),
+            "train-lora" => lora_train_step(&args, &mut rows),
+            other => panic!("--only {other}: expected full, lora, train16 or train-lora"),
         }
         for row in rows.iter().filter(|r| r.case == case) {
             println!("{}", row.json(args.device));
