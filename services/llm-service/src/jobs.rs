@@ -395,6 +395,8 @@ impl Jobs {
             &rows,
             &rsllm_trainer::eval::EvalOptions {
                 prompt_mode: spec.prompt_mode(),
+                // JobEvaluation reports the two modes of METHOD.md only.
+                alignment: false,
                 ..Default::default()
             },
             &mut |_| {},

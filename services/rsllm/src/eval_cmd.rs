@@ -31,7 +31,7 @@ pub struct EvalArgs {
     /// Which rows: test (default) or val.
     #[arg(long, default_value = "test")]
     part: Part,
-    /// Which evaluation modes to run.
+    /// Which evaluation modes to run (ranking also ranks by a trained stage's alignment heads).
     #[arg(long, default_value = "both")]
     modes: Modes,
     /// A trained stage's output directory (from `rsllm train`): its adapters, projector and
@@ -97,6 +97,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         prompt_mode,
         generative: args.modes != Modes::Ranking,
         ranking: args.modes != Modes::Generative,
+        // With ranking: the alignment heads' ranking too (a trained stage's, one prompt
+        // forward per row).
+        alignment: args.modes != Modes::Generative,
         generation_batch: args.generation_batch,
         ..EvalOptions::default()
     };
@@ -140,6 +143,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "valid_ratio": report.valid_ratio,
         "hr1_generative": report.hr1_generative,
         "ranking": report.ranking,
+        "alignment": report.alignment,
         "seconds": seconds,
     });
     rsllm_core::artefact::write_json_atomic(&out.join("metrics.json"), &metrics)?;
@@ -162,6 +166,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         if let Some(r) = &report.ranking {
             println!(
                 "| ranking | {} | {} | 1 | {} | {} |",
+                r.n,
+                ci(&r.hr1),
+                ci(&r.hr5),
+                ci(&r.ndcg5)
+            );
+        }
+        if let Some(r) = &report.alignment {
+            println!(
+                "| alignment heads | {} | {} | 1 | {} | {} |",
                 r.n,
                 ci(&r.hr1),
                 ci(&r.hr5),

@@ -486,6 +486,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         bar.finish_and_clear();
         write_csv(&out.join(format!("rows-{file}.csv")), &report)?;
         let ranking = report.ranking.as_ref();
+        let alignment = report.alignment.as_ref();
         methods.push(Method {
             name,
             metrics: json!({
@@ -494,6 +495,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
                 "ranking_hr1": ranking.map(|r| r.hr1),
                 "ranking_hr5": ranking.map(|r| r.hr5),
                 "ranking_ndcg5": ranking.map(|r| r.ndcg5),
+                "alignment_hr1": alignment.map(|r| r.hr1),
+                "alignment_hr5": alignment.map(|r| r.hr5),
                 "n": report.n,
             }),
         });
@@ -545,7 +548,7 @@ fn write_report(
     };
     let mut md = format!(
         "# rsllm pipeline: {} ({}), profile {:?}\n\nTraining rows per stage: {}. Recipe: {recipe}. Wall time: {seconds:.0} s. Test rows: see n.\n\n\
-         | method | n | HR@1 (generative) | ValidRatio | HR@1 (ranking) | HR@5 (ranking) | NDCG@5 |\n|---|---|---|---|---|---|---|\n",
+         | method | n | HR@1 (generative) | ValidRatio | HR@1 (ranking) | HR@5 (ranking) | NDCG@5 | HR@1 (alignment heads) |\n|---|---|---|---|---|---|---|---|\n",
         args.split.dataset,
         args.split.protocol,
         args.profile,
@@ -555,7 +558,7 @@ fn write_report(
         let v = &m.metrics;
         if m.name == "sasrec" {
             md.push_str(&format!(
-                "| sasrec | {} | {} | 1 | {} | {} | {} |\n",
+                "| sasrec | {} | {} | 1 | {} | {} | {} | - |\n",
                 v["n"],
                 mean(&v["hr1"]),
                 mean(&v["hr1"]),
@@ -564,14 +567,15 @@ fn write_report(
             ));
         } else {
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 m.name,
                 v["n"],
                 mean(&v["hr1"]),
                 mean(&v["valid_ratio"]),
                 mean(&v["ranking_hr1"]),
                 mean(&v["ranking_hr5"]),
-                mean(&v["ranking_ndcg5"])
+                mean(&v["ranking_ndcg5"]),
+                mean(&v["alignment_hr1"])
             ));
         }
     }

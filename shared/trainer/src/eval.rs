@@ -7,6 +7,11 @@
 //! - ranking (our addition): each candidate's continuation `" title\n"` scored by its summed
 //!   log-likelihood after the prompt (the prompt encoded once, candidates packed over its
 //!   cache); HR@1, HR@5 and NDCG@5 from the target's rank (ties pessimistic).
+//! - alignment (our addition, trained stages only): the candidates ranked by L_ui's own
+//!   score, the cosine of `u = W_u h` (h: the prompt's last hidden state) with each
+//!   candidate's `v_i = W_v (P(e_i) + t_i)`, the heads stage 1 and 2 train beside the LM; one
+//!   prompt forward per row, no decoding. It says whether the user-item alignment learned to
+//!   rank on its own.
 //!
 //! Every number comes with its row count and a 95% interval; every row is kept for the CSV.
 
@@ -15,10 +20,12 @@ use std::path::Path;
 use rsllm_core::metrics::{MeanCi, RankingMetrics, rank_of_target, ranking_metrics, wilson};
 use rsllm_core::{Catalog, ItemId, SeqExample};
 use rsllm_llm::{GenerateOptions, Llama, LlmTokenizer, Sampling, SlotOverrides};
-use rsllm_prompt::{BuiltPrompt, PromptBuilder, PromptMode, TemplateChoice};
+use rsllm_prompt::{BuiltPrompt, PromptBuilder, PromptMode, SlotRole, TemplateChoice};
 use serde::Serialize;
+use tch::{Kind, Tensor};
 
 use crate::error::{Result, TrainError};
+use crate::losses::l2_normalise;
 use crate::objective::{ItemTable, RsllmHeads, SlotIndex};
 
 /// What LLaRA's matching rule says about one generated answer.
@@ -93,6 +100,8 @@ pub struct RowResult {
     /// Summed log-likelihood per candidate (ranking mode), in candidate order.
     pub scores: Option<Vec<f64>>,
     pub rank: Option<usize>,
+    /// The target's rank by the alignment heads (alignment mode).
+    pub alignment_rank: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -103,6 +112,8 @@ pub struct EvalReport {
     pub hr1_generative: Option<MeanCi>,
     /// Ranking mode.
     pub ranking: Option<RankingMetrics>,
+    /// Alignment mode (None when not asked or when the model has no trained heads).
+    pub alignment: Option<RankingMetrics>,
     pub rows: Vec<RowResult>,
 }
 
@@ -119,6 +130,8 @@ pub struct EvalOptions {
     pub prompt_mode: PromptMode,
     pub generative: bool,
     pub ranking: bool,
+    /// Rank by the alignment heads too, where the model has them.
+    pub alignment: bool,
     /// Rows generated together (left-padded batch).
     pub generation_batch: usize,
     pub max_new_tokens: usize,
@@ -130,6 +143,7 @@ impl Default for EvalOptions {
             prompt_mode: PromptMode::TextOnly,
             generative: true,
             ranking: true,
+            alignment: true,
             generation_batch: 8,
             max_new_tokens: 64,
         }
@@ -201,6 +215,7 @@ pub fn evaluate(
             judgement: None,
             scores: None,
             rank: None,
+            alignment_rank: None,
         })
         .collect();
 
@@ -264,6 +279,17 @@ pub fn evaluate(
             }
         }
     }
+    let aligned = match (options.alignment, e.heads, e.items) {
+        (true, Some(heads), Some(table)) => {
+            for (i, p) in prompts.iter().enumerate() {
+                let rank = alignment_rank(e, heads, table, p, &rows[i].candidates)
+                    .map_err(|err| prompt_error(i, err))?;
+                results[i].alignment_rank = Some(rank);
+            }
+            true
+        }
+        _ => false,
+    };
     let n = results.len();
     let count = |f: &dyn Fn(&Judgement) -> bool| {
         results
@@ -277,8 +303,43 @@ pub fn evaluate(
         valid_ratio: options.generative.then(|| wilson(count(&|j| j.valid), n)),
         hr1_generative: options.generative.then(|| wilson(count(&|j| j.correct), n)),
         ranking: options.ranking.then(|| ranking_metrics(&ranks)),
+        alignment: aligned.then(|| {
+            let ranks: Vec<usize> = results.iter().filter_map(|r| r.alignment_rank).collect();
+            ranking_metrics(&ranks)
+        }),
         rows: results,
     })
+}
+
+/// The target's rank among `candidates` by the cosine of `W_u h` (h: the last hidden state of
+/// the prompt, slots filled) with each candidate's `W_v (P(e_i) + t_i)`; `P(e_i)` only where
+/// the prompt carries item slots, as in training.
+fn alignment_rank(
+    e: &Evaluated<'_>,
+    heads: &RsllmHeads,
+    table: &ItemTable,
+    prompt: &BuiltPrompt,
+    candidates: &[ItemId],
+) -> Result<usize> {
+    let device = e.model.device();
+    let target = prompt
+        .target_index
+        .ok_or_else(|| TrainError::Invalid("target not among the candidates".into()))?;
+    let t = prompt.input_ids.len() as i64;
+    let ids: Vec<i64> = prompt.input_ids.iter().map(|&id| i64::from(id)).collect();
+    let ids = Tensor::f_from_slice(&ids)?
+        .f_view([1, t])?
+        .f_to_device(device)?;
+    let positions = Tensor::f_arange(t, (Kind::Int64, device))?.f_view([1, t])?;
+    let overrides = slot_overrides(e, &[prompt])?;
+    let embeds = e.model.embed(&ids, overrides.as_ref())?;
+    let hidden = e.model.forward_embeds(&embeds, &positions, None, None)?;
+    let u = heads.user_vectors(&hidden.f_select(1, t - 1)?)?;
+    let with_ids = prompt.slots.iter().any(|s| s.role != SlotRole::User);
+    let side = heads.item_vectors(e.model, table, candidates, with_ids)?;
+    let cosines = l2_normalise(&u)?.f_matmul(&l2_normalise(&side.v)?.f_transpose(0, 1)?)?;
+    let scores = Vec::<f32>::try_from(cosines.f_flatten(0, -1)?)?;
+    Ok(rank_of_target(&scores, target))
 }
 
 /// Writes one line per row: row, user, target, candidates, generated first line, matches,
@@ -286,8 +347,9 @@ pub fn evaluate(
 pub fn write_csv(path: &Path, report: &EvalReport) -> Result<()> {
     let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
     let join = |ids: &[ItemId]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
-    let mut out =
-        String::from("row,user,target,candidates,generated,matches,valid,correct,rank,scores\n");
+    let mut out = String::from(
+        "row,user,target,candidates,generated,matches,valid,correct,rank,scores,alignment_rank\n",
+    );
     for r in &report.rows {
         let (generated, matches, valid, correct) = match &r.judgement {
             Some(j) => (
@@ -309,7 +371,7 @@ pub fn write_csv(path: &Path, report: &EvalReport) -> Result<()> {
             })
             .unwrap_or_default();
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{}\n",
             r.row,
             r.user,
             r.target,
@@ -319,7 +381,8 @@ pub fn write_csv(path: &Path, report: &EvalReport) -> Result<()> {
             valid,
             correct,
             r.rank.map(|x| x.to_string()).unwrap_or_default(),
-            scores
+            scores,
+            r.alignment_rank.map(|x| x.to_string()).unwrap_or_default(),
         ));
     }
     rsllm_core::artefact::write_atomic(path, out.as_bytes()).map_err(|source| TrainError::Io {
@@ -431,12 +494,107 @@ mod tests {
         for r in &report.rows {
             assert!(r.rank.unwrap() < 3 && r.judgement.is_some());
         }
+        let aligned = report.alignment.as_ref().unwrap();
+        assert_eq!(aligned.n, 3);
+        assert!(report.rows.iter().all(|r| r.alignment_rank.unwrap() < 3));
+        let without = EvalOptions {
+            alignment: false,
+            ..options
+        };
+        let plain = evaluate(&e, &builder, &s.catalog, &rows, &without, &mut |_| {}).unwrap();
+        assert!(plain.alignment.is_none() && plain.rows[0].alignment_rank.is_none());
+        let options = EvalOptions {
+            alignment: true,
+            ..without
+        };
         // Unified prompts without the projector are refused by name.
         let bare = Evaluated { heads: None, ..e };
         let err = evaluate(&bare, &builder, &s.catalog, &rows, &options, &mut |_| {})
             .unwrap_err()
             .to_string();
         assert!(err.contains("projector"), "{err}");
+    }
+
+    #[test]
+    fn training_the_alignment_heads_teaches_them_to_rank_the_targets_first() {
+        let _rng = crate::test_support::rng_lock();
+        use crate::objective::{LossConfig, losses};
+        use crate::optim::{AdamW, AdamWConfig};
+        use crate::test_support::setup;
+        use rsllm_prompt::PromptOptions;
+        use rsllm_prompt::testing::PAD_ID;
+        let s = setup();
+        let tokenizer = LlmTokenizer::from_tokenizer(s.tokenizer.clone(), None, None, Some(PAD_ID));
+        let builder =
+            PromptBuilder::with_builtin_templates("movielens", PromptOptions::new(PAD_ID)).unwrap();
+        let rows: Vec<SeqExample> = (0..4u32)
+            .map(|i| SeqExample {
+                user: i,
+                history: vec![i, i + 1, i + 2],
+                target: i + 5,
+                candidates: vec![i + 3, i + 4, i + 5, i + 6],
+            })
+            .collect();
+        let e = Evaluated {
+            model: &s.model,
+            tokenizer: &tokenizer,
+            heads: Some(&s.heads),
+            items: Some(&s.items),
+        };
+        let options = EvalOptions {
+            prompt_mode: PromptMode::Unified,
+            generative: false,
+            ranking: false,
+            ..EvalOptions::default()
+        };
+        let ranks = || -> Vec<usize> {
+            evaluate(&e, &builder, &s.catalog, &rows, &options, &mut |_| {})
+                .unwrap()
+                .rows
+                .iter()
+                .map(|r| r.alignment_rank.unwrap())
+                .collect()
+        };
+        let before = ranks();
+        // L_ui alone, on the same prompts.
+        let prompts: Vec<BuiltPrompt> = rows
+            .iter()
+            .map(|r| {
+                builder
+                    .build(
+                        &tokenizer,
+                        &s.catalog,
+                        &r.history,
+                        &r.candidates,
+                        Some(r.target),
+                        PromptMode::Unified,
+                        TemplateChoice::Fixed(0),
+                    )
+                    .unwrap()
+            })
+            .collect();
+        let batch = crate::batch::collate(&prompts, PAD_ID, tch::Device::Cpu).unwrap();
+        let config = LossConfig {
+            use_lm: false,
+            lambda_ui: 1.0,
+            lambda_it: 0.0,
+            tau: 0.07,
+        };
+        let mut opt = AdamW::for_var_store(&s.trained, AdamWConfig::default()).unwrap();
+        for _ in 0..60 {
+            opt.zero_grad();
+            losses(&s.model, &s.heads, &s.items, &batch, &config)
+                .unwrap()
+                .total
+                .backward();
+            opt.step(3e-3).unwrap();
+        }
+        let after = ranks();
+        assert_eq!(after, [0, 0, 0, 0], "before training: {before:?}");
+        assert_ne!(
+            before, after,
+            "the untrained heads already ranked every target first"
+        );
     }
 
     #[test]
@@ -447,6 +605,7 @@ mod tests {
             valid_ratio: None,
             hr1_generative: None,
             ranking: None,
+            alignment: None,
             rows: vec![RowResult {
                 row: 0,
                 user: 7,
@@ -456,6 +615,7 @@ mod tests {
                 judgement: Some(judge("Fargo, \"the\" film", &catalog(), &[2, 3], 2)),
                 scores: Some(vec![-1.5, -2.25]),
                 rank: Some(0),
+                alignment_rank: Some(1),
             }],
         };
         let dir = tempfile::tempdir().unwrap();
@@ -464,7 +624,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(
             text.lines().nth(1).unwrap(),
-            "0,7,2,2 3,\"fargo, \"\"the\"\" film\",2,true,true,0,-1.5000 -2.2500"
+            "0,7,2,2 3,\"fargo, \"\"the\"\" film\",2,true,true,0,-1.5000 -2.2500,1"
         );
     }
 }

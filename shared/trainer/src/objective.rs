@@ -67,6 +67,56 @@ impl RsllmHeads {
             w_v: (path / "heads").var("w_v", &[d, d], init),
         }
     }
+
+    /// L_ui's user side, `u = W_u h`, for hidden states `h` `[N, D]` (in f32).
+    pub fn user_vectors(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(h.f_to_kind(Kind::Float)?
+            .f_matmul(&self.w_u.f_transpose(0, 1)?)?)
+    }
+
+    /// L_ui's item side for `ids` (checked against the table): `v_i = W_v (P(e_i) + t_i)`, or
+    /// `W_v t_i` when the prompts carry no ID slots (`with_ids` false). Also returns `t_i` and,
+    /// with ids, `P(e_i)` (in f32), which L_it aligns.
+    pub fn item_vectors(
+        &self,
+        model: &Llama,
+        items: &ItemTable,
+        ids: &[ItemId],
+        with_ids: bool,
+    ) -> Result<ItemSide> {
+        for &item in ids {
+            items.check(item)?;
+        }
+        let text = items.text_vectors(model, ids)?;
+        let projected = if with_ids {
+            let index: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+            let index = Tensor::f_from_slice(&index)?.f_to_device(model.device())?;
+            Some(
+                self.projector
+                    .forward(&items.vectors.f_index_select(0, &index)?)?
+                    .f_to_kind(Kind::Float)?,
+            )
+        } else {
+            None
+        };
+        let summed = match &projected {
+            Some(p) => p.f_add(&text)?,
+            None => text.shallow_clone(),
+        };
+        Ok(ItemSide {
+            v: summed.f_matmul(&self.w_v.f_transpose(0, 1)?)?,
+            text,
+            projected,
+        })
+    }
+}
+
+/// [`RsllmHeads::item_vectors`]' result: `v_i`, `t_i` and `P(e_i)`, one row per item.
+#[derive(Debug)]
+pub struct ItemSide {
+    pub v: Tensor,
+    pub text: Tensor,
+    pub projected: Option<Tensor>,
 }
 
 /// The frozen side of an item: its recommender vector and its title's token ids.
@@ -266,43 +316,21 @@ pub fn losses(
         // The items of this batch: every candidate (the targets are among them).
         let distinct: BTreeSet<ItemId> = batch.candidates.iter().flatten().copied().collect();
         let distinct: Vec<ItemId> = distinct.into_iter().collect();
-        for &item in &distinct {
-            items.check(item)?;
-        }
         let index_of = |item: ItemId| distinct.binary_search(&item).unwrap_or(0) as i64;
-        let text = items.text_vectors(model, &distinct)?;
-        let ids: Vec<i64> = distinct.iter().map(|&i| i64::from(i)).collect();
-        let ids = Tensor::f_from_slice(&ids)?.f_to_device(device)?;
-        let projected = if unified {
-            Some(
-                heads
-                    .projector
-                    .forward(&items.vectors.f_index_select(0, &ids)?)?
-                    .f_to_kind(Kind::Float)?,
-            )
-        } else {
-            None
-        };
+        let side = heads.item_vectors(model, items, &distinct, unified)?;
         if config.lambda_it > 0.0
-            && let Some(p) = &projected
+            && let Some(p) = &side.projected
         {
-            let it = symmetric_info_nce(p, &text, config.tau)?;
+            let it = symmetric_info_nce(p, &side.text, config.tau)?;
             it_term = it.f_detach()?.f_to_kind(Kind::Float)?;
             total = total.f_add(&it.f_mul_scalar(config.lambda_it)?)?;
         }
         if config.lambda_ui > 0.0 {
-            let item_side = match &projected {
-                Some(p) => p.f_add(&text)?,
-                None => text.shallow_clone(),
-            };
-            let v = item_side.f_matmul(&heads.w_v.f_transpose(0, 1)?)?;
-            let h = hidden
-                .f_index(&[
-                    Some(&Tensor::f_arange(hidden.size()[0], (Kind::Int64, device))?),
-                    Some(&batch.last_prompt),
-                ])?
-                .f_to_kind(Kind::Float)?;
-            let u = h.f_matmul(&heads.w_u.f_transpose(0, 1)?)?;
+            let h = hidden.f_index(&[
+                Some(&Tensor::f_arange(hidden.size()[0], (Kind::Int64, device))?),
+                Some(&batch.last_prompt),
+            ])?;
+            let u = heads.user_vectors(&h)?;
             let k = distinct.len();
             let mut allowed = vec![false; batch.targets.len() * k];
             let mut positives = Vec::with_capacity(batch.targets.len());
@@ -318,7 +346,7 @@ pub fn losses(
                 .f_view([batch.targets.len() as i64, k as i64])?
                 .f_to_device(device)?;
             let positives = Tensor::f_from_slice(&positives)?.f_to_device(device)?;
-            let ui = masked_info_nce(&u, &v, &positives, &allowed, config.tau)?;
+            let ui = masked_info_nce(&u, &side.v, &positives, &allowed, config.tau)?;
             ui_term = ui.f_detach()?.f_to_kind(Kind::Float)?;
             total = total.f_add(&ui.f_mul_scalar(config.lambda_ui)?)?;
         }

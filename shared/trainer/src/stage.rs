@@ -51,9 +51,9 @@ pub struct StageSpec {
     pub num_candidates: usize,
     pub lora: LoraConfig,
     pub train: TrainConfig,
-    /// Stage 2 with text-only prompts: the "without ID slots" ablation. The recommender's
-    /// vectors still feed L_ui; no slot enters the prompt, so L_it (which aligns slots with
-    /// titles) has nothing to align and is not computed.
+    /// Stage 2 with text-only prompts: the "without ID slots" ablation. No slot enters the
+    /// prompt, so nothing of the recommender does: L_it (which aligns slots with titles) is
+    /// not computed and L_ui's item side is the titles' alone (`W_v t_i`, as in stage 1).
     #[serde(default)]
     pub no_id_slots: bool,
     /// Stage 2 with ID-only prompts (slots, no titles): the "without titles" ablation.
