@@ -103,9 +103,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         generation_batch: args.generation_batch,
         ..EvalOptions::default()
     };
-    let bar = indicatif::ProgressBar::new(
-        (rows.len() * (usize::from(options.generative) + usize::from(options.ranking))) as u64,
-    );
+    let bar = indicatif::ProgressBar::new((rows.len() * options.passes(trained.is_some())) as u64);
     let started = Instant::now();
     let report = evaluate(
         &evaluated,

@@ -474,7 +474,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             prompt_mode: mode,
             ..EvalOptions::default()
         };
-        let bar = indicatif::ProgressBar::new(2 * test.len() as u64);
+        let bar =
+            indicatif::ProgressBar::new((options.passes(trained.is_some()) * test.len()) as u64);
         let report = evaluate(
             &evaluated,
             &builder,

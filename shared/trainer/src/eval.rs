@@ -137,6 +137,16 @@ pub struct EvalOptions {
     pub max_new_tokens: usize,
 }
 
+impl EvalOptions {
+    /// How many passes over the rows these options make for a model with (`trained`) or
+    /// without alignment heads: what `evaluate`'s progress counts to, per row.
+    pub fn passes(&self, trained: bool) -> usize {
+        usize::from(self.generative)
+            + usize::from(self.ranking)
+            + usize::from(self.alignment && trained)
+    }
+}
+
 impl Default for EvalOptions {
     fn default() -> Self {
         EvalOptions {
@@ -176,6 +186,8 @@ fn prompt_error(row: usize, err: impl std::fmt::Display) -> TrainError {
 }
 
 /// Evaluates `rows` (with their stored candidates) in the modes `options` asks for.
+/// `progress(k)` counts rows done, once per mode: [`EvalOptions::passes`] times `rows.len()`
+/// in all.
 pub fn evaluate(
     e: &Evaluated<'_>,
     builder: &PromptBuilder,
@@ -274,9 +286,7 @@ pub fn evaluate(
                 .ok_or_else(|| prompt_error(i, "target not among the candidates"))?;
             results[i].rank = Some(rank_of_target(&as_f32, target_index));
             results[i].scores = Some(sums);
-            if !options.generative {
-                progress(1);
-            }
+            progress(1);
         }
     }
     let aligned = match (options.alignment, e.heads, e.items) {
@@ -285,6 +295,7 @@ pub fn evaluate(
                 let rank = alignment_rank(e, heads, table, p, &rows[i].candidates)
                     .map_err(|err| prompt_error(i, err))?;
                 results[i].alignment_rank = Some(rank);
+                progress(1);
             }
             true
         }
@@ -469,7 +480,8 @@ mod tests {
         })
         .unwrap();
         assert_eq!(report.n, 3);
-        assert_eq!(seen, 3);
+        assert_eq!(options.passes(true), 3);
+        assert_eq!(seen, 3 * 3, "each row once per mode");
         let ranking = report.ranking.as_ref().unwrap();
         assert_eq!(ranking.n, 3);
         // The ranking score is the candidate's continuation log-likelihood with the slots
