@@ -723,6 +723,90 @@ mod tests {
     }
 
     #[test]
+    fn the_report_shows_the_alignment_column_and_each_runs_padding() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: PipelineArgs,
+        }
+        let args = <Cli as clap::Parser>::parse_from(["rsllm", "--dataset", "movielens"]).args;
+        let mean = |m: f64| json!({"mean": m, "low": 0.0, "high": 1.0});
+        let methods = vec![
+            Method {
+                name: "sasrec".into(),
+                metrics: json!({"hr1": mean(0.453), "hr5": mean(0.811), "ndcg5": mean(0.651), "n": 95}),
+            },
+            Method {
+                name: "rsllm".into(),
+                metrics: json!({"hr1": mean(0.1), "valid_ratio": mean(0.9),
+                    "ranking_hr1": mean(0.084), "ranking_hr5": mean(0.3), "ranking_ndcg5": mean(0.2),
+                    "alignment_hr1": mean(0.168), "alignment_hr5": mean(0.621), "n": 95}),
+            },
+            Method {
+                name: "zero-shot".into(),
+                metrics: json!({"hr1": mean(0.0), "valid_ratio": mean(0.189),
+                    "ranking_hr1": mean(0.032), "ranking_hr5": mean(0.2), "ranking_ndcg5": mean(0.1),
+                    "alignment_hr1": null, "alignment_hr5": null, "n": 95}),
+            },
+        ];
+        let mut training = serde_json::Map::new();
+        training.insert(
+            "stage2".into(),
+            json!({"steps": 12, "planned_steps": 12, "stopped": false, "seconds": 100.0,
+                   "resumed_from": null, "rows": 192, "tokens": 40000, "padded_tokens": 41280,
+                   "loader_wait_secs": 0.25, "projector_warmup": null}),
+        );
+        // A run recorded before padding was counted.
+        training.insert(
+            "stage1".into(),
+            json!({"steps": 12, "planned_steps": 12, "stopped": false, "seconds": 90.0,
+                   "resumed_from": null, "rows": 192, "tokens": 38000, "projector_warmup": null}),
+        );
+        let out = tempfile::tempdir().unwrap();
+        let facts = RunFacts {
+            train_rows: Some(192),
+            recipe: "LoRA".into(),
+            seconds: 300.0,
+        };
+        write_report(
+            out.path(),
+            &args,
+            &methods,
+            serde_json::Map::new(),
+            training,
+            &facts,
+        )
+        .unwrap();
+        let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+        assert!(md.contains("| HR@1 (alignment heads) |"), "{md}");
+        assert!(
+            md.contains("| sasrec | 95 | 0.453 | 1 | 0.453 | 0.811 | 0.651 | - |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| rsllm | 95 | 0.100 | 0.900 | 0.084 | 0.300 | 0.200 | 0.168 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| zero-shot | 95 | 0.000 | 0.189 | 0.032 | 0.200 | 0.100 | - |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| stage2 | 12 | 12 | 100 | 1.92 | 400 | 1.032 | 0.2 | no |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| stage1 | 12 | 12 | 90 | 2.13 | 422 | - | - | no |"),
+            "{md}"
+        );
+        let metrics: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("metrics.json")).unwrap())
+                .unwrap();
+        assert_eq!(metrics["methods"]["rsllm"]["alignment_hr1"]["mean"], 0.168);
+        assert_eq!(metrics["training"]["stage2"]["padded_tokens"], 41280);
+    }
+
+    #[test]
     fn a_default_run_directory_with_other_settings_is_set_aside_and_started_afresh() {
         let root = tempfile::tempdir().unwrap();
         let out = root.path().join("pipeline-movielens-quick");
