@@ -161,23 +161,19 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 ci(valid)
             );
         }
-        if let Some(r) = &report.ranking {
-            println!(
-                "| ranking | {} | {} | 1 | {} | {} |",
-                r.n,
-                ci(&r.hr1),
-                ci(&r.hr5),
-                ci(&r.ndcg5)
-            );
-        }
-        if let Some(r) = &report.alignment {
-            println!(
-                "| alignment heads | {} | {} | 1 | {} | {} |",
-                r.n,
-                ci(&r.hr1),
-                ci(&r.hr5),
-                ci(&r.ndcg5)
-            );
+        for (mode, ranked) in [
+            ("ranking", &report.ranking),
+            ("alignment heads", &report.alignment),
+        ] {
+            if let Some(r) = ranked {
+                println!(
+                    "| {mode} | {} | {} | 1 | {} | {} |",
+                    r.n,
+                    ci(&r.hr1),
+                    ci(&r.hr5),
+                    ci(&r.ndcg5)
+                );
+            }
         }
         println!("rows and metrics: {} ({seconds:.0} s)", out.display());
     }

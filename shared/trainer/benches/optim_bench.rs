@@ -232,6 +232,29 @@ fn lora_store(device: Device) -> nn::VarStore {
     trained
 }
 
+/// How many tensors `vs` trains, and how many values they hold.
+fn trainable_size(vs: &nn::VarStore) -> (usize, i64) {
+    let trainable = vs.trainable_variables();
+    (
+        trainable.len(),
+        trainable.iter().map(|t| t.numel() as i64).sum(),
+    )
+}
+
+/// The timed steps' loss: forward over token ids `x` `[B, T]` (bf16 autocast on CUDA) and
+/// cross-entropy of the last `tail` positions predicting their own ids.
+fn step_loss(model: &Llama, x: &Tensor, tail: i64, device: Device) -> Tensor {
+    let t = x.size()[1];
+    let targets = x.narrow(1, t - tail, tail).reshape([-1]);
+    rsllm_llm::bf16_autocast(device.is_cuda(), || {
+        let hidden = model.forward_ids(x, None).unwrap();
+        let logits = model.head(&hidden.narrow(1, t - tail - 1, tail)).unwrap();
+        logits
+            .reshape([-1, model.config.vocab_size as i64])
+            .cross_entropy_for_logits(&targets)
+    })
+}
+
 /// A whole full fine-tuning step with each optimizer: zero_grad, forward (bf16 autocast on
 /// CUDA), loss on the last 16 positions, backward, update.
 fn train_step(args: &Args, rows: &mut Vec<Row>) {
@@ -240,23 +263,9 @@ fn train_step(args: &Args, rows: &mut Vec<Row>) {
         let mut vs = nn::VarStore::new(args.device);
         let model = random_model(&vs);
         vs.unfreeze();
-        let tensors = vs.trainable_variables().len();
-        let values: i64 = vs
-            .trainable_variables()
-            .iter()
-            .map(|t| t.numel() as i64)
-            .sum();
+        let (tensors, values) = trainable_size(&vs);
         let x = Tensor::randint_low(3, 49152, [b, t], (Kind::Int64, args.device));
-        let targets = x.narrow(1, t - tail, tail).reshape([-1]);
-        let loss = || {
-            rsllm_llm::bf16_autocast(args.device.is_cuda(), || {
-                let hidden = model.forward_ids(&x, None).unwrap();
-                let logits = model.head(&hidden.narrow(1, t - tail - 1, tail)).unwrap();
-                logits
-                    .reshape([-1, model.config.vocab_size as i64])
-                    .cross_entropy_for_logits(&targets)
-            })
-        };
+        let loss = || step_loss(&model, &x, tail, args.device);
         let (name, seconds) = if optimizer == "libtorch" {
             let mut opt = nn::AdamW::default().build(&vs, LR).unwrap();
             let seconds = timed(args.device, args.iters, || {
@@ -310,25 +319,12 @@ fn lora_train_step(args: &Args, rows: &mut Vec<Row>) {
         };
         model.attach_lora(&trained.root(), &lora).unwrap();
         model.set_training(true);
-        let tensors = trained.trainable_variables().len();
-        let values: i64 = trained
-            .trainable_variables()
-            .iter()
-            .map(|t| t.numel() as i64)
-            .sum();
+        let (tensors, values) = trainable_size(&trained);
         let x = Tensor::randint_low(3, 49152, [b, t], (Kind::Int64, args.device));
-        let targets = x.narrow(1, t - tail, tail).reshape([-1]);
         let mut opt = AdamW::for_var_store(&trained, ours_config()).unwrap();
         let seconds = timed(args.device, args.iters, || {
             opt.zero_grad();
-            rsllm_llm::bf16_autocast(args.device.is_cuda(), || {
-                let hidden = model.forward_ids(&x, None).unwrap();
-                let logits = model.head(&hidden.narrow(1, t - tail - 1, tail)).unwrap();
-                logits
-                    .reshape([-1, model.config.vocab_size as i64])
-                    .cross_entropy_for_logits(&targets)
-            })
-            .backward();
+            step_loss(&model, &x, tail, args.device).backward();
             opt.step(LR).unwrap();
         });
         rows.push(Row {

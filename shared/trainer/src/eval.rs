@@ -25,7 +25,7 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use crate::error::{Result, TrainError};
-use crate::losses::l2_normalise;
+use crate::losses::cosine_logits;
 use crate::objective::{ItemTable, RsllmHeads, SlotIndex};
 
 /// What LLaRA's matching rule says about one generated answer.
@@ -348,7 +348,7 @@ fn alignment_rank(
     let u = heads.user_vectors(&hidden.f_select(1, t - 1)?)?;
     let with_ids = prompt.slots.iter().any(|s| s.role != SlotRole::User);
     let side = heads.item_vectors(e.model, table, candidates, with_ids)?;
-    let cosines = l2_normalise(&u)?.f_matmul(&l2_normalise(&side.v)?.f_transpose(0, 1)?)?;
+    let cosines = cosine_logits(&u, &side.v, 1.0)?;
     let scores = Vec::<f32>::try_from(cosines.f_flatten(0, -1)?)?;
     Ok(rank_of_target(&scores, target))
 }
@@ -445,16 +445,21 @@ mod tests {
         assert!(!j.valid);
     }
 
-    #[test]
-    fn unified_evaluation_ranks_with_projected_slots() {
-        let _rng = crate::test_support::rng_lock();
-        use crate::test_support::setup;
+    /// The trainer's fixture, its tokenizer as the LLM's, and MovieLens's prompt builder.
+    fn fixture() -> (crate::test_support::Setup, LlmTokenizer, PromptBuilder) {
         use rsllm_prompt::PromptOptions;
         use rsllm_prompt::testing::PAD_ID;
-        let s = setup();
+        let s = crate::test_support::setup();
         let tokenizer = LlmTokenizer::from_tokenizer(s.tokenizer.clone(), None, None, Some(PAD_ID));
         let builder =
             PromptBuilder::with_builtin_templates("movielens", PromptOptions::new(PAD_ID)).unwrap();
+        (s, tokenizer, builder)
+    }
+
+    #[test]
+    fn unified_evaluation_ranks_with_projected_slots() {
+        let _rng = crate::test_support::rng_lock();
+        let (s, tokenizer, builder) = fixture();
         let rows: Vec<SeqExample> = (0..3u32)
             .map(|i| SeqExample {
                 user: i,
@@ -532,13 +537,8 @@ mod tests {
         let _rng = crate::test_support::rng_lock();
         use crate::objective::{LossConfig, losses};
         use crate::optim::{AdamW, AdamWConfig};
-        use crate::test_support::setup;
-        use rsllm_prompt::PromptOptions;
         use rsllm_prompt::testing::PAD_ID;
-        let s = setup();
-        let tokenizer = LlmTokenizer::from_tokenizer(s.tokenizer.clone(), None, None, Some(PAD_ID));
-        let builder =
-            PromptBuilder::with_builtin_templates("movielens", PromptOptions::new(PAD_ID)).unwrap();
+        let (s, tokenizer, builder) = fixture();
         let rows: Vec<SeqExample> = (0..4u32)
             .map(|i| SeqExample {
                 user: i,

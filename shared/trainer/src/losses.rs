@@ -39,7 +39,8 @@ pub(crate) fn l2_normalise(x: &Tensor) -> Result<Tensor> {
     Ok(x.f_div(&norm)?)
 }
 
-fn cosine_logits(queries: &Tensor, keys: &Tensor, tau: f64) -> Result<Tensor> {
+/// `[N, M]` cosines of each query with each key, divided by `tau`.
+pub(crate) fn cosine_logits(queries: &Tensor, keys: &Tensor, tau: f64) -> Result<Tensor> {
     // Written so that NaN fails too.
     let positive = tau > 0.0;
     if !positive {

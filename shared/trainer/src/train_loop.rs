@@ -729,6 +729,19 @@ mod tests {
         }
     }
 
+    /// The fixture as a trainee over a base model with this sha256 (no recommender).
+    fn trainee_of<'a>(setup: &'a Setup, base_model_sha256: &str) -> Trainee<'a> {
+        Trainee {
+            model: &setup.model,
+            heads: &setup.heads,
+            trained: &setup.trained,
+            base: &setup._base,
+            items: &setup.items,
+            base_model_sha256: base_model_sha256.into(),
+            recommender_version: None,
+        }
+    }
+
     fn rows(setup: &Setup) -> Rows<'_> {
         Rows {
             tokenizer: &setup.tokenizer,
@@ -837,15 +850,7 @@ mod tests {
         stop_after: Option<u64>,
         config: &TrainConfig,
     ) -> (TrainSummary, Vec<f64>) {
-        let trainee = Trainee {
-            model: &setup.model,
-            heads: &setup.heads,
-            trained: &setup.trained,
-            base: &setup._base,
-            items: &setup.items,
-            base_model_sha256: "test".into(),
-            recommender_version: None,
-        };
+        let trainee = trainee_of(setup, "test");
         let mut losses = Vec::new();
         let summary = train(&trainee, &rows(setup), config, dir, stop_after, &mut |r| {
             losses.push(r.loss);
@@ -859,15 +864,7 @@ mod tests {
     fn stop_at(at: u64) -> (TrainSummary, Option<u64>) {
         let s = setup();
         let dir = tempfile::tempdir().unwrap();
-        let trainee = Trainee {
-            model: &s.model,
-            heads: &s.heads,
-            trained: &s.trained,
-            base: &s._base,
-            items: &s.items,
-            base_model_sha256: "test".into(),
-            recommender_version: None,
-        };
+        let trainee = trainee_of(&s, "test");
         let mut c = config();
         c.checkpoint_every = 100;
         let summary = train(&trainee, &rows(&s), &c, dir.path(), None, &mut |r| {
@@ -993,15 +990,7 @@ mod tests {
         let _rng = crate::test_support::rng_lock();
         let s = setup();
         let dir = tempfile::tempdir().unwrap();
-        let trainee = Trainee {
-            model: &s.model,
-            heads: &s.heads,
-            trained: &s.trained,
-            base: &s._base,
-            items: &s.items,
-            base_model_sha256: "test".into(),
-            recommender_version: None,
-        };
+        let trainee = trainee_of(&s, "test");
         let mut c = config();
         c.checkpoint_every = 2;
         let mut reports = Vec::new();
@@ -1060,15 +1049,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         run(&s, dir.path(), Some(1));
         let before = crate::checkpoint::latest(dir.path()).unwrap().unwrap();
-        let trainee = Trainee {
-            model: &s.model,
-            heads: &s.heads,
-            trained: &s.trained,
-            base: &s._base,
-            items: &s.items,
-            base_model_sha256: "another".into(),
-            recommender_version: None,
-        };
+        let trainee = trainee_of(&s, "another");
         let mut steps = 0;
         let err = train(
             &trainee,
