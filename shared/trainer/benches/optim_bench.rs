@@ -5,6 +5,8 @@
 //! - `full`: the 272 tensors of SmolLM2-135M (a full fine-tune, 134.5M f32 values);
 //! - `lora`: LLaRA's default LoRA (rank 8 on the 7 projections of the 30 blocks: 420 tensors)
 //!   plus the projector (64 -> 576 -> 576);
+//! - `lora-idle-projector`: the same tensors as stage 1 trains them, where text-only prompts
+//!   fill no ID slot and the projector's four tensors get no gradient;
 //! - `train16` (GPU by default): a whole full fine-tuning step at `--batch` x `--seq` (384 by
 //!   default; bf16 autocast on CUDA, cross-entropy on the last 16 positions), once with each
 //!   optimizer: the step `llm_bench`'s `train16` times with libtorch's AdamW.
@@ -18,7 +20,7 @@
 //!
 //! ```text
 //! cargo bench -p rsllm-trainer --bench optim_bench -- [--device auto|cpu|cuda] [--iters 10]
-//!     [--only full,lora,train16,train-lora] [--batch 16] [--seq 384] [--json-out FILE]
+//!     [--only full,lora,lora-idle-projector,train16,train-lora] [--batch 16] [--seq 384] [--json-out FILE]
 //! ```
 //! Median of `--iters` timed runs after two warm-up runs, min and max beside it; one JSON line
 //! per measurement on stdout, a markdown table on stderr.
@@ -83,7 +85,7 @@ fn parse_args() -> Args {
         }
     }
     if args.only.is_empty() {
-        let mut only = vec!["full", "lora"];
+        let mut only = vec!["full", "lora", "lora-idle-projector"];
         if args.device.is_cuda() {
             only.push("train16");
         }
@@ -128,12 +130,14 @@ fn random_model(vs: &nn::VarStore) -> Llama {
     model
 }
 
-/// Gives every trainable tensor of `vs` a random gradient (one backward pass).
-fn set_gradients(vs: &nn::VarStore) {
+/// Gives every trainable tensor of `vs` but those named `idle*` a random gradient (one backward
+/// pass).
+fn set_gradients(vs: &nn::VarStore, idle: Option<&str>) {
     let loss = vs
-        .trainable_variables()
-        .iter()
-        .map(|t| (t * t.randn_like()).sum(Kind::Float))
+        .variables()
+        .into_iter()
+        .filter(|(name, t)| t.requires_grad() && idle.is_none_or(|idle| !name.starts_with(idle)))
+        .map(|(_, t)| (&t * t.randn_like()).sum(Kind::Float))
         .reduce(|a, b| a + b)
         .unwrap();
     loss.backward();
@@ -163,17 +167,19 @@ impl Row {
     }
 }
 
-/// The update alone over the trainable tensors `make` creates, with each optimizer.
+/// The update alone over the trainable tensors `make` creates, with each optimizer; the
+/// tensors named `idle*` get no gradient.
 fn update_only(
     args: &Args,
     case: &'static str,
     make: impl Fn(Device) -> nn::VarStore,
+    idle: Option<&str>,
     rows: &mut Vec<Row>,
 ) {
     let vs = make(args.device);
     let tensors = vs.trainable_variables();
     let values: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
-    set_gradients(&vs);
+    set_gradients(&vs, idle);
     let mut libtorch = nn::AdamW::default().build(&vs, LR).unwrap();
     let seconds = timed(args.device, args.iters, || libtorch.step());
     rows.push(Row {
@@ -190,7 +196,7 @@ fn update_only(
 
     let vs = make(args.device);
     let tensors = vs.trainable_variables().len();
-    set_gradients(&vs);
+    set_gradients(&vs, idle);
     let mut ours = AdamW::for_var_store(&vs, ours_config()).unwrap();
     let seconds = timed(args.device, args.iters, || ours.step(LR).unwrap());
     rows.push(Row {
@@ -349,11 +355,20 @@ fn main() {
     let mut rows = Vec::new();
     for case in &args.only {
         match case.as_str() {
-            "full" => update_only(&args, "full", full_store, &mut rows),
-            "lora" => update_only(&args, "lora", lora_store, &mut rows),
+            "full" => update_only(&args, "full", full_store, None, &mut rows),
+            "lora" => update_only(&args, "lora", lora_store, None, &mut rows),
+            "lora-idle-projector" => update_only(
+                &args,
+                "lora-idle-projector",
+                lora_store,
+                Some("projector."),
+                &mut rows,
+            ),
             "train16" => train_step(&args, &mut rows),
             "train-lora" => lora_train_step(&args, &mut rows),
-            other => panic!("--only {other}: expected full, lora, train16 or train-lora"),
+            other => panic!(
+                "--only {other}: expected full, lora, lora-idle-projector, train16 or train-lora"
+            ),
         }
         for row in rows.iter().filter(|r| r.case == case) {
             println!("{}", row.json(args.device));

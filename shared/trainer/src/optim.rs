@@ -10,8 +10,11 @@
 //! and the update are then a handful of kernels per step instead of a dozen per tensor: on a
 //! GPU the per-tensor form is bound by kernel launches (272 tensors in a full fine-tune of
 //! SmolLM2-135M, 424 with LLaRA's default LoRA and the projector), and tch wraps neither
-//! torch's fused nor its foreach AdamW. A group some of whose tensors have no gradient yet is updated tensor by
-//! tensor, on views of the same buffers, so semantics never depend on the path.
+//! torch's fused nor its foreach AdamW. A tensor with no gradient (stage 1's projector: text-only
+//! prompts fill no ID slot) keeps zeros in the flat gradient and is left out of the update, as
+//! torch skips it; the update runs over the spans between such tensors. Only a gradient of
+//! another dtype or device than its tensor sends a group back to the tensor-by-tensor update,
+//! on views of the same buffers, so semantics never depend on the path.
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
@@ -46,10 +49,23 @@ struct FlatGroup {
     values: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    /// The members' gradients back to back, once adopted: each member's `.grad()` is then a
-    /// view of its span, and autograd accumulates into it in place.
-    grads: Option<Tensor>,
+    /// The members' gradients back to back, once adopted.
+    grads: Option<FlatGrads>,
 }
+
+/// A group's adopted gradients: each member that had a gradient then has as `.grad()` the view
+/// of its span, and autograd accumulates into it in place; the spans of the members that had
+/// none hold zeros, and those members' `.grad()` stays undefined.
+struct FlatGrads {
+    buffer: Tensor,
+    /// Indices into `AdamW::params` of the members without a gradient.
+    idle: Vec<usize>,
+    /// The buffer's runs of members with a gradient: what the update covers.
+    active: Spans,
+}
+
+/// `(offset, len)` spans of a flat buffer.
+type Spans = Vec<(i64, i64)>;
 
 /// Where a parameter lives: its group and its span there.
 #[derive(Clone, Copy)]
@@ -118,30 +134,32 @@ fn chunk_values(device: Device) -> i64 {
     if device.is_cuda() { 1 << 26 } else { 1 << 20 }
 }
 
-/// [`update`] over flat buffers, chunk by chunk.
+/// [`update`] over the flat buffers' spans `active` (`(offset, len)`), chunk by chunk.
 fn update_flat(
     c: &AdamWConfig,
     lr: f64,
     bias: (f64, f64),
     group: &mut FlatGroup,
     grads: &Tensor,
+    active: &[(i64, i64)],
 ) -> Result<()> {
-    let total = group.values.numel() as i64;
     let chunk = chunk_values(group.values.device());
-    let mut start = 0;
-    while start < total {
-        let len = chunk.min(total - start);
-        let part = |t: &Tensor| t.f_narrow(0, start, len);
-        update(
-            c,
-            lr,
-            bias,
-            &mut part(&group.values)?,
-            &part(grads)?,
-            &mut part(&group.exp_avg)?,
-            &mut part(&group.exp_avg_sq)?,
-        )?;
-        start += len;
+    for &(offset, len) in active {
+        let mut start = offset;
+        while start < offset + len {
+            let n = chunk.min(offset + len - start);
+            let part = |t: &Tensor| t.f_narrow(0, start, n);
+            update(
+                c,
+                lr,
+                bias,
+                &mut part(&group.values)?,
+                &part(grads)?,
+                &mut part(&group.exp_avg)?,
+                &mut part(&group.exp_avg_sq)?,
+            )?;
+            start += n;
+        }
     }
     Ok(())
 }
@@ -250,11 +268,12 @@ impl AdamW {
         Ok(())
     }
 
-    /// The flat gradient of group `g` when every member has a gradient: adopted on first use
-    /// (the gradients are copied into one buffer and each becomes a view of its span), then
-    /// reused for as long as each member's gradient still is that view. `None` when a member
-    /// has no gradient yet.
-    fn flat_grads(&mut self, g: usize) -> Result<Option<Tensor>> {
+    /// The flat gradient of group `g` and the spans the update covers: adopted on first use
+    /// (the gradients are copied into one buffer, zeros where a member has none, and each
+    /// gradient becomes a view of its span), then reused for as long as every member's
+    /// gradient still is that view, or still undefined where it was. `None` when no member
+    /// has a gradient yet, or when a gradient's dtype or device is not its group's.
+    fn flat_grads(&mut self, g: usize) -> Result<Option<(Tensor, Spans)>> {
         let _guard = tch::no_grad_guard();
         let group = &self.groups[g];
         let grads: Vec<Tensor> = group
@@ -262,44 +281,71 @@ impl AdamW {
             .iter()
             .map(|&i| self.params[i].1.grad())
             .collect();
-        if grads.iter().any(|t| !t.defined()) {
+        if grads.iter().all(|t| !t.defined()) {
             return Ok(None);
         }
         if let Some(flat) = &group.grads {
-            let base = flat.data_ptr() as usize;
-            let width = flat.kind().elt_size_in_bytes();
-            let still_views = group.members.iter().zip(&grads).all(|(&i, grad)| {
-                grad.data_ptr() as usize == base + self.slots[i].offset as usize * width
+            let base = flat.buffer.data_ptr() as usize;
+            let width = flat.buffer.kind().elt_size_in_bytes();
+            let unchanged = group.members.iter().zip(&grads).all(|(&i, grad)| {
+                if flat.idle.contains(&i) {
+                    !grad.defined()
+                } else {
+                    grad.defined()
+                        && grad.data_ptr() as usize == base + self.slots[i].offset as usize * width
+                }
             });
-            if still_views {
-                return Ok(Some(flat.shallow_clone()));
+            if unchanged {
+                return Ok(Some((flat.buffer.shallow_clone(), flat.active.clone())));
             }
         }
-        let kind = grads[0].kind();
+        let kind = group.values.kind();
         if grads
             .iter()
-            .any(|t| t.kind() != kind || t.device() != group.values.device())
+            .any(|t| t.defined() && (t.kind() != kind || t.device() != group.values.device()))
         {
             return Ok(None);
         }
-        let flat_parts = grads
+        let flat_parts = group
+            .members
             .iter()
-            .map(|t| t.f_reshape([-1]))
+            .zip(&grads)
+            .map(|(&i, t)| {
+                if t.defined() {
+                    t.f_reshape([-1])
+                } else {
+                    Tensor::f_zeros([self.slots[i].numel], (kind, group.values.device()))
+                }
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let flat = Tensor::f_cat(&flat_parts, 0)?;
+        let buffer = Tensor::f_cat(&flat_parts, 0)?;
         drop(flat_parts);
+        let (mut idle, mut active) = (Vec::new(), Spans::new());
         for (&i, mut grad) in group.members.iter().zip(grads) {
+            let slot = self.slots[i];
+            if !grad.defined() {
+                idle.push(i);
+                continue;
+            }
             // `param.grad.data = view`: autograd keeps accumulating into the same tensor.
-            grad.f_set_data(&span(&flat, self.slots[i], &grad.size())?)?;
+            grad.f_set_data(&span(&buffer, slot, &grad.size())?)?;
+            match active.last_mut() {
+                Some((offset, len)) if *offset + *len == slot.offset => *len += slot.numel,
+                _ => active.push((slot.offset, slot.numel)),
+            }
         }
-        self.groups[g].grads = Some(flat.shallow_clone());
-        Ok(Some(flat))
+        self.groups[g].grads = Some(FlatGrads {
+            buffer: buffer.shallow_clone(),
+            idle,
+            active: active.clone(),
+        });
+        Ok(Some((buffer, active)))
     }
 
     pub fn zero_grad(&mut self) {
         for g in 0..self.groups.len() {
             match self.flat_grads(g) {
-                Ok(Some(mut flat)) => {
+                Ok(Some((mut flat, _))) => {
                     let _ = flat.zero_();
                 }
                 _ => {
@@ -318,8 +364,9 @@ impl AdamW {
         // Per-tensor gradients of groups not (yet) flat; each element appears once.
         let mut parts: Vec<Tensor> = Vec::new();
         for g in 0..self.groups.len() {
+            // A flat buffer's idle spans are zeros: they add nothing to the norm.
             match self.flat_grads(g)? {
-                Some(flat) => parts.push(flat),
+                Some((flat, _)) => parts.push(flat),
                 None => parts.extend(
                     self.groups[g]
                         .members
@@ -364,8 +411,8 @@ impl AdamW {
         );
         for g in 0..self.groups.len() {
             self.check_values(g)?;
-            if let Some(flat) = self.flat_grads(g)? {
-                update_flat(&self.config, lr, bias, &mut self.groups[g], &flat)?;
+            if let Some((flat, active)) = self.flat_grads(g)? {
+                update_flat(&self.config, lr, bias, &mut self.groups[g], &flat, &active)?;
                 continue;
             }
             for &i in &self.groups[g].members {
@@ -627,9 +674,10 @@ mod tests {
         });
         assert!(diff < 1e-5, "{diff}");
         // Every gradient is now a view of the group's flat buffer ...
-        let flat = ours.groups[0].grads.as_ref().expect("gradients adopted");
-        assert_eq!(flat.numel(), 12 + 3 + 4);
-        let before = flat.data_ptr() as usize;
+        let adopted = ours.groups[0].grads.as_ref().expect("gradients adopted");
+        assert_eq!(adopted.buffer.numel(), 12 + 3 + 4);
+        assert_eq!(adopted.active, [(0, 19)]);
+        let before = adopted.buffer.data_ptr() as usize;
         // ... so zeroing the buffer zeroes what the tensors see, and the norm covers them all.
         for (_, p) in &ours.params {
             assert!(p.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
@@ -644,7 +692,7 @@ mod tests {
         let [a, b, unused] = [0, 1, 2].map(|i| ours.params[i].1.shallow_clone());
         (two_tensor_loss(&a, &b) + unused.square().sum(Kind::Float)).backward();
         ours.step(0.05).unwrap();
-        let after = ours.groups[0].grads.as_ref().unwrap().data_ptr() as usize;
+        let after = ours.groups[0].grads.as_ref().unwrap().buffer.data_ptr() as usize;
         assert_eq!(before, after);
         assert!(a.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
@@ -653,18 +701,67 @@ mod tests {
     fn a_tensor_without_gradient_is_left_alone_and_the_rest_match_libtorch() {
         let _rng = crate::test_support::rng_lock();
         let (_, [.., unused_before]) = three_tensor_store(5);
-        let (diff, ours) = against_libtorch(20, |[a, b, _]| two_tensor_loss(a, b));
+        let (diff, mut ours) = against_libtorch(20, |[a, b, _]| two_tensor_loss(a, b));
         assert!(diff < 1e-5, "{diff}");
-        assert!(
-            ours.groups[0].grads.is_none(),
-            "no flat gradient without all gradients"
+        // The flat path all the same: `unused` keeps zeros in the buffer and is not updated.
+        let adopted = ours.groups[0].grads.as_ref().expect("gradients adopted");
+        assert_eq!(adopted.buffer.numel(), 12 + 3 + 4);
+        assert_eq!(
+            (adopted.idle.as_slice(), adopted.active.as_slice()),
+            (&[2][..], &[(0, 15)][..])
         );
         let unused = &ours.params[2];
         assert_eq!(unused.0, "unused");
         assert!(
+            !unused.1.grad().defined(),
+            "an idle tensor was given a gradient"
+        );
+        assert!(
             unused.1.equal(&unused_before),
             "a tensor without gradient moved"
         );
+        let moments = ours.moments(2).unwrap();
+        assert_eq!(moments.0.abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(moments.1.abs().sum(Kind::Float).double_value(&[]), 0.0);
+        // Nothing in the norm from it either.
+        ours.zero_grad();
+        assert_eq!(ours.clip_grad_norm(1.0).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn a_tensor_whose_gradient_comes_later_joins_the_flat_update() {
+        let _rng = crate::test_support::rng_lock();
+        let (vs_ref, t_ref) = three_tensor_store(5);
+        let (vs, t) = three_tensor_store(5);
+        let unused_before = t[2].copy();
+        // `unused` enters the loss from step 10 on (each side calls its loss once a step).
+        let loss = |[a, b, unused]: &[Tensor; 3], calls: &std::cell::Cell<usize>| {
+            calls.set(calls.get() + 1);
+            let loss = two_tensor_loss(a, b);
+            if calls.get() > 10 {
+                loss + unused.square().sum(Kind::Float)
+            } else {
+                loss
+            }
+        };
+        let (calls_ref, calls) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let ours = side_by_side(
+            (&vs_ref, &|| loss(&t_ref, &calls_ref)),
+            (&vs, &|| loss(&t, &calls)),
+            0.01,
+            0.05,
+            20,
+        );
+        // `a` and `b` match libtorch; `unused` need not: torch counts its steps from its first
+        // gradient, ours from the optimizer's first step (module doc).
+        for i in 0..2 {
+            let diff = (&t[i] - &t_ref[i]).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{}: {diff}", ours.params[i].0);
+        }
+        let adopted = ours.groups[0].grads.as_ref().expect("gradients adopted");
+        assert!(adopted.idle.is_empty());
+        assert_eq!(adopted.active, [(0, 19)]);
+        assert!(!t[2].equal(&unused_before), "it was not trained");
     }
 
     #[test]
