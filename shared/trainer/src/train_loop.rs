@@ -702,6 +702,8 @@ mod tests {
         catalog: &'a rsllm_core::Catalog,
         builder: PromptBuilder,
         rows: Vec<(Vec<u32>, Vec<u32>, u32)>,
+        /// The prompts' mode where the loop asks for none (the curriculum asks).
+        mode: PromptMode,
     }
 
     impl ExampleSource for Rows<'_> {
@@ -722,7 +724,7 @@ mod tests {
                     h,
                     c,
                     Some(*t),
-                    mode.unwrap_or(PromptMode::Unified),
+                    mode.unwrap_or(self.mode),
                     TemplateChoice::Seeded(template_seed),
                 )
                 .map_err(|e| TrainError::Invalid(e.to_string()))
@@ -755,6 +757,7 @@ mod tests {
                     (history, candidates, (i + 5) % 12)
                 })
                 .collect(),
+            mode: PromptMode::Unified,
         }
     }
 
@@ -850,14 +853,100 @@ mod tests {
         stop_after: Option<u64>,
         config: &TrainConfig,
     ) -> (TrainSummary, Vec<f64>) {
+        run_source(setup, &rows(setup), dir, stop_after, config)
+    }
+
+    fn run_source(
+        setup: &Setup,
+        source: &Rows<'_>,
+        dir: &Path,
+        stop_after: Option<u64>,
+        config: &TrainConfig,
+    ) -> (TrainSummary, Vec<f64>) {
         let trainee = trainee_of(setup, "test");
         let mut losses = Vec::new();
-        let summary = train(&trainee, &rows(setup), config, dir, stop_after, &mut |r| {
+        let summary = train(&trainee, source, config, dir, stop_after, &mut |r| {
             losses.push(r.loss);
             ControlFlow::Continue(())
         })
         .unwrap();
         (summary, losses)
+    }
+
+    #[test]
+    fn a_text_only_run_leaves_the_projector_alone_and_resumes_to_the_same_end() {
+        let _rng = crate::test_support::rng_lock();
+        // Text-only prompts fill no ID slot: the projector gets no gradient (stage 1), and
+        // the optimizer must leave it as it was while it trains everything else.
+        // Weight decay on: an idle tensor wrongly in the update would shrink.
+        let config = TrainConfig {
+            adamw: AdamWConfig {
+                weight_decay: 0.01,
+                ..AdamWConfig::default()
+            },
+            ..config()
+        };
+        let reference = setup();
+        fn text_only(setup: &Setup) -> Rows<'_> {
+            Rows {
+                mode: PromptMode::TextOnly,
+                ..rows(setup)
+            }
+        }
+        let straight_dir = tempfile::tempdir().unwrap();
+        let straight = setup_like(&reference);
+        let (summary, straight_losses) = run_source(
+            &straight,
+            &text_only(&straight),
+            straight_dir.path(),
+            None,
+            &config,
+        );
+        assert_eq!(summary.steps, 4);
+        let before = reference.trained.variables();
+        let (mut projector, mut moved) = (0, 0);
+        for (name, tensor) in straight.trained.variables() {
+            let changed = !tensor.equal(&before[&name]);
+            if name.contains("projector") {
+                projector += 1;
+                assert!(!changed, "{name} moved without a gradient");
+            } else {
+                moved += usize::from(changed);
+            }
+        }
+        assert_eq!(projector, 4, "the projector's two layers, weight and bias");
+        assert!(moved > 0, "nothing else trained");
+
+        let killed_dir = tempfile::tempdir().unwrap();
+        let first = setup_like(&reference);
+        let (_, first_losses) = run_source(
+            &first,
+            &text_only(&first),
+            killed_dir.path(),
+            Some(2),
+            &config,
+        );
+        drop(first);
+        let second = setup_like(&reference);
+        let (resumed, second_losses) = run_source(
+            &second,
+            &text_only(&second),
+            killed_dir.path(),
+            None,
+            &config,
+        );
+        assert_eq!(resumed.resumed_from, Some(2));
+        let combined: Vec<f64> = first_losses.into_iter().chain(second_losses).collect();
+        for (a, b) in combined.iter().zip(&straight_losses) {
+            assert!((a - b).abs() < 1e-5, "{combined:?} vs {straight_losses:?}");
+        }
+        for (name, tensor) in straight.trained.variables() {
+            let diff = (&tensor - &second.trained.variables()[&name])
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(diff < 1e-5, "{name} differs by {diff}");
+        }
     }
 
     /// What `on_step` asking to stop at `at` does (4 planned steps): summary, checkpoints.
