@@ -70,8 +70,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         &args.split.dataset.to_string(),
         PromptOptions::new(slot),
     )?;
-    let (trained, prompt_mode, method) = match &args.stage_dir {
-        None => (None, PromptMode::TextOnly, "zero-shot".to_owned()),
+    let (trained, prompt_mode, method, tau) = match &args.stage_dir {
+        None => (
+            None,
+            PromptMode::TextOnly,
+            "zero-shot".to_owned(),
+            EvalOptions::default().alignment_tau,
+        ),
         Some(dir) => {
             let (spec, rsllm, step) =
                 rsllm_trainer::stage::open_stage(&mut loaded, dir, &data.catalog)?;
@@ -84,7 +89,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 );
             }
             let method = format!("stage {} ({}, step {step})", spec.stage, dir.display());
-            (Some(rsllm), spec.prompt_mode(), method)
+            (Some(rsllm), spec.prompt_mode(), method, spec.train.loss.tau)
         }
     };
     let evaluated = Evaluated {
@@ -100,6 +105,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         // With ranking: the alignment heads' ranking too (a trained stage's, one prompt
         // forward per row).
         alignment: args.modes != Modes::Generative,
+        alignment_tau: tau,
         generation_batch: args.generation_batch,
         ..EvalOptions::default()
     };
@@ -142,6 +148,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "hr1_generative": report.hr1_generative,
         "ranking": report.ranking,
         "alignment": report.alignment,
+        "combined": report.combined,
         "seconds": seconds,
     });
     rsllm_core::artefact::write_json_atomic(&out.join("metrics.json"), &metrics)?;
@@ -164,6 +171,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         for (mode, ranked) in [
             ("ranking", &report.ranking),
             ("alignment heads", &report.alignment),
+            ("likelihood + alignment", &report.combined),
         ] {
             if let Some(r) = ranked {
                 println!(

@@ -457,11 +457,15 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     }
     for (name, file, stage_dir) in evaluations {
         let mut model = args.model.load()?;
-        let (trained, mode) = match &stage_dir {
-            None => (None, PromptMode::TextOnly),
+        let (trained, mode, tau) = match &stage_dir {
+            None => (
+                None,
+                PromptMode::TextOnly,
+                EvalOptions::default().alignment_tau,
+            ),
             Some(dir) => {
                 let (spec, rsllm, _) = open_stage(&mut model, dir, &data.catalog)?;
-                (Some(rsllm), spec.prompt_mode())
+                (Some(rsllm), spec.prompt_mode(), spec.train.loss.tau)
             }
         };
         let evaluated = Evaluated {
@@ -472,6 +476,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         };
         let options = EvalOptions {
             prompt_mode: mode,
+            alignment_tau: tau,
             ..EvalOptions::default()
         };
         let bar =
@@ -488,6 +493,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         write_csv(&out.join(format!("rows-{file}.csv")), &report)?;
         let ranking = report.ranking.as_ref();
         let alignment = report.alignment.as_ref();
+        let combined = report.combined.as_ref();
         methods.push(Method {
             name,
             metrics: json!({
@@ -498,6 +504,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
                 "ranking_ndcg5": ranking.map(|r| r.ndcg5),
                 "alignment_hr1": alignment.map(|r| r.hr1),
                 "alignment_hr5": alignment.map(|r| r.hr5),
+                "combined_hr1": combined.map(|r| r.hr1),
+                "combined_hr5": combined.map(|r| r.hr5),
                 "n": report.n,
             }),
         });
@@ -549,7 +557,7 @@ fn write_report(
     };
     let mut md = format!(
         "# rsllm pipeline: {} ({}), profile {:?}\n\nTraining rows per stage: {}. Recipe: {recipe}. Wall time: {seconds:.0} s. Test rows: see n.\n\n\
-         | method | n | HR@1 (generative) | ValidRatio | HR@1 (ranking) | HR@5 (ranking) | NDCG@5 | HR@1 (alignment heads) |\n|---|---|---|---|---|---|---|---|\n",
+         | method | n | HR@1 (generative) | ValidRatio | HR@1 (ranking) | HR@5 (ranking) | NDCG@5 | HR@1 (alignment heads) | HR@1 (likelihood + alignment) |\n|---|---|---|---|---|---|---|---|---|\n",
         args.split.dataset,
         args.split.protocol,
         args.profile,
@@ -559,7 +567,7 @@ fn write_report(
         let v = &m.metrics;
         if m.name == "sasrec" {
             md.push_str(&format!(
-                "| sasrec | {} | {} | 1 | {} | {} | {} | - |\n",
+                "| sasrec | {} | {} | 1 | {} | {} | {} | - | - |\n",
                 v["n"],
                 mean(&v["hr1"]),
                 mean(&v["hr1"]),
@@ -568,7 +576,7 @@ fn write_report(
             ));
         } else {
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 m.name,
                 v["n"],
                 mean(&v["hr1"]),
@@ -576,7 +584,8 @@ fn write_report(
                 mean(&v["ranking_hr1"]),
                 mean(&v["ranking_hr5"]),
                 mean(&v["ranking_ndcg5"]),
-                mean(&v["alignment_hr1"])
+                mean(&v["alignment_hr1"]),
+                mean(&v["combined_hr1"])
             ));
         }
     }
@@ -723,7 +732,7 @@ mod tests {
     }
 
     #[test]
-    fn the_report_shows_the_alignment_column_and_each_runs_padding() {
+    fn the_report_shows_the_alignment_columns_and_each_runs_padding() {
         #[derive(clap::Parser)]
         struct Cli {
             #[command(flatten)]
@@ -740,7 +749,8 @@ mod tests {
                 name: "rsllm".into(),
                 metrics: json!({"hr1": mean(0.1), "valid_ratio": mean(0.9),
                     "ranking_hr1": mean(0.084), "ranking_hr5": mean(0.3), "ranking_ndcg5": mean(0.2),
-                    "alignment_hr1": mean(0.168), "alignment_hr5": mean(0.621), "n": 95}),
+                    "alignment_hr1": mean(0.168), "alignment_hr5": mean(0.621),
+                    "combined_hr1": mean(0.179), "combined_hr5": mean(0.632), "n": 95}),
             },
             Method {
                 name: "zero-shot".into(),
@@ -778,17 +788,21 @@ mod tests {
         )
         .unwrap();
         let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
-        assert!(md.contains("| HR@1 (alignment heads) |"), "{md}");
         assert!(
-            md.contains("| sasrec | 95 | 0.453 | 1 | 0.453 | 0.811 | 0.651 | - |"),
+            md.contains("| HR@1 (alignment heads) | HR@1 (likelihood + alignment) |"),
             "{md}"
         );
         assert!(
-            md.contains("| rsllm | 95 | 0.100 | 0.900 | 0.084 | 0.300 | 0.200 | 0.168 |"),
+            md.contains("| sasrec | 95 | 0.453 | 1 | 0.453 | 0.811 | 0.651 | - | - |"),
             "{md}"
         );
         assert!(
-            md.contains("| zero-shot | 95 | 0.000 | 0.189 | 0.032 | 0.200 | 0.100 | - |"),
+            md.contains("| rsllm | 95 | 0.100 | 0.900 | 0.084 | 0.300 | 0.200 | 0.168 | 0.179 |"),
+            "{md}"
+        );
+        // Runs without the heads, or recorded before the combined ranking existed: "-".
+        assert!(
+            md.contains("| zero-shot | 95 | 0.000 | 0.189 | 0.032 | 0.200 | 0.100 | - | - |"),
             "{md}"
         );
         assert!(
@@ -803,6 +817,7 @@ mod tests {
             serde_json::from_slice(&std::fs::read(out.path().join("metrics.json")).unwrap())
                 .unwrap();
         assert_eq!(metrics["methods"]["rsllm"]["alignment_hr1"]["mean"], 0.168);
+        assert_eq!(metrics["methods"]["rsllm"]["combined_hr1"]["mean"], 0.179);
         assert_eq!(metrics["training"]["stage2"]["padded_tokens"], 41280);
     }
 

@@ -12,6 +12,10 @@
 //!   candidate's `v_i = W_v (P(e_i) + t_i)`, the heads stage 1 and 2 train beside the LM; one
 //!   prompt forward per row, no decoding. It says whether the user-item alignment learned to
 //!   rank on its own.
+//! - likelihood + alignment (our addition, where both of the above ran): each candidate's
+//!   summed log-likelihood plus its cosine over L_ui's temperature, `cos / tau`: the product of
+//!   the two candidate distributions the model was trained to give (the LM's over answers,
+//!   L_ui's softmax over candidates), with nothing tuned on the test rows.
 //!
 //! Every number comes with its row count and a 95% interval; every row is kept for the CSV.
 
@@ -100,8 +104,13 @@ pub struct RowResult {
     /// Summed log-likelihood per candidate (ranking mode), in candidate order.
     pub scores: Option<Vec<f64>>,
     pub rank: Option<usize>,
+    /// Cosine of the user vector with each candidate's item vector (alignment mode), in
+    /// candidate order.
+    pub alignment_scores: Option<Vec<f64>>,
     /// The target's rank by the alignment heads (alignment mode).
     pub alignment_rank: Option<usize>,
+    /// The target's rank by likelihood + alignment (where both ran).
+    pub combined_rank: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -114,6 +123,8 @@ pub struct EvalReport {
     pub ranking: Option<RankingMetrics>,
     /// Alignment mode (None when not asked or when the model has no trained heads).
     pub alignment: Option<RankingMetrics>,
+    /// Likelihood + alignment (None unless both ran).
+    pub combined: Option<RankingMetrics>,
     pub rows: Vec<RowResult>,
 }
 
@@ -132,6 +143,9 @@ pub struct EvalOptions {
     pub ranking: bool,
     /// Rank by the alignment heads too, where the model has them.
     pub alignment: bool,
+    /// L_ui's temperature the heads were trained with (the stage's `loss.tau`): the combined
+    /// ranking adds `cos / tau` to the summed log-likelihood.
+    pub alignment_tau: f64,
     /// Rows generated together (left-padded batch).
     pub generation_batch: usize,
     pub max_new_tokens: usize,
@@ -154,6 +168,7 @@ impl Default for EvalOptions {
             generative: true,
             ranking: true,
             alignment: true,
+            alignment_tau: crate::objective::LossConfig::default().tau,
             generation_batch: 8,
             max_new_tokens: 64,
         }
@@ -227,7 +242,9 @@ pub fn evaluate(
             judgement: None,
             scores: None,
             rank: None,
+            alignment_scores: None,
             alignment_rank: None,
+            combined_rank: None,
         })
         .collect();
 
@@ -292,9 +309,21 @@ pub fn evaluate(
     let aligned = match (options.alignment, e.heads, e.items) {
         (true, Some(heads), Some(table)) => {
             for (i, p) in prompts.iter().enumerate() {
-                let rank = alignment_rank(e, heads, table, p, &rows[i].candidates)
+                let target = p
+                    .target_index
+                    .ok_or_else(|| prompt_error(i, "target not among the candidates"))?;
+                let cosines = alignment_scores(e, heads, table, p, &rows[i].candidates)
                     .map_err(|err| prompt_error(i, err))?;
-                results[i].alignment_rank = Some(rank);
+                results[i].alignment_rank = Some(rank_of_target(&cosines, target));
+                if let Some(sums) = &results[i].scores {
+                    let combined: Vec<f32> = sums
+                        .iter()
+                        .zip(&cosines)
+                        .map(|(&ll, &cos)| (ll + f64::from(cos) / options.alignment_tau) as f32)
+                        .collect();
+                    results[i].combined_rank = Some(rank_of_target(&combined, target));
+                }
+                results[i].alignment_scores = Some(cosines.iter().map(|&c| f64::from(c)).collect());
                 progress(1);
             }
             true
@@ -318,24 +347,25 @@ pub fn evaluate(
             let ranks: Vec<usize> = results.iter().filter_map(|r| r.alignment_rank).collect();
             ranking_metrics(&ranks)
         }),
+        combined: (aligned && options.ranking).then(|| {
+            let ranks: Vec<usize> = results.iter().filter_map(|r| r.combined_rank).collect();
+            ranking_metrics(&ranks)
+        }),
         rows: results,
     })
 }
 
-/// The target's rank among `candidates` by the cosine of `W_u h` (h: the last hidden state of
-/// the prompt, slots filled) with each candidate's `W_v (P(e_i) + t_i)`; `P(e_i)` only where
-/// the prompt carries item slots, as in training.
-fn alignment_rank(
+/// The cosine of `W_u h` (h: the last hidden state of the prompt, slots filled) with each
+/// of `candidates`' `W_v (P(e_i) + t_i)`, in candidate order; `P(e_i)` only where the prompt
+/// carries item slots, as in training.
+fn alignment_scores(
     e: &Evaluated<'_>,
     heads: &RsllmHeads,
     table: &ItemTable,
     prompt: &BuiltPrompt,
     candidates: &[ItemId],
-) -> Result<usize> {
+) -> Result<Vec<f32>> {
     let device = e.model.device();
-    let target = prompt
-        .target_index
-        .ok_or_else(|| TrainError::Invalid("target not among the candidates".into()))?;
     let t = prompt.input_ids.len() as i64;
     let ids: Vec<i64> = prompt.input_ids.iter().map(|&id| i64::from(id)).collect();
     let ids = Tensor::f_from_slice(&ids)?
@@ -349,17 +379,17 @@ fn alignment_rank(
     let with_ids = prompt.slots.iter().any(|s| s.role != SlotRole::User);
     let side = heads.item_vectors(e.model, table, candidates, with_ids)?;
     let cosines = cosine_logits(&u, &side.v, 1.0)?;
-    let scores = Vec::<f32>::try_from(cosines.f_flatten(0, -1)?)?;
-    Ok(rank_of_target(&scores, target))
+    Ok(Vec::<f32>::try_from(cosines.f_flatten(0, -1)?)?)
 }
 
 /// Writes one line per row: row, user, target, candidates, generated first line, matches,
-/// valid, correct, rank, scores. Atomic (temporary file, then rename).
+/// valid, correct, rank, scores, and the alignment heads' rank, cosines and the combined
+/// rank. Atomic (temporary file, then rename).
 pub fn write_csv(path: &Path, report: &EvalReport) -> Result<()> {
     let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
     let join = |ids: &[ItemId]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
     let mut out = String::from(
-        "row,user,target,candidates,generated,matches,valid,correct,rank,scores,alignment_rank\n",
+        "row,user,target,candidates,generated,matches,valid,correct,rank,scores,alignment_rank,alignment_scores,combined_rank\n",
     );
     for r in &report.rows {
         let (generated, matches, valid, correct) = match &r.judgement {
@@ -371,18 +401,20 @@ pub fn write_csv(path: &Path, report: &EvalReport) -> Result<()> {
             ),
             None => (String::new(), String::new(), String::new(), String::new()),
         };
-        let scores = r
-            .scores
-            .as_ref()
-            .map(|s| {
-                s.iter()
-                    .map(|x| format!("{x:.4}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default();
+        let numbers = |values: &Option<Vec<f64>>| {
+            values
+                .as_ref()
+                .map(|s| {
+                    s.iter()
+                        .map(|x| format!("{x:.4}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default()
+        };
+        let rank = |r: Option<usize>| r.map(|x| x.to_string()).unwrap_or_default();
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             r.row,
             r.user,
             r.target,
@@ -391,9 +423,11 @@ pub fn write_csv(path: &Path, report: &EvalReport) -> Result<()> {
             matches,
             valid,
             correct,
-            r.rank.map(|x| x.to_string()).unwrap_or_default(),
-            scores,
-            r.alignment_rank.map(|x| x.to_string()).unwrap_or_default(),
+            rank(r.rank),
+            numbers(&r.scores),
+            rank(r.alignment_rank),
+            numbers(&r.alignment_scores),
+            rank(r.combined_rank),
         ));
     }
     rsllm_core::artefact::write_atomic(path, out.as_bytes()).map_err(|source| TrainError::Io {
@@ -514,12 +548,36 @@ mod tests {
         let aligned = report.alignment.as_ref().unwrap();
         assert_eq!(aligned.n, 3);
         assert!(report.rows.iter().all(|r| r.alignment_rank.unwrap() < 3));
+        assert_eq!(report.combined.as_ref().unwrap().n, 3);
+        for r in &report.rows {
+            assert_eq!(r.alignment_scores.as_ref().unwrap().len(), 3);
+            assert!(r.combined_rank.unwrap() < 3);
+        }
+        // The combined score is the log-likelihood plus cos / tau: a huge tau leaves the
+        // likelihood's order, a tiny one the heads' order.
+        for (tau, follows) in [(1e12, "likelihood"), (1e-12, "alignment")] {
+            let options = EvalOptions {
+                generative: false,
+                alignment_tau: tau,
+                ..options
+            };
+            let report = evaluate(&e, &builder, &s.catalog, &rows, &options, &mut |_| {}).unwrap();
+            for r in &report.rows {
+                let want = if follows == "likelihood" {
+                    r.rank
+                } else {
+                    r.alignment_rank
+                };
+                assert_eq!(r.combined_rank, want, "tau {tau}: {r:?}");
+            }
+        }
         let without = EvalOptions {
             alignment: false,
             ..options
         };
         let plain = evaluate(&e, &builder, &s.catalog, &rows, &without, &mut |_| {}).unwrap();
         assert!(plain.alignment.is_none() && plain.rows[0].alignment_rank.is_none());
+        assert!(plain.combined.is_none() && plain.rows[0].combined_rank.is_none());
         let options = EvalOptions {
             alignment: true,
             ..without
@@ -618,6 +676,7 @@ mod tests {
             hr1_generative: None,
             ranking: None,
             alignment: None,
+            combined: None,
             rows: vec![RowResult {
                 row: 0,
                 user: 7,
@@ -627,7 +686,9 @@ mod tests {
                 judgement: Some(judge("Fargo, \"the\" film", &catalog(), &[2, 3], 2)),
                 scores: Some(vec![-1.5, -2.25]),
                 rank: Some(0),
+                alignment_scores: Some(vec![0.125, 0.5]),
                 alignment_rank: Some(1),
+                combined_rank: Some(0),
             }],
         };
         let dir = tempfile::tempdir().unwrap();
@@ -636,7 +697,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(
             text.lines().nth(1).unwrap(),
-            "0,7,2,2 3,\"fargo, \"\"the\"\" film\",2,true,true,0,-1.5000 -2.2500,1"
+            "0,7,2,2 3,\"fargo, \"\"the\"\" film\",2,true,true,0,-1.5000 -2.2500,1,0.1250 0.5000,0"
         );
     }
 }
