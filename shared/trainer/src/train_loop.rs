@@ -95,6 +95,74 @@ impl TrainConfig {
                 self.micro_batch, self.grad_accum, self.epochs, self.checkpoint_every
             )));
         }
+        // Each a named refusal before any step: otherwise a zero tau or a negative lambda
+        // would surface only as a diverged loss, a NaN lr as a model of NaNs.
+        let (loss, adamw) = (&self.loss, &self.adamw);
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        let unit = |v: f64| (0.0..1.0).contains(&v);
+        let checks = [
+            (
+                "peak_lr",
+                self.peak_lr,
+                positive(self.peak_lr),
+                "finite and positive",
+            ),
+            (
+                "warmup_fraction",
+                self.warmup_fraction,
+                unit(self.warmup_fraction),
+                "in [0, 1)",
+            ),
+            (
+                "max_grad_norm",
+                self.max_grad_norm,
+                positive(self.max_grad_norm),
+                "finite and positive",
+            ),
+            (
+                "loss.tau",
+                loss.tau,
+                positive(loss.tau),
+                "finite and positive",
+            ),
+            (
+                "loss.lambda_ui",
+                loss.lambda_ui,
+                non_negative(loss.lambda_ui),
+                "finite and not negative",
+            ),
+            (
+                "loss.lambda_it",
+                loss.lambda_it,
+                non_negative(loss.lambda_it),
+                "finite and not negative",
+            ),
+            ("adamw.beta1", adamw.beta1, unit(adamw.beta1), "in [0, 1)"),
+            ("adamw.beta2", adamw.beta2, unit(adamw.beta2), "in [0, 1)"),
+            (
+                "adamw.eps",
+                adamw.eps,
+                positive(adamw.eps),
+                "finite and positive",
+            ),
+            (
+                "adamw.weight_decay",
+                adamw.weight_decay,
+                non_negative(adamw.weight_decay),
+                "finite and not negative",
+            ),
+        ];
+        if let Some((name, value, _, rule)) = checks.iter().find(|c| !c.2) {
+            return Err(TrainError::Invalid(format!(
+                "{name} ({value}) must be {rule}"
+            )));
+        }
+        if !loss.use_lm && loss.lambda_ui == 0.0 && loss.lambda_it == 0.0 {
+            return Err(TrainError::Invalid(
+                "every loss term is off (use_lm false, lambda_ui and lambda_it 0): nothing to train".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -825,6 +893,53 @@ mod tests {
         // Adapter-only restoring refuses a full fine-tune's checkpoint.
         let err = restore_split(&second.trained, None, saved, straight_dir.path()).unwrap_err();
         assert!(err.to_string().contains("full fine-tune"), "{err}");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_by_name_before_any_step() {
+        let _rng = crate::test_support::rng_lock();
+        let s = setup();
+        let dir = tempfile::tempdir().unwrap();
+        let trainee = trainee_of(&s, "test");
+        type Breakage = fn(&mut TrainConfig);
+        let cases: [(&str, Breakage); 6] = [
+            ("loss.tau (0) must be finite and positive", |c| {
+                c.loss.tau = 0.0
+            }),
+            (
+                "loss.lambda_ui (-0.1) must be finite and not negative",
+                |c| c.loss.lambda_ui = -0.1,
+            ),
+            ("peak_lr (NaN) must be finite and positive", |c| {
+                c.peak_lr = f64::NAN
+            }),
+            ("warmup_fraction (1) must be in [0, 1)", |c| {
+                c.warmup_fraction = 1.0
+            }),
+            ("adamw.beta2 (1) must be in [0, 1)", |c| c.adamw.beta2 = 1.0),
+            ("every loss term is off", |c| {
+                c.loss = LossConfig {
+                    use_lm: false,
+                    lambda_ui: 0.0,
+                    lambda_it: 0.0,
+                    tau: 0.07,
+                }
+            }),
+        ];
+        for (want, break_it) in cases {
+            let mut c = config();
+            break_it(&mut c);
+            let err = train(&trainee, &rows(&s), &c, dir.path(), None, &mut |_| {
+                panic!("a step ran with {want}")
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        assert!(
+            crate::checkpoint::latest(dir.path()).unwrap().is_none(),
+            "nothing written"
+        );
     }
 
     #[test]
