@@ -334,13 +334,27 @@ pub fn score_continuations_with(
     overrides: Option<&SlotOverrides>,
     continuations: &[Vec<u32>],
 ) -> Result<Vec<ContinuationScore>> {
+    if continuations.is_empty() {
+        // Still checked, but no prompt to encode.
+        check_prompt(model, prompt, "prompt")?;
+        return Ok(Vec::new());
+    }
+    Ok(score_continuations_and_prompt_state(model, prompt, overrides, continuations)?.0)
+}
+
+/// [`score_continuations_with`], also returning the prompt's last hidden state `[D]` (the
+/// final norm's output at its last position, what RSLLM's alignment heads read), so a caller
+/// that needs both encodes the prompt once.
+pub fn score_continuations_and_prompt_state(
+    model: &Llama,
+    prompt: &[u32],
+    overrides: Option<&SlotOverrides>,
+    continuations: &[Vec<u32>],
+) -> Result<(Vec<ContinuationScore>, Tensor)> {
     let _guard = tch::no_grad_guard();
     check_prompt(model, prompt, "prompt")?;
     for (i, c) in continuations.iter().enumerate() {
         check_prompt(model, c, &format!("continuation {i}"))?;
-    }
-    if continuations.is_empty() {
-        return Ok(Vec::new());
     }
     let device = model.device();
     let longest = continuations.iter().map(Vec::len).max().unwrap_or(0);
@@ -359,6 +373,12 @@ pub fn score_continuations_with(
     let prompt_embeds = model.embed(&prompt_ids, overrides)?;
     let prompt_hidden =
         model.forward_embeds(&prompt_embeds, &prompt_positions, None, Some(&mut cache))?;
+    let prompt_state = prompt_hidden
+        .f_select(0, 0)?
+        .f_select(0, prompt.len() as i64 - 1)?;
+    if continuations.is_empty() {
+        return Ok((Vec::new(), prompt_state));
+    }
     // The prompt's last position predicts every continuation's first token.
     let first = model
         .last_logits(&prompt_hidden)?
@@ -416,7 +436,7 @@ pub fn score_continuations_with(
             token_logprobs,
         });
     }
-    Ok(scores)
+    Ok((scores, prompt_state))
 }
 
 /// One packed pass over the cached prompt for the continuations in `group`: writes the

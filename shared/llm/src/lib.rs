@@ -25,7 +25,8 @@ pub use config::{HfLlamaConfig, LlamaConfig};
 pub use error::{LlmError, Result};
 pub use infer::{
     ContinuationScore, FinishReason, GenerateOptions, Generation, Sampling, ScoreRequest, generate,
-    generate_with, score_batch, score_continuations, score_continuations_with,
+    generate_with, score_batch, score_continuations, score_continuations_and_prompt_state,
+    score_continuations_with,
 };
 pub use loader::{LoadedModel, ModelFormat, load, save_hf_dir};
 pub use model::{KvCache, LORA_TARGETS, Llama, LoraConfig, SlotOverrides};

@@ -277,6 +277,9 @@ pub fn evaluate(
             progress(chunk.len());
         }
     }
+    // The ranking pass's prompt states, which the alignment heads read: one prompt forward
+    // per row serves both.
+    let mut prompt_states: Vec<Option<Tensor>> = prompts.iter().map(|_| None).collect();
     if options.ranking {
         for (i, p) in prompts.iter().enumerate() {
             let overrides = slot_overrides(e, &[p])?;
@@ -290,12 +293,13 @@ pub fn evaluate(
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|err| prompt_error(i, err))?;
-            let scores = rsllm_llm::score_continuations_with(
+            let (scores, state) = rsllm_llm::score_continuations_and_prompt_state(
                 e.model,
                 &p.input_ids,
                 overrides.as_ref(),
                 &continuations,
             )?;
+            prompt_states[i] = Some(state);
             let sums: Vec<f64> = scores.iter().map(|s| s.sum_logprob).collect();
             let as_f32: Vec<f32> = sums.iter().map(|&s| s as f32).collect();
             let target_index = p
@@ -312,8 +316,14 @@ pub fn evaluate(
                 let target = p
                     .target_index
                     .ok_or_else(|| prompt_error(i, "target not among the candidates"))?;
-                let cosines = alignment_scores(e, heads, table, p, &rows[i].candidates)
-                    .map_err(|err| prompt_error(i, err))?;
+                let cosines = alignment_scores(
+                    e,
+                    (heads, table),
+                    p,
+                    &rows[i].candidates,
+                    prompt_states[i].as_ref(),
+                )
+                .map_err(|err| prompt_error(i, err))?;
                 results[i].alignment_rank = Some(rank_of_target(&cosines, target));
                 if let Some(sums) = &results[i].scores {
                     let combined: Vec<f32> = sums
@@ -357,14 +367,27 @@ pub fn evaluate(
 
 /// The cosine of `W_u h` (h: the last hidden state of the prompt, slots filled) with each
 /// of `candidates`' `W_v (P(e_i) + t_i)`, in candidate order; `P(e_i)` only where the prompt
-/// carries item slots, as in training.
+/// carries item slots, as in training. `state`: h when the ranking pass already has it.
 fn alignment_scores(
     e: &Evaluated<'_>,
-    heads: &RsllmHeads,
-    table: &ItemTable,
+    (heads, table): (&RsllmHeads, &ItemTable),
     prompt: &BuiltPrompt,
     candidates: &[ItemId],
+    state: Option<&Tensor>,
 ) -> Result<Vec<f32>> {
+    let h = match state {
+        Some(h) => h.shallow_clone(),
+        None => prompt_state(e, prompt)?,
+    };
+    let u = heads.user_vectors(&h.f_unsqueeze(0)?)?;
+    let with_ids = prompt.slots.iter().any(|s| s.role != SlotRole::User);
+    let side = heads.item_vectors(e.model, table, candidates, with_ids)?;
+    let cosines = cosine_logits(&u, &side.v, 1.0)?;
+    Ok(Vec::<f32>::try_from(cosines.f_flatten(0, -1)?)?)
+}
+
+/// The last hidden state `[D]` of `prompt`, slots filled: one prompt forward.
+fn prompt_state(e: &Evaluated<'_>, prompt: &BuiltPrompt) -> Result<Tensor> {
     let device = e.model.device();
     let t = prompt.input_ids.len() as i64;
     let ids: Vec<i64> = prompt.input_ids.iter().map(|&id| i64::from(id)).collect();
@@ -375,11 +398,7 @@ fn alignment_scores(
     let overrides = slot_overrides(e, &[prompt])?;
     let embeds = e.model.embed(&ids, overrides.as_ref())?;
     let hidden = e.model.forward_embeds(&embeds, &positions, None, None)?;
-    let u = heads.user_vectors(&hidden.f_select(1, t - 1)?)?;
-    let with_ids = prompt.slots.iter().any(|s| s.role != SlotRole::User);
-    let side = heads.item_vectors(e.model, table, candidates, with_ids)?;
-    let cosines = cosine_logits(&u, &side.v, 1.0)?;
-    Ok(Vec::<f32>::try_from(cosines.f_flatten(0, -1)?)?)
+    Ok(hidden.f_select(0, 0)?.f_select(0, t - 1)?)
 }
 
 /// Writes one line per row: row, user, target, candidates, generated first line, matches,
@@ -552,6 +571,23 @@ mod tests {
         for r in &report.rows {
             assert_eq!(r.alignment_scores.as_ref().unwrap().len(), 3);
             assert!(r.combined_rank.unwrap() < 3);
+        }
+        // The heads read the ranking pass's prompt state: the same cosines as a forward of
+        // their own (alignment alone).
+        let alone = EvalOptions {
+            generative: false,
+            ranking: false,
+            ..options
+        };
+        let alone = evaluate(&e, &builder, &s.catalog, &rows, &alone, &mut |_| {}).unwrap();
+        for (a, b) in alone.rows.iter().zip(&report.rows) {
+            let (a, b) = (
+                a.alignment_scores.as_ref().unwrap(),
+                b.alignment_scores.as_ref().unwrap(),
+            );
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+            }
         }
         // The combined score is the log-likelihood plus cos / tau: a huge tau leaves the
         // likelihood's order, a tiny one the heads' order.
