@@ -9,9 +9,9 @@
 //!   cache); HR@1, HR@5 and NDCG@5 from the target's rank (ties pessimistic).
 //! - alignment (our addition, trained stages only): the candidates ranked by L_ui's own
 //!   score, the cosine of `u = W_u h` (h: the prompt's last hidden state) with each
-//!   candidate's `v_i = W_v (P(e_i) + t_i)`, the heads stage 1 and 2 train beside the LM; one
-//!   prompt forward per row, no decoding. It says whether the user-item alignment learned to
-//!   rank on its own.
+//!   candidate's `v_i = W_v (P(e_i) + t_i)`, the heads stage 1 and 2 train beside the LM; `h`
+//!   from the ranking pass's prompt encoding, or one prompt forward per row without it; no
+//!   decoding. It says whether the user-item alignment learned to rank on its own.
 //! - likelihood + alignment (our addition, where both of the above ran): each candidate's
 //!   summed log-likelihood plus its cosine over L_ui's temperature, `cos / tau`: the product of
 //!   the two candidate distributions the model was trained to give (the LM's over answers,
