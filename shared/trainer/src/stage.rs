@@ -140,10 +140,14 @@ pub struct Rsllm {
 
 /// Attaches LoRA, builds projector and heads, loads the recommender's item vectors (a zero
 /// table when the stage has none: text-only prompts never read it) and the title tokens.
+/// The new tensors' initial values come from the stage's seed.
 pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) -> Result<Rsllm> {
     spec.check_combination()?;
     let device = base.model.device();
     let trained = nn::VarStore::new(device);
+    // libtorch seeds its default generator from the OS in each process: without this, LoRA's
+    // A, the projector and the heads would start differently in every run of the same spec.
+    tch::manual_seed(spec.train.seed as i64);
     base.model.attach_lora(&trained.root(), &spec.lora)?;
     let mut recommender = None;
     let (vectors, d_id, version) = match &spec.recommender {
@@ -768,6 +772,43 @@ mod tests {
         let films = vec![row(vec![0, 1, 2], 3), row(vec![4, 5], 6)];
         let bands = vec![row(vec![0, 1], 2), row(vec![3], 4), row(vec![2, 4], 0)];
         (setup, artists, films, bands)
+    }
+
+    #[test]
+    fn the_trained_tensors_start_from_the_stage_seed_whatever_was_drawn_before() {
+        let _rng = crate::test_support::rng_lock();
+        let setup = crate::test_support::setup();
+        let tokenizer = LlmTokenizer::from_tokenizer(
+            setup.tokenizer.clone(),
+            None,
+            None,
+            Some(rsllm_prompt::testing::PAD_ID),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        rsllm_llm::save_hf_dir(&setup.model, &setup._base, &tokenizer, dir.path()).unwrap();
+        let build = |seed: u64, draws_before: i64| -> Vec<(String, Tensor)> {
+            let mut base = rsllm_llm::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+            // Whatever ran before in the process (another stage, SASRec, a test) moved the
+            // global generator.
+            let _ = Tensor::rand([draws_before], (Kind::Float, Device::Cpu));
+            let mut s = spec(1);
+            s.train.seed = seed;
+            let rsllm = build_rsllm(&mut base, &s, &setup.catalog).unwrap();
+            let mut vars: Vec<_> = rsllm.trained.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            vars
+        };
+        let first = build(1, 3);
+        let again = build(1, 1000);
+        assert!(first.len() > 4, "LoRA, projector and heads");
+        for ((name, a), (_, b)) in first.iter().zip(&again) {
+            assert!(a.equal(b), "{name} started differently with the same seed");
+        }
+        let other = build(2, 3);
+        assert!(
+            first.iter().zip(&other).any(|((_, a), (_, b))| !a.equal(b)),
+            "another seed, the same start"
+        );
     }
 
     #[test]
