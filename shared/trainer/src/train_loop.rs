@@ -879,17 +879,8 @@ mod tests {
         let second = setup_like(&reference);
         let (resumed, second_losses) = run_with(&second, killed_dir.path(), None, &full);
         assert_eq!(resumed.resumed_from, Some(2));
-        let combined: Vec<f64> = first_losses.into_iter().chain(second_losses).collect();
-        for (a, b) in combined.iter().zip(&straight_losses) {
-            assert!((a - b).abs() < 1e-5, "{combined:?} vs {straight_losses:?}");
-        }
-        for (name, tensor) in straight._base.variables() {
-            let diff = (&tensor - &second._base.variables()[&name])
-                .abs()
-                .max()
-                .double_value(&[]);
-            assert!(diff < 1e-5, "base {name} differs by {diff}");
-        }
+        assert_same_curve(first_losses, second_losses, &straight_losses);
+        assert_same_tensors(&straight._base, &second._base);
         // Adapter-only restoring refuses a full fine-tune's checkpoint.
         let err = restore_split(&second.trained, None, saved, straight_dir.path()).unwrap_err();
         assert!(err.to_string().contains("full fine-tune"), "{err}");
@@ -1051,15 +1042,26 @@ mod tests {
             &config,
         );
         assert_eq!(resumed.resumed_from, Some(2));
-        let combined: Vec<f64> = first_losses.into_iter().chain(second_losses).collect();
-        for (a, b) in combined.iter().zip(&straight_losses) {
-            assert!((a - b).abs() < 1e-5, "{combined:?} vs {straight_losses:?}");
+        assert_same_curve(first_losses, second_losses, &straight_losses);
+        assert_same_tensors(&straight.trained, &second.trained);
+    }
+
+    /// A killed run's losses, before and after its resume, against the uninterrupted run's.
+    fn assert_same_curve(first: Vec<f64>, second: Vec<f64>, straight: &[f64]) {
+        let combined: Vec<f64> = first.into_iter().chain(second).collect();
+        for (a, b) in combined.iter().zip(straight) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "loss curve {combined:?} vs {straight:?}"
+            );
         }
-        for (name, tensor) in straight.trained.variables() {
-            let diff = (&tensor - &second.trained.variables()[&name])
-                .abs()
-                .max()
-                .double_value(&[]);
+    }
+
+    /// Every tensor of `straight` within 1e-5 of its namesake in `resumed`.
+    fn assert_same_tensors(straight: &nn::VarStore, resumed: &nn::VarStore) {
+        let other = resumed.variables();
+        for (name, tensor) in straight.variables() {
+            let diff = (&tensor - &other[&name]).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "{name} differs by {diff}");
         }
     }
@@ -1299,18 +1301,8 @@ mod tests {
         let (resumed, second_losses) = run(&second, killed_dir.path(), None);
         assert_eq!(resumed.resumed_from, Some(3));
         assert_eq!(resumed.steps, 4);
-        let combined: Vec<f64> = first_losses.into_iter().chain(second_losses).collect();
-        for (a, b) in combined.iter().zip(&straight_losses) {
-            assert!(
-                (a - b).abs() < 1e-5,
-                "loss curve {combined:?} vs {straight_losses:?}"
-            );
-        }
-        for (name, tensor) in straight.trained.variables() {
-            let other = &second.trained.variables()[&name];
-            let diff = (&tensor - other).abs().max().double_value(&[]);
-            assert!(diff < 1e-5, "{name} differs by {diff}");
-        }
+        assert_same_curve(first_losses, second_losses, &straight_losses);
+        assert_same_tensors(&straight.trained, &second.trained);
         // Done: a third call resumes at the end and takes no step.
         let third = setup_like(&reference);
         let (again, losses) = run(&third, killed_dir.path(), None);
