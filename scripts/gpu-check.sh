@@ -14,8 +14,9 @@
 #
 # `bash scripts/gpu-check.sh stage` (carry [".device/a"]) is call 1 without the benchmarks: it
 # only leaves the model's first half there (with GPU_STEP_BENCH=1 it also times the optimizer
-# update with and without an idle projector, and one training step of the pipeline's shape,
-# full fine-tune and LoRA, about 40 s). A further dataset on the same warm machine needs
+# update with and without an idle projector, one training step of the pipeline's shape, full
+# fine-tune and LoRA, fused and not, and the LoRA step at 128 and 256 rows, about 100 s). A
+# further dataset on the same warm machine needs
 # neither the model nor the binary again:
 #
 #   GPU_DATASET=lastfm bash scripts/gpu-check.sh prepare-data   # here: stage .device/c
@@ -125,14 +126,21 @@ stage)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     # GPU_STEP_BENCH=1: also time the optimizer update over LoRA with and without an idle
     # projector (stage 1 and 2), and the pipeline's training step shape (64 x 256) as a full
-    # fine-tune and with LoRA (about 40 s): what the adapters cost per step on this card.
+    # fine-tune and with LoRA, fused and unfused, with and without the base's bf16 copies
+    # (about 60 s): what the adapters cost per step on this card. Then the LoRA step at 128
+    # and 256 rows (GPU_STEP_ROWS): where a step stops being bound by kernel launches, i.e.
+    # which micro-batch trains the most rows per second.
     if [ -n "${GPU_STEP_BENCH:-}" ]; then
         out=${OUT:-.device/out}
         mkdir -p "$out"
         use_device_torch
         unxz_to .device/a/optim_bench.xz "$stage_dir/optim_bench"
-        timeout 120 "$stage_dir/optim_bench" --device cuda --iters 5 --only lora,lora-idle-projector,train16,train-lora \
+        timeout 150 "$stage_dir/optim_bench" --device cuda --iters 5 --only lora,lora-idle-projector,train16,train-lora \
             --batch 64 --seq 256 --json-out "$out/step.json" 2>&1 | tee "$out/step.log"
+        for rows in ${GPU_STEP_ROWS:-128 256}; do
+            timeout 100 "$stage_dir/optim_bench" --device cuda --iters 5 --only train-lora \
+                --batch "$rows" --seq 256 --json-out "$out/step-$rows.json" 2>&1 | tee "$out/step-$rows.log"
+        done
     fi
     ;;
 bench)

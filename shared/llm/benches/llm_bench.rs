@@ -13,7 +13,7 @@
 //! ```text
 //! cargo bench -p rsllm-llm --bench llm_bench -- [--iters 5] [--dtypes f32,bf16]
 //!     [--only prefill,decode,score,forward64,train16] [--device auto|cpu|cuda]
-//!     [--model PATH | --random-init] [--json-out FILE]
+//!     [--model PATH | --random-init] [--fusion off|frozen|all] [--json-out FILE]
 //! ```
 //! Each measurement is the median of `--iters` timed runs after one or two warm-up runs, with
 //! min and max beside it; one JSON line per measurement on stdout, a markdown table on stderr.
@@ -23,7 +23,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use rsllm_llm::{GenerateOptions, Llama, LlamaConfig, Sampling, generate, score_continuations};
+use rsllm_llm::{
+    Fusion, GenerateOptions, Llama, LlamaConfig, Sampling, generate, score_continuations,
+};
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor, nn};
 
@@ -60,6 +62,8 @@ struct Args {
     model: Option<PathBuf>,
     random_init: bool,
     json_out: Option<PathBuf>,
+    /// None: the device's default.
+    fusion: Option<Fusion>,
 }
 
 fn parse_args() -> Args {
@@ -71,6 +75,7 @@ fn parse_args() -> Args {
         model: None,
         random_init: false,
         json_out: None,
+        fusion: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -89,6 +94,14 @@ fn parse_args() -> Args {
             "--model" => args.model = Some(PathBuf::from(it.next().unwrap())),
             "--random-init" => args.random_init = true,
             "--json-out" => args.json_out = Some(PathBuf::from(it.next().unwrap())),
+            "--fusion" => {
+                args.fusion = Some(match it.next().unwrap().as_str() {
+                    "off" => Fusion::Off,
+                    "frozen" => Fusion::Frozen,
+                    "all" => Fusion::All,
+                    other => panic!("--fusion {other}: expected off, frozen or all"),
+                })
+            }
             // `cargo bench` passes --bench.
             _ => {}
         }
@@ -140,7 +153,7 @@ fn build(args: &Args, kind: Kind) -> Engine {
     if args.random_init {
         tch::manual_seed(0);
         let mut vs = nn::VarStore::new(args.device);
-        let model = Llama::new(&vs.root(), &LlamaConfig::smollm2_135m()).unwrap();
+        let mut model = Llama::new(&vs.root(), &LlamaConfig::smollm2_135m()).unwrap();
         tch::no_grad(|| {
             for (_, mut var) in vs.variables() {
                 let _ = var.normal_(0.0, 0.02);
@@ -148,6 +161,10 @@ fn build(args: &Args, kind: Kind) -> Engine {
         });
         if kind != Kind::Float {
             vs.set_kind(kind);
+            model.fuse_projections().unwrap();
+        }
+        if let Some(fusion) = args.fusion {
+            model.set_fusion(fusion);
         }
         return Engine {
             vs,
@@ -160,7 +177,10 @@ fn build(args: &Args, kind: Kind) -> Engine {
         .clone()
         .or_else(rsllm_llm::default_model_path)
         .unwrap();
-    let loaded = rsllm_llm::load(&path, args.device, kind).unwrap();
+    let mut loaded = rsllm_llm::load(&path, args.device, kind).unwrap();
+    if let Some(fusion) = args.fusion {
+        loaded.model.set_fusion(fusion);
+    }
     Engine {
         vs: loaded.vs,
         model: loaded.model,

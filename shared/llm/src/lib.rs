@@ -29,7 +29,7 @@ pub use infer::{
     score_continuations_with,
 };
 pub use loader::{LoadedModel, ModelFormat, load, save_hf_dir};
-pub use model::{KvCache, LORA_TARGETS, Llama, LoraConfig, SlotOverrides};
+pub use model::{Fusion, KvCache, LORA_TARGETS, Llama, LoraConfig, SlotOverrides};
 pub use projector::Projector;
 /// The tokenizer lives in rsllm-prompt (no tch), so the prompt-service need not link libtorch.
 pub use rsllm_prompt::tokenizer::{self, DEFAULT_MODEL_FILE, LlmTokenizer, default_model_path};

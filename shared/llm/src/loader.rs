@@ -95,6 +95,8 @@ pub fn load(path: &Path, device: Device, kind: Kind) -> Result<LoadedModel> {
     let mut loaded = loaded;
     if kind != Kind::Float {
         loaded.vs.set_kind(kind);
+        // set_kind gave every variable new storage: q, k, v (gate, up) share one buffer again.
+        loaded.model.fuse_projections()?;
     }
     loaded.vs.freeze();
     Ok(loaded)

@@ -30,6 +30,10 @@ use crate::error::{LlmError, Result};
 pub struct Linear {
     pub weight: Tensor,
     lora: Option<Lora>,
+    /// The frozen weight in CUDA autocast's dtype ([`Llama::keep_compute_copies`]). Autocast
+    /// caches its casts only for weights that require gradients, so a frozen base weight would
+    /// otherwise be cast again, one more kernel, at every use.
+    compute: Option<Tensor>,
 }
 
 impl Linear {
@@ -41,16 +45,162 @@ impl Linear {
             &[out_dim as i64, in_dim as i64],
             nn::Init::Const(0.),
         );
-        Linear { weight, lora: None }
+        Linear {
+            weight,
+            lora: None,
+            compute: None,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let base = x.f_linear::<&Tensor>(&self.weight, None)?;
+        let weight = compute_weight(&self.weight, self.compute.as_ref());
+        let base = x.f_linear::<&Tensor>(weight, None)?;
+        self.add_lora(x, base)
+    }
+
+    /// `base` (this layer's product of `x`, however computed) plus the adapter's, if any.
+    fn add_lora(&self, x: &Tensor, base: Tensor) -> Result<Tensor> {
         match &self.lora {
             None => Ok(base),
             Some(lora) => Ok(base.f_add(&lora.forward(x)?)?),
         }
     }
+
+    fn out_dim(&self) -> i64 {
+        self.weight.size()[0]
+    }
+
+    fn is_frozen(&self) -> bool {
+        !self.weight.requires_grad()
+    }
+}
+
+/// The weight a frozen projection multiplies by: its copy in autocast's dtype while CUDA
+/// autocast computes in that dtype, else the weight itself (autocast would make the same cast
+/// from it; the copy saves doing it again at every forward).
+fn compute_weight<'a>(weight: &'a Tensor, copy: Option<&'a Tensor>) -> &'a Tensor {
+    match copy {
+        Some(c)
+            if !weight.requires_grad()
+                && crate::autocast::cuda_autocast_enabled()
+                && crate::autocast::cuda_autocast_kind() == Some(c.kind()) =>
+        {
+            c
+        }
+        _ => weight,
+    }
+}
+
+/// When the projections that read one input (q, k and v of attention; gate and up of the
+/// MLP) run as one matrix product instead of one each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fusion {
+    /// Never: one product per projection (the reference the fused paths are tested against).
+    Off,
+    /// Frozen weights only, through the buffer their variables are views of: no copy. The
+    /// default on a CPU.
+    Frozen,
+    /// Frozen weights as above, and trained ones concatenated at every forward: one copy of
+    /// those weights per forward buys two matrix products fewer per block each way (and
+    /// their casts, sums and gradient additions). The default on CUDA, where a training step
+    /// of this model is bound by the number of kernels it launches.
+    All,
+}
+
+impl Fusion {
+    /// The default for a device (see the variants).
+    pub fn default_for(device: Device) -> Fusion {
+        if device.is_cuda() {
+            Fusion::All
+        } else {
+            Fusion::Frozen
+        }
+    }
+}
+
+/// One buffer `[sum of outs, in]` whose consecutive row blocks are the weights of
+/// projections that read the same input: each projection keeps its own HF-named variable,
+/// a view of its rows, so loading, saving, LoRA and the optimizer see nothing different.
+#[derive(Debug)]
+struct FusedWeights {
+    buffer: Tensor,
+    /// The buffer in CUDA autocast's dtype (see [`Linear`]'s `compute`).
+    compute: Option<Tensor>,
+}
+
+impl FusedWeights {
+    /// Copies the current weights of `parts` into one new buffer and makes each weight a view
+    /// of its rows.
+    fn new(parts: &mut [&mut Linear]) -> Result<FusedWeights> {
+        let buffer = tch::no_grad(|| {
+            let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+            Tensor::f_cat(&weights, 0)
+        })?;
+        let mut row = 0;
+        for part in parts.iter_mut() {
+            let rows = part.out_dim();
+            part.weight.f_set_data(&buffer.f_narrow(0, row, rows)?)?;
+            row += rows;
+        }
+        Ok(FusedWeights {
+            buffer,
+            compute: None,
+        })
+    }
+
+    /// Whether the weights of `parts` are still the buffer's row blocks, in order: anything
+    /// that gives a variable new storage (a dtype change, the optimizer's flat buffer) ends
+    /// that, and the forward then falls back to separate products.
+    fn backs(&self, parts: &[&Linear]) -> bool {
+        let elt = self.buffer.kind().elt_size_in_bytes();
+        let mut next = self.buffer.data_ptr() as usize;
+        parts.iter().all(|p| {
+            let w = &p.weight;
+            let here = w.data_ptr() as usize == next
+                && w.kind() == self.buffer.kind()
+                && w.device() == self.buffer.device()
+                && w.is_contiguous();
+            next += w.numel() * elt;
+            here
+        })
+    }
+}
+
+/// `x` through each of `parts` (projections of the same input, LoRA included), as one matrix
+/// product where `fusion` and the weights allow: the frozen weights of `fused`'s buffer, or
+/// trained weights concatenated; otherwise one product each.
+fn project_together(
+    x: &Tensor,
+    parts: &[&Linear],
+    fused: Option<&FusedWeights>,
+    fusion: Fusion,
+) -> Result<Vec<Tensor>> {
+    let frozen = parts.iter().all(|p| p.is_frozen());
+    let concatenated;
+    let weight = match (fusion, fused) {
+        (Fusion::Off, _) => None,
+        (_, Some(f)) if frozen && f.backs(parts) => {
+            Some(compute_weight(&f.buffer, f.compute.as_ref()))
+        }
+        (Fusion::All, _) if !frozen => {
+            let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+            concatenated = Tensor::f_cat(&weights, 0)?;
+            Some(&concatenated)
+        }
+        _ => None,
+    };
+    let Some(weight) = weight else {
+        return parts.iter().map(|p| p.forward(x)).collect();
+    };
+    let outs: Vec<i64> = parts.iter().map(|p| p.out_dim()).collect();
+    let products = x
+        .f_linear::<&Tensor>(weight, None)?
+        .f_split_with_sizes(&outs, -1)?;
+    parts
+        .iter()
+        .zip(products)
+        .map(|(p, base)| p.add_lora(x, base))
+        .collect()
 }
 
 /// LoRA settings (Hu et al. 2021); the defaults are LLaRA's: rank 8, alpha 32, dropout 0.1 on
@@ -284,23 +434,37 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// The buffer q, k and v are row blocks of (see [`FusedWeights`]).
+    qkv: Option<FusedWeights>,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
 }
 
 impl Attention {
-    fn new(path: &nn::Path, c: &LlamaConfig) -> Attention {
+    fn new(path: &nn::Path, c: &LlamaConfig) -> Result<Attention> {
         let d = c.hidden_size;
-        Attention {
+        let mut attention = Attention {
             q_proj: Linear::new(&(path / "q_proj"), c.num_attention_heads * c.head_dim, d),
             k_proj: Linear::new(&(path / "k_proj"), c.num_key_value_heads * c.head_dim, d),
             v_proj: Linear::new(&(path / "v_proj"), c.num_key_value_heads * c.head_dim, d),
             o_proj: Linear::new(&(path / "o_proj"), d, c.num_attention_heads * c.head_dim),
+            qkv: None,
             num_heads: c.num_attention_heads as i64,
             num_kv_heads: c.num_key_value_heads as i64,
             head_dim: c.head_dim as i64,
-        }
+        };
+        attention.fuse()?;
+        Ok(attention)
+    }
+
+    fn fuse(&mut self) -> Result<()> {
+        self.qkv = Some(FusedWeights::new(&mut [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+        ])?);
+        Ok(())
     }
 
     fn forward(
@@ -310,22 +474,35 @@ impl Attention {
         sin: &Tensor,
         mask: &AttentionMask,
         cache: LayerCache<'_>,
+        fusion: Fusion,
     ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let heads = |proj: &Linear, n: i64| -> Result<Tensor> {
-            Ok(proj
-                .forward(x)?
+        let [q, k, v]: [Tensor; 3] = project_together(
+            x,
+            &[&self.q_proj, &self.k_proj, &self.v_proj],
+            self.qkv.as_ref(),
+            fusion,
+        )?
+        .try_into()
+        .map_err(|_| LlmError::invalid("attention: expected three projections"))?;
+        let heads = |projected: Tensor, n: i64| -> Result<Tensor> {
+            Ok(projected
                 .f_view([b, t, n, self.head_dim])?
                 .f_transpose(1, 2)?)
         };
-        let q = apply_rotary(&heads(&self.q_proj, self.num_heads)?, cos, sin)?;
-        let mut k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads)?, cos, sin)?;
-        let mut v = heads(&self.v_proj, self.num_kv_heads)?;
+        let q = apply_rotary(&heads(q, self.num_heads)?, cos, sin)?;
+        let mut k = apply_rotary(&heads(k, self.num_kv_heads)?, cos, sin)?;
+        let mut v = heads(v, self.num_kv_heads)?;
         match cache {
             LayerCache::Append(slot) => {
                 if let Some((past_k, past_v)) = slot.as_ref() {
                     k = Tensor::f_cat(&[past_k, &k], 2)?;
                     v = Tensor::f_cat(&[past_v, &v], 2)?;
+                }
+                // A fresh v is a view into the fused q, k, v product; the cache keeps v's own
+                // copy, not the whole product alive.
+                if slot.is_none() {
+                    v = v.f_contiguous()?;
                 }
                 *slot = Some((k.shallow_clone(), v.shallow_clone()));
             }
@@ -361,21 +538,40 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// The buffer gate and up are row blocks of (see [`FusedWeights`]).
+    gate_up: Option<FusedWeights>,
 }
 
 impl Mlp {
-    fn new(path: &nn::Path, c: &LlamaConfig) -> Mlp {
-        Mlp {
+    fn new(path: &nn::Path, c: &LlamaConfig) -> Result<Mlp> {
+        let mut mlp = Mlp {
             gate_proj: Linear::new(&(path / "gate_proj"), c.intermediate_size, c.hidden_size),
             up_proj: Linear::new(&(path / "up_proj"), c.intermediate_size, c.hidden_size),
             down_proj: Linear::new(&(path / "down_proj"), c.hidden_size, c.intermediate_size),
-        }
+            gate_up: None,
+        };
+        mlp.fuse()?;
+        Ok(mlp)
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.f_silu()?;
-        self.down_proj
-            .forward(&gate.f_mul(&self.up_proj.forward(x)?)?)
+    fn fuse(&mut self) -> Result<()> {
+        self.gate_up = Some(FusedWeights::new(&mut [
+            &mut self.gate_proj,
+            &mut self.up_proj,
+        ])?);
+        Ok(())
+    }
+
+    fn forward(&self, x: &Tensor, fusion: Fusion) -> Result<Tensor> {
+        let [gate, up]: [Tensor; 2] = project_together(
+            x,
+            &[&self.gate_proj, &self.up_proj],
+            self.gate_up.as_ref(),
+            fusion,
+        )?
+        .try_into()
+        .map_err(|_| LlmError::invalid("MLP: expected two projections"))?;
+        self.down_proj.forward(&gate.f_silu()?.f_mul(&up)?)
     }
 }
 
@@ -389,22 +585,22 @@ struct Block {
 }
 
 impl Block {
-    fn new(path: &nn::Path, c: &LlamaConfig, index: usize) -> Block {
-        Block {
+    fn new(path: &nn::Path, c: &LlamaConfig, index: usize) -> Result<Block> {
+        Ok(Block {
             input_layernorm: RmsNorm::new(
                 &(path / "input_layernorm"),
                 c.hidden_size,
                 c.rms_norm_eps,
             ),
-            self_attn: Attention::new(&(path / "self_attn"), c),
+            self_attn: Attention::new(&(path / "self_attn"), c)?,
             post_attention_layernorm: RmsNorm::new(
                 &(path / "post_attention_layernorm"),
                 c.hidden_size,
                 c.rms_norm_eps,
             ),
-            mlp: Mlp::new(&(path / "mlp"), c),
+            mlp: Mlp::new(&(path / "mlp"), c)?,
             span: tracing::trace_span!("block", index),
-        }
+        })
     }
 
     fn forward(
@@ -414,15 +610,21 @@ impl Block {
         sin: &Tensor,
         mask: &AttentionMask,
         cache: LayerCache<'_>,
+        fusion: Fusion,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let attn =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;
+        let attn = self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            cos,
+            sin,
+            mask,
+            cache,
+            fusion,
+        )?;
         let x = x.f_add(&attn)?;
         let mlp = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+            .forward(&self.post_attention_layernorm.forward(&x)?, fusion)?;
         Ok(x.f_add(&mlp)?)
     }
 }
@@ -451,6 +653,7 @@ pub struct Llama {
     device: Device,
     /// Dropout switch shared with every LoRA adapter.
     training: Arc<AtomicBool>,
+    fusion: Fusion,
 }
 
 impl Llama {
@@ -464,7 +667,7 @@ impl Llama {
         );
         let layers = (0..config.num_hidden_layers)
             .map(|i| Block::new(&(&model / "layers" / i), config, i))
-            .collect();
+            .collect::<Result<_>>()?;
         let norm = RmsNorm::new(&(&model / "norm"), config.hidden_size, config.rms_norm_eps);
         let lm_head = (!config.tie_word_embeddings)
             .then(|| Linear::new(&(root / "lm_head"), config.vocab_size, config.hidden_size));
@@ -477,11 +680,101 @@ impl Llama {
             rotary: Rotary::new(config, root.device())?,
             device: root.device(),
             training: Arc::new(AtomicBool::new(false)),
+            fusion: Fusion::default_for(root.device()),
         })
     }
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// Which projections run as one matrix product ([`Fusion`]; the device's default unless
+    /// set).
+    pub fn set_fusion(&mut self, fusion: Fusion) {
+        self.fusion = fusion;
+    }
+
+    pub fn fusion(&self) -> Fusion {
+        self.fusion
+    }
+
+    /// Makes q, k, v (and gate, up) of every block views of one buffer again, in the weights'
+    /// current dtype and device. The model does this when it is built; call it again after
+    /// anything that gave the variables new storage (`VarStore::set_kind`), or the frozen
+    /// projections run one product each.
+    pub fn fuse_projections(&mut self) -> Result<()> {
+        for block in &mut self.layers {
+            block.self_attn.fuse()?;
+            block.mlp.fuse()?;
+        }
+        Ok(())
+    }
+
+    /// Keeps a copy of every frozen projection weight in `kind`, used while CUDA autocast
+    /// computes in `kind` (bf16 training of adapters over a frozen f32 base): autocast casts
+    /// only weights that need gradients once per forward, and the frozen ones at every use,
+    /// 210 casts per forward of SmolLM2-135M. Costs the copies' memory (2 bytes per base
+    /// parameter in bf16). Weights that are trained, or already in `kind`, get none; `None`
+    /// drops the copies.
+    pub fn keep_compute_copies(&mut self, kind: Option<Kind>) -> Result<()> {
+        let copy = |w: &Tensor, frozen: bool| -> Result<Option<Tensor>> {
+            Ok(match kind {
+                Some(k) if frozen && w.kind() != k => Some(tch::no_grad(|| w.f_to_kind(k))?),
+                _ => None,
+            })
+        };
+        // A group whose weights are views of one buffer gets one copy of the buffer (what its
+        // forward multiplies by); anything else one copy per weight.
+        let group = |fused: &mut Option<FusedWeights>, parts: &mut [&mut Linear]| -> Result<()> {
+            let views: Vec<&Linear> = parts.iter().map(|p| &**p).collect();
+            let frozen = views.iter().all(|p| p.is_frozen());
+            let backed = fused.as_ref().is_some_and(|f| f.backs(&views));
+            if let Some(f) = fused.as_mut() {
+                f.compute = if backed {
+                    copy(&f.buffer, frozen)?
+                } else {
+                    None
+                };
+            }
+            for part in parts.iter_mut() {
+                part.compute = if backed {
+                    None
+                } else {
+                    copy(&part.weight, part.is_frozen())?
+                };
+            }
+            Ok(())
+        };
+        for block in &mut self.layers {
+            let attn = &mut block.self_attn;
+            group(
+                &mut attn.qkv,
+                &mut [&mut attn.q_proj, &mut attn.k_proj, &mut attn.v_proj],
+            )?;
+            attn.o_proj.compute = copy(&attn.o_proj.weight, attn.o_proj.is_frozen())?;
+            let mlp = &mut block.mlp;
+            group(
+                &mut mlp.gate_up,
+                &mut [&mut mlp.gate_proj, &mut mlp.up_proj],
+            )?;
+            mlp.down_proj.compute = copy(&mlp.down_proj.weight, mlp.down_proj.is_frozen())?;
+        }
+        Ok(())
+    }
+
+    /// Whether every block's q, k, v and gate, up are still views of their shared buffers.
+    pub fn projections_fused(&self) -> bool {
+        self.layers.iter().all(|b| {
+            let attn = &b.self_attn;
+            let mlp = &b.mlp;
+            attn.qkv
+                .as_ref()
+                .is_some_and(|f| f.backs(&[&attn.q_proj, &attn.k_proj, &attn.v_proj]))
+                && mlp
+                    .gate_up
+                    .as_ref()
+                    .is_some_and(|f| f.backs(&[&mlp.gate_proj, &mlp.up_proj]))
+        })
     }
 
     /// Training mode turns adapter dropout on; inference mode (the default) off.
@@ -659,7 +952,7 @@ impl Llama {
                 Some(slot) => LayerCache::Append(slot),
                 None => LayerCache::Off,
             };
-            x = layer.forward(&x, &cos, &sin, &mask, slot)?;
+            x = layer.forward(&x, &cos, &sin, &mask, slot, self.fusion)?;
         }
         if let Some(c) = cache {
             c.key_valid = key_valid;
@@ -712,7 +1005,14 @@ impl Llama {
             let past_kv = prefix
                 .and_then(|c| c.layers.get(i))
                 .and_then(Option::as_ref);
-            x = layer.forward(&x, &cos, &sin, &mask, LayerCache::ReadOnly(past_kv))?;
+            x = layer.forward(
+                &x,
+                &cos,
+                &sin,
+                &mask,
+                LayerCache::ReadOnly(past_kv),
+                self.fusion,
+            )?;
         }
         self.norm.forward(&x)
     }
@@ -1033,9 +1333,12 @@ pub(crate) mod tests {
             [16, 8]
         );
         let after = tch::no_grad(|| model.forward_ids(&ids, None).unwrap());
+        // Rounding only: with an adapter, q, k, v are sums in their own memory rather than
+        // views of the fused product, and the attention kernel reads them in another layout.
+        let diff = max_abs_diff(&before, &after);
         assert!(
-            max_abs_diff(&before, &after) < 1e-7,
-            "B = 0: a fresh adapter changes nothing"
+            diff < 1e-5,
+            "B = 0: a fresh adapter changes nothing ({diff})"
         );
 
         // Next-token loss on a fixed sequence falls while the base weights stay put.
@@ -1068,6 +1371,181 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("wq"), "{err}");
+    }
+
+    /// Logits of every position of `ids` under `fusion`.
+    fn logits_with(model: &mut Llama, fusion: Fusion, ids: &Tensor) -> Tensor {
+        model.set_fusion(fusion);
+        let hidden = model.forward_ids(ids, None).unwrap();
+        model.logits_at(&hidden, None).unwrap()
+    }
+
+    #[test]
+    fn fused_projections_are_views_that_loading_writes_through() {
+        let _rng = crate::test_rng_lock();
+        let c = tiny_config();
+        let (vs, model) = tiny_model(&c);
+        assert!(model.projections_fused());
+        let vars = vs.variables();
+        let q = &vars["model.layers.0.self_attn.q_proj.weight"];
+        let k = &vars["model.layers.0.self_attn.k_proj.weight"];
+        let qkv = &model.layers[0].self_attn.qkv.as_ref().unwrap().buffer;
+        assert_eq!(qkv.size(), [32 + 16 + 16, 32]);
+        // tiny_model wrote its random values into the variables: they are in the buffer.
+        assert!(qkv.narrow(0, 0, 32).equal(q));
+        assert!(qkv.narrow(0, 32, 16).equal(k));
+        let up = &vars["model.layers.1.mlp.up_proj.weight"];
+        let gate_up = &model.layers[1].mlp.gate_up.as_ref().unwrap().buffer;
+        assert!(gate_up.narrow(0, 48, 48).equal(up));
+    }
+
+    #[test]
+    fn fused_projections_give_the_separate_products() {
+        let _rng = crate::test_rng_lock();
+        let c = tiny_config();
+        let (mut vs, mut model) = tiny_model(&c);
+        vs.freeze();
+        let ids = Tensor::from_slice(&[4i64, 5, 6, 7, 8, 9, 10, 11]).view([2, 4]);
+        let _g = tch::no_grad_guard();
+        let fused = logits_with(&mut model, Fusion::Frozen, &ids);
+        let separate = logits_with(&mut model, Fusion::Off, &ids);
+        let diff = max_abs_diff(&fused, &separate);
+        assert!(diff < 1e-5, "{diff}");
+        assert!(
+            fused.abs().max().double_value(&[]) > 0.1,
+            "logits must not be trivial"
+        );
+
+        // With adapters whose B is not zero, on every projection.
+        let lora_vs = nn::VarStore::new(Device::Cpu);
+        model
+            .attach_lora(&lora_vs.root(), &LoraConfig::default())
+            .unwrap();
+        for (name, mut var) in lora_vs.variables() {
+            if name.contains("lora_B") {
+                var.copy_(&(Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * 0.1));
+            }
+        }
+        let fused_lora = logits_with(&mut model, Fusion::Frozen, &ids);
+        let separate_lora = logits_with(&mut model, Fusion::Off, &ids);
+        let diff = max_abs_diff(&fused_lora, &separate_lora);
+        assert!(diff < 1e-5, "{diff}");
+        assert!(
+            max_abs_diff(&fused_lora, &fused) > 1e-3,
+            "the adapters must matter here"
+        );
+    }
+
+    #[test]
+    fn trained_weights_concatenated_get_the_same_gradients() {
+        let _rng = crate::test_rng_lock();
+        let c = tiny_config();
+        let (vs, mut model) = tiny_model(&c);
+        let ids = Tensor::from_slice(&[4i64, 5, 6, 7, 8, 9]).view([1, 6]);
+        let grads = |model: &mut Llama, fusion: Fusion| -> Vec<Tensor> {
+            vs.trainable_variables()
+                .iter_mut()
+                .for_each(|t| t.zero_grad());
+            let logits = logits_with(model, fusion, &ids.narrow(1, 0, 5));
+            let loss = logits.cross_entropy_for_logits(&ids.narrow(1, 1, 5).reshape([-1]));
+            loss.backward();
+            let vars = vs.variables();
+            [
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.1.self_attn.v_proj.weight",
+                "model.layers.0.mlp.up_proj.weight",
+                "model.embed_tokens.weight",
+            ]
+            .iter()
+            .map(|n| vars[*n].grad().copy())
+            .collect()
+        };
+        let concatenated = grads(&mut model, Fusion::All);
+        let separate = grads(&mut model, Fusion::Off);
+        for (a, b) in concatenated.iter().zip(&separate) {
+            assert!(b.abs().max().double_value(&[]) > 1e-4);
+            let diff = max_abs_diff(a, b);
+            assert!(diff < 1e-5, "{diff}");
+        }
+        // Frozen-only fusion leaves trained weights to separate products: same gradients.
+        let frozen_only = grads(&mut model, Fusion::Frozen);
+        assert!(max_abs_diff(&frozen_only[0], &separate[0]) < 1e-6);
+    }
+
+    #[test]
+    fn a_dtype_change_unfuses_until_fused_again() {
+        let _rng = crate::test_rng_lock();
+        let c = tiny_config();
+        let (mut vs, mut model) = tiny_model(&c);
+        vs.freeze();
+        let ids = Tensor::from_slice(&[4i64, 5, 6, 7]).view([1, 4]);
+        let _g = tch::no_grad_guard();
+        vs.set_kind(Kind::BFloat16);
+        assert!(
+            !model.projections_fused(),
+            "new storage: the buffer no longer backs them"
+        );
+        // Still correct, one product each.
+        let separate = logits_with(&mut model, Fusion::Frozen, &ids);
+        model.fuse_projections().unwrap();
+        assert!(model.projections_fused());
+        assert_eq!(
+            model.layers[0]
+                .self_attn
+                .qkv
+                .as_ref()
+                .unwrap()
+                .buffer
+                .kind(),
+            Kind::BFloat16
+        );
+        let fused = logits_with(&mut model, Fusion::Frozen, &ids);
+        let diff = max_abs_diff(&fused, &separate);
+        assert!(diff < 0.05, "{diff}");
+    }
+
+    #[test]
+    fn compute_copies_are_made_for_frozen_weights_only() {
+        let _rng = crate::test_rng_lock();
+        let c = tiny_config();
+        let (mut vs, mut model) = tiny_model(&c);
+        let ids = Tensor::from_slice(&[4i64, 5, 6, 7]).view([1, 4]);
+        let copies = |m: &Llama| -> usize {
+            m.layers
+                .iter()
+                .map(|b| {
+                    let a = &b.self_attn;
+                    let linears = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
+                        .into_iter()
+                        .chain([&b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj])
+                        .filter(|l| l.compute.is_some())
+                        .count();
+                    let fused = [a.qkv.as_ref(), b.mlp.gate_up.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .filter(|f| f.compute.is_some())
+                        .count();
+                    linears + fused
+                })
+                .sum()
+        };
+        // Trained weights (a full fine-tune): none.
+        model.keep_compute_copies(Some(Kind::BFloat16)).unwrap();
+        assert_eq!(copies(&model), 0);
+        vs.freeze();
+        let before = tch::no_grad(|| logits_with(&mut model, Fusion::Frozen, &ids));
+        model.keep_compute_copies(Some(Kind::BFloat16)).unwrap();
+        // Per block: the q, k, v buffer, the gate, up buffer, o_proj and down_proj.
+        assert_eq!(copies(&model), 4 * c.num_hidden_layers);
+        let copy = model.layers[0].mlp.gate_up.as_ref().unwrap();
+        let compute = copy.compute.as_ref().unwrap();
+        assert_eq!(compute.kind(), Kind::BFloat16);
+        assert!(compute.equal(&copy.buffer.to_kind(Kind::BFloat16)));
+        // Outside CUDA autocast the copies are not used: the same f32 logits.
+        let after = tch::no_grad(|| logits_with(&mut model, Fusion::Frozen, &ids));
+        assert!(before.equal(&after));
+        model.keep_compute_copies(None).unwrap();
+        assert_eq!(copies(&model), 0);
     }
 
     #[test]

@@ -9,10 +9,13 @@
 //!   fill no ID slot and the projector's four tensors get no gradient;
 //! - `train16` (GPU by default): a whole full fine-tuning step at `--batch` x `--seq` (384 by
 //!   default; bf16 autocast on CUDA, cross-entropy on the last 16 positions), once with each
-//!   optimizer: the step `llm_bench`'s `train16` times with libtorch's AdamW.
+//!   optimizer (the step `llm_bench`'s `train16` times with libtorch's AdamW), and ours again
+//!   with q, k, v (gate, up) as separate products (`Fusion::Off`).
 //! - `train-lora`: the same step as the pipeline trains it: base frozen, LLaRA's LoRA
-//!   attached (dropout active), our AdamW over the adapters. Beside `train16` at the same
-//!   shape it says what the adapters cost per step (on a GPU: their extra kernel launches).
+//!   attached (dropout active), our AdamW over the adapters, on CUDA the base's bf16 copies;
+//!   then without dropout, unfused, without copies. Beside `train16` at the same shape it says
+//!   what the adapters cost per step (on a GPU: their extra kernel launches). Each row also
+//!   gives its first step's loss: rows that compute the same step another way must agree.
 //!
 //! `full` and `lora` time the update alone (gradients are set once by a backward pass and
 //! left in place); ours is timed for `step` and for `clip_grad_norm` + `step`, as the trainer
@@ -30,7 +33,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use rsllm_llm::{Llama, LlamaConfig, LoraConfig, Projector};
+use rsllm_llm::{Fusion, Llama, LlamaConfig, LoraConfig, Projector};
 use rsllm_trainer::{AdamW, AdamWConfig};
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor, nn};
@@ -123,7 +126,11 @@ fn random_model(vs: &nn::VarStore) -> Llama {
     tch::manual_seed(0);
     let model = Llama::new(&vs.root(), &LlamaConfig::smollm2_135m()).unwrap();
     tch::no_grad(|| {
-        for (_, mut var) in vs.variables() {
+        // In name order: `variables()` is a hash map, and the same seed must give the same
+        // weights in every variant for their first losses to be comparable.
+        let mut vars: Vec<_> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, mut var) in vars {
             let _ = var.normal_(0.0, 0.02);
         }
     });
@@ -150,6 +157,9 @@ struct Row {
     values: i64,
     seconds: (f64, f64, f64),
     tokens: Option<i64>,
+    /// The loss of the first (untimed) step, from the same seeded weights and tokens: variants
+    /// that compute the same thing another way (fusion, copies) must agree on it.
+    first_loss: Option<f64>,
 }
 
 impl Row {
@@ -162,6 +172,9 @@ impl Row {
         });
         if let Some(tokens) = self.tokens {
             row["tokens_per_s"] = serde_json::json!(tokens as f64 / median);
+        }
+        if let Some(loss) = self.first_loss {
+            row["first_loss"] = serde_json::json!(loss);
         }
         row
     }
@@ -189,6 +202,7 @@ fn update_only(
         values,
         seconds,
         tokens: None,
+        first_loss: None,
     });
     drop(libtorch);
     drop(tensors);
@@ -206,6 +220,7 @@ fn update_only(
         values,
         seconds,
         tokens: None,
+        first_loss: None,
     });
     let seconds = timed(args.device, args.iters, || {
         ours.clip_grad_norm(1e9).unwrap();
@@ -218,6 +233,7 @@ fn update_only(
         values,
         seconds,
         tokens: None,
+        first_loss: None,
     });
 }
 
@@ -262,75 +278,118 @@ fn step_loss(model: &Llama, x: &Tensor, tail: i64, device: Device) -> Tensor {
 }
 
 /// A whole full fine-tuning step with each optimizer: zero_grad, forward (bf16 autocast on
-/// CUDA), loss on the last 16 positions, backward, update.
+/// CUDA), loss on the last 16 positions, backward, update. Ours also with the projections
+/// unfused (`Fusion::Off`), the model as it ran before q, k, v (gate, up) shared a product.
 fn train_step(args: &Args, rows: &mut Vec<Row>) {
     let (b, t, tail) = (args.batch, args.seq, LOSS_POSITIONS);
-    for optimizer in ["libtorch", "rsllm"] {
+    let default = Fusion::default_for(args.device);
+    for (optimizer, fusion, label) in [
+        ("libtorch", default, "libtorch AdamW (tch nn::AdamW)"),
+        ("rsllm", default, "rsllm AdamW (flat)"),
+        (
+            "rsllm",
+            Fusion::Off,
+            "rsllm AdamW (flat), projections unfused",
+        ),
+    ] {
         let mut vs = nn::VarStore::new(args.device);
-        let model = random_model(&vs);
+        let mut model = random_model(&vs);
+        model.set_fusion(fusion);
         vs.unfreeze();
         let (tensors, values) = trainable_size(&vs);
         let x = Tensor::randint_low(3, 49152, [b, t], (Kind::Int64, args.device));
-        let loss = || step_loss(&model, &x, tail, args.device);
-        let (name, seconds) = if optimizer == "libtorch" {
+        let mut first_loss = None;
+        let mut loss = || {
+            let loss = step_loss(&model, &x, tail, args.device);
+            first_loss.get_or_insert_with(|| loss.double_value(&[]));
+            loss
+        };
+        let seconds = if optimizer == "libtorch" {
             let mut opt = nn::AdamW::default().build(&vs, LR).unwrap();
-            let seconds = timed(args.device, args.iters, || {
+            timed(args.device, args.iters, || {
                 opt.zero_grad();
                 loss().backward();
                 opt.step();
-            });
-            ("libtorch AdamW (tch nn::AdamW)", seconds)
+            })
         } else {
             let mut opt = AdamW::for_var_store(&vs, ours_config()).unwrap();
-            let seconds = timed(args.device, args.iters, || {
+            timed(args.device, args.iters, || {
                 opt.zero_grad();
                 loss().backward();
                 opt.step(LR).unwrap();
-            });
-            ("rsllm AdamW (flat)", seconds)
+            })
         };
         rows.push(Row {
             case: "train16",
-            optimizer: name,
+            optimizer: label,
             tensors,
             values,
             seconds,
             tokens: Some(b * t),
+            first_loss,
         });
     }
 }
 
 /// The pipeline's step: frozen base, LoRA (LLaRA's, with its dropout 0.1, and again without
-/// dropout), our AdamW over the adapters.
+/// dropout), our AdamW over the adapters; on CUDA the base's bf16 copies as the trainer keeps
+/// them. Also the step as it ran before: projections unfused, no copies.
 fn lora_train_step(args: &Args, rows: &mut Vec<Row>) {
     let (b, t, tail) = (args.batch, args.seq, LOSS_POSITIONS);
-    for (dropout, label) in [
+    let default = Fusion::default_for(args.device);
+    let copies = args.device.is_cuda().then_some(Kind::BFloat16);
+    let mut variants = vec![
         (
             0.1,
-            "rsllm AdamW (flat), LoRA r 8 on 7 projections, dropout 0.1",
+            default,
+            copies,
+            "LoRA r 8 on 7 projections, dropout 0.1 (the trainer's step)",
         ),
         (
-            0.0,
-            "rsllm AdamW (flat), LoRA r 8 on 7 projections, no dropout",
+            0.1,
+            Fusion::Off,
+            None,
+            "the same, projections unfused, no bf16 copies (before)",
         ),
-    ] {
+        (0.0, default, copies, "LoRA, no dropout"),
+        (
+            0.0,
+            Fusion::Off,
+            None,
+            "LoRA, no dropout, unfused, no copies (first loss: same)",
+        ),
+    ];
+    if copies.is_some() {
+        variants.push((
+            0.1,
+            default,
+            None,
+            "LoRA, dropout 0.1, fused, no bf16 copies",
+        ));
+    }
+    for (dropout, fusion, copies, label) in variants {
         let mut base = nn::VarStore::new(args.device);
         let mut model = random_model(&base);
         // Frozen, as `rsllm_llm::load` leaves the base model.
         base.freeze();
+        model.set_fusion(fusion);
         let trained = nn::VarStore::new(args.device);
         let lora = LoraConfig {
             dropout,
             ..LoraConfig::default()
         };
         model.attach_lora(&trained.root(), &lora).unwrap();
+        model.keep_compute_copies(copies).unwrap();
         model.set_training(true);
         let (tensors, values) = trainable_size(&trained);
         let x = Tensor::randint_low(3, 49152, [b, t], (Kind::Int64, args.device));
         let mut opt = AdamW::for_var_store(&trained, ours_config()).unwrap();
+        let mut first_loss = None;
         let seconds = timed(args.device, args.iters, || {
             opt.zero_grad();
-            step_loss(&model, &x, tail, args.device).backward();
+            let loss = step_loss(&model, &x, tail, args.device);
+            first_loss.get_or_insert_with(|| loss.double_value(&[]));
+            loss.backward();
             opt.step(LR).unwrap();
         });
         rows.push(Row {
@@ -340,6 +399,7 @@ fn lora_train_step(args: &Args, rows: &mut Vec<Row>) {
             values,
             seconds,
             tokens: Some(b * t),
+            first_loss,
         });
     }
 }
@@ -374,16 +434,20 @@ fn main() {
             println!("{}", row.json(args.device));
         }
     }
-    eprintln!("\n| case | optimizer | tensors | median s | min s | max s | tokens/s |");
-    eprintln!("|---|---|---|---|---|---|---|");
+    eprintln!("\n| case | variant | tensors | median s | min s | max s | tokens/s | first loss |");
+    eprintln!("|---|---|---|---|---|---|---|---|");
     for row in &rows {
         let (median, min, max) = row.seconds;
         let tokens = row
             .tokens
             .map(|t| format!("{:.0}", t as f64 / median))
             .unwrap_or_default();
+        let loss = row
+            .first_loss
+            .map(|l| format!("{l:.5}"))
+            .unwrap_or_default();
         eprintln!(
-            "| {} | {} | {} | {median:.4} | {min:.4} | {max:.4} | {tokens} |",
+            "| {} | {} | {} | {median:.4} | {min:.4} | {max:.4} | {tokens} | {loss} |",
             row.case, row.optimizer, row.tensors
         );
     }
