@@ -710,6 +710,33 @@ impl Llama {
         Ok(())
     }
 
+    /// Drops the shared buffers, each projection keeping its own copy of its weights: for a
+    /// full fine-tune, whose optimizer moves trained weights into storage of its own (the
+    /// buffers would then hold stale values, unused, for as long as the model lives).
+    pub fn unfuse_projections(&mut self) -> Result<()> {
+        for block in &mut self.layers {
+            let attn = &mut block.self_attn;
+            let mlp = &mut block.mlp;
+            for linear in [
+                &mut attn.q_proj,
+                &mut attn.k_proj,
+                &mut attn.v_proj,
+                &mut mlp.gate_proj,
+                &mut mlp.up_proj,
+            ] {
+                let own = tch::no_grad(|| -> Result<Tensor> {
+                    let mut own = linear.weight.f_empty_like()?;
+                    own.f_copy_(&linear.weight)?;
+                    Ok(own)
+                })?;
+                linear.weight.f_set_data(&own)?;
+            }
+            attn.qkv = None;
+            mlp.gate_up = None;
+        }
+        Ok(())
+    }
+
     /// Keeps a copy of every frozen projection weight in `kind`, used while CUDA autocast
     /// computes in `kind` (bf16 training of adapters over a frozen f32 base): autocast casts
     /// only weights that need gradients once per forward, and the frozen ones at every use,
@@ -1502,6 +1529,29 @@ pub(crate) mod tests {
         let fused = logits_with(&mut model, Fusion::Frozen, &ids);
         let diff = max_abs_diff(&fused, &separate);
         assert!(diff < 0.05, "{diff}");
+    }
+
+    #[test]
+    fn unfused_projections_own_their_weights_and_compute_the_same() {
+        let _rng = crate::test_rng_lock();
+        let c = tiny_config();
+        let (vs, mut model) = tiny_model(&c);
+        let ids = Tensor::from_slice(&[4i64, 5, 6, 7]).view([1, 4]);
+        let _g = tch::no_grad_guard();
+        let fused = logits_with(&mut model, Fusion::Frozen, &ids);
+        let buffer = model.layers[0]
+            .self_attn
+            .qkv
+            .as_ref()
+            .unwrap()
+            .buffer
+            .data_ptr();
+        model.unfuse_projections().unwrap();
+        assert!(!model.projections_fused());
+        let q = &vs.variables()["model.layers.0.self_attn.q_proj.weight"];
+        assert_ne!(q.data_ptr(), buffer, "q has storage of its own");
+        let separate = logits_with(&mut model, Fusion::All, &ids);
+        assert!(max_abs_diff(&fused, &separate) < 1e-5);
     }
 
     #[test]

@@ -149,7 +149,10 @@ pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) 
     // A, the projector and the heads would start differently in every run of the same spec.
     tch::manual_seed(spec.train.seed as i64);
     base.model.attach_lora(&trained.root(), &spec.lora)?;
-    if spec.train.autocast_bf16 && device.is_cuda() && !spec.train.full_finetune {
+    if spec.train.full_finetune {
+        // The optimizer gives every trained weight storage of its own.
+        base.model.unfuse_projections()?;
+    } else if spec.train.autocast_bf16 && device.is_cuda() {
         // The base stays frozen: keep its bf16 copy instead of casting it at every forward.
         base.model.keep_compute_copies(Some(Kind::BFloat16))?;
     }
