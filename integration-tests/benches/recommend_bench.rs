@@ -4,7 +4,11 @@
 //! several concurrency levels, with dynamic batching on (`--max-batch 8`) and off (`1`).
 //!
 //!   cargo bench -p rsllm-integration-tests --bench recommend_bench -- \
-//!       [--secs 30] [--concurrency 1,8,64] [--adapter runs/.../stage2] [--json-out /abs/path]
+//!       [--secs 30] [--concurrency 1,8,64] [--adapter runs/.../stage2] [--dtype f32|bf16]
+//!       [--json-out /abs/path]
+//!
+//! `--dtype` is the llm-service's compute dtype (f32 by default; bf16 pays on CPUs with native
+//! bf16 matrix units, such as AMX).
 //!
 //! Closed loop: each of N clients sends its next request as soon as the last one returns.
 //! A warm-up of a few calls per setting is not counted. Refusals (RESOURCE_EXHAUSTED) count
@@ -22,6 +26,7 @@ struct Args {
     secs: u64,
     concurrency: Vec<usize>,
     adapter: Option<String>,
+    dtype: String,
     json_out: Option<String>,
 }
 
@@ -30,6 +35,7 @@ fn parse_args() -> Args {
         secs: 30,
         concurrency: vec![1, 8, 64],
         adapter: None,
+        dtype: "f32".to_owned(),
         json_out: None,
     };
     let mut it = std::env::args().skip(1);
@@ -44,6 +50,7 @@ fn parse_args() -> Args {
                     .collect();
             }
             "--adapter" => args.adapter = Some(value()),
+            "--dtype" => args.dtype = value(),
             "--json-out" => args.json_out = Some(value()),
             // cargo bench passes --bench.
             _ => {}
@@ -156,6 +163,8 @@ async fn main() {
                 "256",
                 "--adapters",
                 &adapter_flag,
+                "--dtype",
+                &args.dtype,
             ],
         )
         .await;
@@ -190,7 +199,9 @@ async fn main() {
         }
     }
     if let Some(path) = args.json_out {
-        let doc = serde_json::json!({ "adapter": adapter_flag, "secs": args.secs, "rows": rows });
+        let doc = serde_json::json!({
+            "adapter": adapter_flag, "dtype": args.dtype, "secs": args.secs, "rows": rows,
+        });
         std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())
             .expect("write --json-out");
     }

@@ -57,7 +57,8 @@ pub struct Config {
     #[arg(long, env = "RSLLM_LLM_DEVICE", value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
 
-    /// Compute dtype: f32 or bf16 (bf16 is for GPUs; on CPUs without native bf16 it is slower).
+    /// Compute dtype: f32 or bf16. bf16 pays on GPUs and on CPUs with bf16 matrix units (AMX:
+    /// twice the Recommend throughput, docs/results.md); on CPUs without them it is slower.
     #[arg(long, env = "RSLLM_LLM_DTYPE", default_value = "f32")]
     pub dtype: rsllm_llm::Dtype,
 

@@ -76,7 +76,7 @@ pub struct ModelArgs {
     /// cpu, cuda or auto (CUDA when present).
     #[arg(long, env = "RSLLM_DEVICE", default_value = "auto")]
     pub device: DeviceArg,
-    /// f32 or bf16.
+    /// f32 or bf16 (faster on GPUs and on CPUs with AMX; slower on CPUs without bf16 units).
     #[arg(long, env = "RSLLM_LLM_DTYPE", default_value = "f32")]
     pub dtype: Dtype,
 }
