@@ -85,6 +85,25 @@ check_size() {
     [ "$size" -le 61 ] || { echo "$1 is too large for one call" >&2; exit 1; }
 }
 
+# GPU_STEP_BENCH=1 (in `stage` and `bench`): also time the optimizer update over LoRA with
+# and without an idle projector (stage 1 and 2), and the pipeline's training step shape (64 x
+# 256) as a full fine-tune and with LoRA, fused and unfused, with and without the base's bf16
+# copies (about 60 s): what the adapters cost per step on this card. Then the LoRA step at 128
+# and 256 rows (GPU_STEP_ROWS): where a step stops being bound by kernel launches, i.e. which
+# micro-batch trains the most rows per second.
+step_bench() {
+    local out=${OUT:-.device/out} rows
+    mkdir -p "$out"
+    use_device_torch
+    unxz_to .device/a/optim_bench.xz "$stage_dir/optim_bench"
+    timeout 150 "$stage_dir/optim_bench" --device cuda --iters 5 --only lora,lora-idle-projector,train16,train-lora \
+        --batch 64 --seq 256 --json-out "$out/step.json" 2>&1 | tee "$out/step.log"
+    for rows in ${GPU_STEP_ROWS:-128 256}; do
+        timeout 100 "$stage_dir/optim_bench" --device cuda --iters 5 --only train-lora \
+            --batch "$rows" --seq 256 --json-out "$out/step-$rows.json" 2>&1 | tee "$out/step-$rows.log"
+    done
+}
+
 case "${1:-}" in
 prepare-data)
     rm -rf .device/c
@@ -124,24 +143,7 @@ stage)
     mkdir -p "$stage_dir"
     cp .device/a/model.part "$stage_dir/model.part-a"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    # GPU_STEP_BENCH=1: also time the optimizer update over LoRA with and without an idle
-    # projector (stage 1 and 2), and the pipeline's training step shape (64 x 256) as a full
-    # fine-tune and with LoRA, fused and unfused, with and without the base's bf16 copies
-    # (about 60 s): what the adapters cost per step on this card. Then the LoRA step at 128
-    # and 256 rows (GPU_STEP_ROWS): where a step stops being bound by kernel launches, i.e.
-    # which micro-batch trains the most rows per second.
-    if [ -n "${GPU_STEP_BENCH:-}" ]; then
-        out=${OUT:-.device/out}
-        mkdir -p "$out"
-        use_device_torch
-        unxz_to .device/a/optim_bench.xz "$stage_dir/optim_bench"
-        timeout 150 "$stage_dir/optim_bench" --device cuda --iters 5 --only lora,lora-idle-projector,train16,train-lora \
-            --batch 64 --seq 256 --json-out "$out/step.json" 2>&1 | tee "$out/step.log"
-        for rows in ${GPU_STEP_ROWS:-128 256}; do
-            timeout 100 "$stage_dir/optim_bench" --device cuda --iters 5 --only train-lora \
-                --batch "$rows" --seq 256 --json-out "$out/step-$rows.json" 2>&1 | tee "$out/step-$rows.log"
-        done
-    fi
+    if [ -n "${GPU_STEP_BENCH:-}" ]; then step_bench; fi
     ;;
 bench)
     out=${OUT:-.device/out}
@@ -158,6 +160,7 @@ bench)
     timeout 90 "$stage_dir/optim_bench" --device cuda --iters 10 \
         --json-out "$out/optim.json" 2>&1 | tee "$out/optim.log"
     BUDGET_S=${HF_BUDGET_S:-100} timeout 150 python3 .device/a/hf_anchor.py 2>&1 | tee "$out/hf.log"
+    if [ -n "${GPU_STEP_BENCH:-}" ]; then step_bench; fi
     ;;
 pipeline)
     out=${OUT:-.device/out}
