@@ -389,7 +389,7 @@ fn train_step(args: &Args, engine: Engine, rows: &mut Vec<serde_json::Value>) {
     let x = Tensor::randint_low(3, 49152, [b, t], (Kind::Int64, device));
     let targets = x.narrow(1, t - tail, tail).reshape([-1]);
     let (med, lo, hi) = timed(device, 2, args.iters, || {
-        let loss = rsllm_llm::bf16_autocast(device.is_cuda(), || {
+        let loss = rsllm_llm::bf16_autocast(device, device.is_cuda(), || {
             let hidden = model.forward_ids(&x, None).unwrap();
             let logits = model.head(&hidden.narrow(1, t - tail - 1, tail)).unwrap();
             logits

@@ -8,7 +8,8 @@
 //! - [`tokenizer`] (re-exported from rsllm-prompt): [`LlmTokenizer`] from tokenizer.json or
 //!   GGUF metadata;
 //! - [`infer`]: [`generate`] and [`score_continuations`];
-//! - [`autocast`]: [`bf16_autocast`], CUDA mixed precision in bf16 for training.
+//! - [`autocast`]: [`bf16_autocast`], mixed precision in bf16 for training (CUDA, and CPUs
+//!   with native bf16).
 
 pub mod autocast;
 pub mod config;

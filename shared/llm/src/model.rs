@@ -30,8 +30,8 @@ use crate::error::{LlmError, Result};
 pub struct Linear {
     pub weight: Tensor,
     lora: Option<Lora>,
-    /// The frozen weight in CUDA autocast's dtype ([`Llama::keep_compute_copies`]). Autocast
-    /// caches its casts only for weights that require gradients, so a frozen base weight would
+    /// The frozen weight in autocast's dtype ([`Llama::keep_compute_copies`]). Autocast caches
+    /// its casts only for weights that require gradients, so a frozen base weight would
     /// otherwise be cast again, one more kernel, at every use.
     compute: Option<Tensor>,
 }
@@ -75,17 +75,20 @@ impl Linear {
     }
 }
 
-/// The weight a frozen projection multiplies by: its copy in autocast's dtype while CUDA
-/// autocast computes in that dtype, else the weight itself (autocast would make the same cast
-/// from it; the copy saves doing it again at every forward).
+/// The weight a frozen projection multiplies by: its copy in autocast's dtype while autocast
+/// for its device computes in that dtype, else the weight itself (autocast would make the same
+/// cast from it; the copy saves doing it again at every forward).
 fn compute_weight<'a>(weight: &'a Tensor, copy: Option<&'a Tensor>) -> &'a Tensor {
     match copy {
-        Some(c)
-            if !weight.requires_grad()
-                && crate::autocast::cuda_autocast_enabled()
-                && crate::autocast::cuda_autocast_kind() == Some(c.kind()) =>
-        {
-            c
+        Some(c) if !weight.requires_grad() => {
+            let device = c.device();
+            if crate::autocast::autocast_enabled(device)
+                && crate::autocast::autocast_kind(device) == Some(c.kind())
+            {
+                c
+            } else {
+                weight
+            }
         }
         _ => weight,
     }
@@ -124,7 +127,7 @@ impl Fusion {
 #[derive(Debug)]
 struct FusedWeights {
     buffer: Tensor,
-    /// The buffer in CUDA autocast's dtype (see [`Linear`]'s `compute`).
+    /// The buffer in autocast's dtype (see [`Linear`]'s `compute`).
     compute: Option<Tensor>,
 }
 
@@ -737,10 +740,10 @@ impl Llama {
         Ok(())
     }
 
-    /// Keeps a copy of every frozen projection weight in `kind`, used while CUDA autocast
-    /// computes in `kind` (bf16 training of adapters over a frozen f32 base): autocast casts
-    /// only weights that need gradients once per forward, and the frozen ones at every use,
-    /// 210 casts per forward of SmolLM2-135M. Costs the copies' memory (2 bytes per base
+    /// Keeps a copy of every frozen projection weight in `kind`, used while autocast computes
+    /// in `kind` (bf16 training of adapters over a frozen f32 base): autocast casts only
+    /// weights that need gradients once per forward, and the frozen ones at every use, 210
+    /// casts per forward of SmolLM2-135M. Costs the copies' memory (2 bytes per base
     /// parameter in bf16). Weights that are trained, or already in `kind`, get none; `None`
     /// drops the copies.
     pub fn keep_compute_copies(&mut self, kind: Option<Kind>) -> Result<()> {

@@ -8,11 +8,11 @@
 //! - `lora-idle-projector`: the same tensors as stage 1 trains them, where text-only prompts
 //!   fill no ID slot and the projector's four tensors get no gradient;
 //! - `train16` (GPU by default): a whole full fine-tuning step at `--batch` x `--seq` (384 by
-//!   default; bf16 autocast on CUDA, cross-entropy on the last 16 positions), once with each
+//!   default; bf16 autocast where native, cross-entropy on the last 16 positions), once with each
 //!   optimizer (the step `llm_bench`'s `train16` times with libtorch's AdamW), and ours again
 //!   with q, k, v (gate, up) as separate products (`Fusion::Off`).
 //! - `train-lora`: the same step as the pipeline trains it: base frozen, LLaRA's LoRA
-//!   attached (dropout active), our AdamW over the adapters, on CUDA the base's bf16 copies;
+//!   attached (dropout active), our AdamW over the adapters, under autocast the base's bf16 copies;
 //!   then without dropout, unfused, without copies. Beside `train16` at the same shape it says
 //!   what the adapters cost per step (on a GPU: their extra kernel launches). Each row also
 //!   gives its first step's loss: rows that compute the same step another way must agree.
@@ -23,8 +23,11 @@
 //!
 //! ```text
 //! cargo bench -p rsllm-trainer --bench optim_bench -- [--device auto|cpu|cuda] [--iters 10]
-//!     [--only full,lora,lora-idle-projector,train16,train-lora] [--batch 16] [--seq 384] [--json-out FILE]
+//!     [--only full,lora,lora-idle-projector,train16,train-lora] [--batch 16] [--seq 384]
+//!     [--no-autocast] [--json-out FILE]
 //! ```
+//! The training steps run under bf16 autocast where the device computes bf16 natively (CUDA,
+//! CPUs with AVX-512 BF16 or AMX), as the trainer does; `--no-autocast` runs them in f32.
 //! Median of `--iters` timed runs after two warm-up runs, min and max beside it; one JSON line
 //! per measurement on stdout, a markdown table on stderr.
 
@@ -57,6 +60,8 @@ struct Args {
     batch: i64,
     seq: i64,
     json_out: Option<PathBuf>,
+    /// bf16 autocast in the training steps (where native: `rsllm_llm::autocast::native_bf16`).
+    autocast: bool,
 }
 
 fn parse_args() -> Args {
@@ -67,6 +72,7 @@ fn parse_args() -> Args {
         batch: 16,
         seq: SEQ,
         json_out: None,
+        autocast: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -83,6 +89,7 @@ fn parse_args() -> Args {
             "--batch" => args.batch = it.next().unwrap().parse().unwrap(),
             "--seq" => args.seq = it.next().unwrap().parse().unwrap(),
             "--json-out" => args.json_out = Some(PathBuf::from(it.next().unwrap())),
+            "--no-autocast" => args.autocast = false,
             // `cargo bench` passes --bench.
             _ => {}
         }
@@ -263,12 +270,14 @@ fn trainable_size(vs: &nn::VarStore) -> (usize, i64) {
     )
 }
 
-/// The timed steps' loss: forward over token ids `x` `[B, T]` (bf16 autocast on CUDA) and
-/// cross-entropy of the last `tail` positions predicting their own ids.
-fn step_loss(model: &Llama, x: &Tensor, tail: i64, device: Device) -> Tensor {
+/// The timed steps' loss: forward over token ids `x` `[B, T]` (bf16 autocast where the device
+/// computes bf16 natively, as the trainer runs it, unless `--no-autocast`) and cross-entropy
+/// of the last `tail` positions predicting their own ids.
+fn step_loss(model: &Llama, x: &Tensor, tail: i64, args: &Args) -> Tensor {
+    let device = args.device;
     let t = x.size()[1];
     let targets = x.narrow(1, t - tail, tail).reshape([-1]);
-    rsllm_llm::bf16_autocast(device.is_cuda(), || {
+    rsllm_llm::bf16_autocast(device, args.autocast, || {
         let hidden = model.forward_ids(x, None).unwrap();
         let logits = model.head(&hidden.narrow(1, t - tail - 1, tail)).unwrap();
         logits
@@ -277,8 +286,8 @@ fn step_loss(model: &Llama, x: &Tensor, tail: i64, device: Device) -> Tensor {
     })
 }
 
-/// A whole full fine-tuning step with each optimizer: zero_grad, forward (bf16 autocast on
-/// CUDA), loss on the last 16 positions, backward, update. Ours also with the projections
+/// A whole full fine-tuning step with each optimizer: zero_grad, forward (bf16 autocast where
+/// native), loss on the last 16 positions, backward, update. Ours also with the projections
 /// unfused (`Fusion::Off`), the model as it ran before q, k, v (gate, up) shared a product.
 fn train_step(args: &Args, rows: &mut Vec<Row>) {
     let (b, t, tail) = (args.batch, args.seq, LOSS_POSITIONS);
@@ -300,7 +309,7 @@ fn train_step(args: &Args, rows: &mut Vec<Row>) {
         let x = Tensor::randint_low(3, 49152, [b, t], (Kind::Int64, args.device));
         let mut first_loss = None;
         let mut loss = || {
-            let loss = step_loss(&model, &x, tail, args.device);
+            let loss = step_loss(&model, &x, tail, args);
             first_loss.get_or_insert_with(|| loss.double_value(&[]));
             loss
         };
@@ -332,12 +341,14 @@ fn train_step(args: &Args, rows: &mut Vec<Row>) {
 }
 
 /// The pipeline's step: frozen base, LoRA (LLaRA's, with its dropout 0.1, and again without
-/// dropout), our AdamW over the adapters; on CUDA the base's bf16 copies as the trainer keeps
+/// dropout), our AdamW over the adapters; under autocast the base's bf16 copies as the trainer keeps
 /// them. Also the step as it ran before: projections unfused, no copies.
 fn lora_train_step(args: &Args, rows: &mut Vec<Row>) {
     let (b, t, tail) = (args.batch, args.seq, LOSS_POSITIONS);
     let default = Fusion::default_for(args.device);
-    let copies = args.device.is_cuda().then_some(Kind::BFloat16);
+    // Copies where the trainer keeps them (CUDA); on a CPU the rows without copies are the
+    // trainer's step.
+    let copies = (args.autocast && args.device.is_cuda()).then_some(Kind::BFloat16);
     let mut variants = vec![
         (
             0.1,
@@ -387,7 +398,7 @@ fn lora_train_step(args: &Args, rows: &mut Vec<Row>) {
         let mut first_loss = None;
         let seconds = timed(args.device, args.iters, || {
             opt.zero_grad();
-            let loss = step_loss(&model, &x, tail, args.device);
+            let loss = step_loss(&model, &x, tail, args);
             first_loss.get_or_insert_with(|| loss.double_value(&[]));
             loss.backward();
             opt.step(LR).unwrap();

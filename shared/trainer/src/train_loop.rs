@@ -70,8 +70,10 @@ pub struct TrainConfig {
     /// whole model. Off: the base stays frozen (LoRA).
     #[serde(default)]
     pub full_finetune: bool,
-    /// bf16 autocast on CUDA (PyTorch's AMP): weights, optimizer state and gradients stay f32,
-    /// matrix products run in bf16. No effect on the CPU, where bf16 kernels are slower.
+    /// bf16 autocast (PyTorch's AMP): weights, optimizer state and gradients stay f32, matrix
+    /// products run in bf16. On CUDA, and on CPUs with native bf16 (AVX-512 BF16, AMX:
+    /// `rsllm_llm::autocast::native_bf16`); no effect on other CPUs, where bf16 products are
+    /// several times slower than f32.
     #[serde(default)]
     pub autocast_bf16: bool,
     /// Micro-batches of similar lengths: each step's rows are sorted by token count before
@@ -437,7 +439,7 @@ fn forward_backward(
             .sum::<usize>();
         padded_tokens += batch.ids.numel();
         tch::manual_seed(mix(config.seed, step.plan.step, m as u64) as i64);
-        let out = rsllm_llm::bf16_autocast(config.autocast_bf16 && device.is_cuda(), || {
+        let out = rsllm_llm::bf16_autocast(device, config.autocast_bf16, || {
             losses(
                 trainee.model,
                 trainee.heads,
@@ -498,6 +500,12 @@ pub fn train(
     if source.is_empty() {
         return Err(TrainError::Invalid("no training examples".into()));
     }
+    let bf16 = config.autocast_bf16 && rsllm_llm::autocast::native_bf16(trainee.model.device());
+    tracing::info!(
+        compute = if bf16 { "bf16 autocast" } else { "f32" },
+        device = ?trainee.model.device(),
+        "training"
+    );
     let n = source.len();
     let total_steps = config.total_steps(n);
     let schedule = LrSchedule::llara(config.peak_lr, total_steps, config.warmup_fraction);
