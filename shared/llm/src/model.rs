@@ -96,7 +96,7 @@ fn compute_weight<'a>(weight: &'a Tensor, copy: Option<&'a Tensor>) -> &'a Tenso
 
 /// When the projections that read one input (q, k and v of attention; gate and up of the
 /// MLP) run as one matrix product instead of one each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fusion {
     /// Never: one product per projection (the reference the fused paths are tested against).
     Off,
@@ -104,7 +104,7 @@ pub enum Fusion {
     /// default on a CPU.
     Frozen,
     /// Frozen weights as above, and trained ones concatenated at every forward: one copy of
-    /// those weights per forward buys two matrix products fewer per block each way (and
+    /// those weights per forward buys three matrix products fewer per block each way (and
     /// their casts, sums and gradient additions). The default on CUDA, where a training step
     /// of this model is bound by the number of kernels it launches.
     All,
