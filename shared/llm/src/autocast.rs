@@ -123,13 +123,18 @@ impl Drop for Bf16Autocast {
     }
 }
 
-/// Runs `f` under bf16 autocast for `device` when `enabled` and the device computes bf16
-/// natively ([`native_bf16`]; CUDA also has to be present): matrix products, attention and the
-/// projector's layers in bf16; norms, softmax and losses in f32, as PyTorch's
-/// `torch.autocast(device, torch.bfloat16)`. Otherwise runs `f` as it is. Call the backward
-/// pass outside, as PyTorch advises: autograd replays the recorded casts.
+/// Whether [`bf16_autocast`] turns autocast on for `device` when asked (`enabled`): the device
+/// computes bf16 natively ([`native_bf16`]) and, for CUDA, a GPU is present.
+pub fn bf16_autocast_applies(device: Device, enabled: bool) -> bool {
+    enabled && native_bf16(device) && (!device.is_cuda() || tch::Cuda::is_available())
+}
+
+/// Runs `f` under bf16 autocast for `device` where [`bf16_autocast_applies`]: matrix products,
+/// attention and the projector's layers in bf16; norms, softmax and losses in f32, as
+/// PyTorch's `torch.autocast(device, torch.bfloat16)`. Otherwise runs `f` as it is. Call the
+/// backward pass outside, as PyTorch advises: autograd replays the recorded casts.
 pub fn bf16_autocast<T>(device: Device, enabled: bool, f: impl FnOnce() -> T) -> T {
-    if !enabled || !native_bf16(device) || (device.is_cuda() && !tch::Cuda::is_available()) {
+    if !bf16_autocast_applies(device, enabled) {
         return f();
     }
     let _autocast = Bf16Autocast::enter(device);

@@ -697,10 +697,6 @@ impl Llama {
         self.fusion = fusion;
     }
 
-    pub fn fusion(&self) -> Fusion {
-        self.fusion
-    }
-
     /// Makes q, k, v (and gate, up) of every block views of one buffer again, in the weights'
     /// current dtype and device. The model does this when it is built; call it again after
     /// anything that gave the variables new storage (`VarStore::set_kind`), or the frozen

@@ -500,7 +500,8 @@ pub fn train(
     if source.is_empty() {
         return Err(TrainError::Invalid("no training examples".into()));
     }
-    let bf16 = config.autocast_bf16 && rsllm_llm::autocast::native_bf16(trainee.model.device());
+    let bf16 =
+        rsllm_llm::autocast::bf16_autocast_applies(trainee.model.device(), config.autocast_bf16);
     tracing::info!(
         compute = if bf16 { "bf16 autocast" } else { "f32" },
         device = ?trainee.model.device(),
