@@ -26,7 +26,8 @@ pub enum ModelSource {
     /// Load the artefacts named by the config (`--models-dir`, `--models`) on a blocking
     /// thread after the listener is up; health says NOT_SERVING until they are loaded.
     Config,
-    /// Already loaded (tests, benchmarks, embedding in another process).
+    /// Already loaded (tests, benchmarks, embedding in another process): set before the
+    /// listener accepts, so the first call is answered.
     Loaded(Registry),
 }
 
@@ -83,6 +84,16 @@ pub async fn serve(
         .map_err(|source| StartError::Bind { addr, source })?;
     }
     let load_error: Arc<Mutex<Option<StartError>>> = Arc::new(Mutex::new(None));
+    // A preloaded registry answers from the first accepted call; only loading from the config
+    // leaves a window in which calls are UNAVAILABLE.
+    let preloaded = match models {
+        ModelSource::Loaded(registry) => {
+            let registry = Arc::new(registry);
+            state.set_registry(registry.clone());
+            Some(registry)
+        }
+        ModelSource::Config => None,
+    };
 
     let loader = {
         let (state, readiness, stop_tx, load_error) = (
@@ -98,12 +109,12 @@ pub async fn serve(
         );
         let (interval, stop_rx) = (config.redis_check_interval(), stop_rx.clone());
         tokio::spawn(async move {
-            let loaded = match models {
-                ModelSource::Loaded(registry) => Ok(registry),
-                ModelSource::Config => {
+            let loaded = match preloaded {
+                Some(registry) => Ok(registry),
+                None => {
                     tracing::info!(dir = %dir.display(), "loading models");
                     tokio::task::spawn_blocking(move || {
-                        Registry::load(&dir, &names, device, max_pending)
+                        Registry::load(&dir, &names, device, max_pending).map(Arc::new)
                     })
                     .await
                     .unwrap_or_else(|e| Err(StartError::LoadPanicked(e.to_string())))
@@ -111,7 +122,7 @@ pub async fn serve(
             };
             match loaded {
                 Ok(registry) => {
-                    let registry = Arc::new(registry);
+                    // No-op for a preloaded registry (already set above).
                     state.set_registry(registry.clone());
                     if *stop_rx.borrow() {
                         return None;
