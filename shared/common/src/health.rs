@@ -42,10 +42,20 @@ impl Readiness {
         self.set(ServingStatus::NotServing).await;
     }
 
+    /// The whole server (`""`) is never SERVING while a named service is not: it goes SERVING
+    /// last and NOT_SERVING first, so a probe of `""` (Kubernetes, tests) that sees SERVING
+    /// can call any service at once.
     async fn set(&self, status: ServingStatus) {
-        self.reporter.set_service_status("", status).await;
-        for s in &self.services {
-            self.reporter.set_service_status(s, status).await;
+        if matches!(status, ServingStatus::Serving) {
+            for s in &self.services {
+                self.reporter.set_service_status(s, status).await;
+            }
+            self.reporter.set_service_status("", status).await;
+        } else {
+            self.reporter.set_service_status("", status).await;
+            for s in &self.services {
+                self.reporter.set_service_status(s, status).await;
+            }
         }
     }
 }
