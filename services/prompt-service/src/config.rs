@@ -74,6 +74,11 @@ pub struct Config {
     )]
     pub embedding_timeout_ms: u64,
 
+    /// Bound (milliseconds) on connecting to Redis and on each Redis reply; a slower Redis is
+    /// skipped for that call (the vectors come from the embedding-service instead).
+    #[arg(long, env = "RSLLM_PROMPT_REDIS_TIMEOUT_MS", default_value_t = 250)]
+    pub redis_timeout_ms: u64,
+
     /// Longest history accepted; longer is INVALID_ARGUMENT. The prompt shows the last 10.
     #[arg(long, env = "RSLLM_PROMPT_MAX_HISTORY_LEN", default_value_t = 1024)]
     pub max_history_len: usize,
@@ -146,6 +151,7 @@ impl Config {
             ("--max-candidates", self.max_candidates as u64),
             ("--max-request-bytes", self.max_request_bytes as u64),
             ("--embedding-timeout-ms", self.embedding_timeout_ms),
+            ("--redis-timeout-ms", self.redis_timeout_ms),
         ] {
             if value == 0 {
                 return Err(StartError::Config(format!("{flag} must be > 0")));
@@ -164,6 +170,10 @@ impl Config {
 
     pub fn embedding_timeout(&self) -> Duration {
         Duration::from_millis(self.embedding_timeout_ms)
+    }
+
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
     }
 
     pub fn drain_timeout(&self) -> Duration {

@@ -41,6 +41,10 @@ pub async fn serve(
 
     let mut reader_config = ReaderConfig::new(&config.redis_url, config.embedding_endpoint.clone());
     reader_config.grpc_timeout = config.embedding_timeout();
+    if let Some(redis) = reader_config.redis.as_mut() {
+        redis.connect_timeout = config.redis_timeout();
+        redis.response_timeout = config.redis_timeout();
+    }
     reader_config.decorate = Some(rsllm_common::telemetry::inject_into);
     let reader = Reader::new(reader_config)?;
     let registry = Registry::new();
