@@ -79,7 +79,12 @@ pub fn make_rec_model(models_dir: &Path, name: &str, dataset: &str, items: usize
 pub struct LogLines(Arc<Mutex<Vec<String>>>);
 
 impl LogLines {
-    fn capture(&self, stream: impl Read + Send + 'static, prefix: &'static str) {
+    /// Copies `stream`'s lines in a thread that ends at end of file (when the process exits).
+    fn capture(
+        &self,
+        stream: impl Read + Send + 'static,
+        prefix: &'static str,
+    ) -> std::thread::JoinHandle<()> {
         let lines = self.0.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
@@ -87,7 +92,7 @@ impl LogLines {
                 eprintln!("[{prefix}] {line}");
                 lines.lock().unwrap().push(line);
             }
-        });
+        })
     }
 
     /// How many lines contain `needle`.
@@ -230,6 +235,8 @@ pub struct ServiceProcess {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub logs: LogLines,
+    /// The threads filling `logs`; `wait_exit` lets them finish so no last line is missed.
+    log_readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl ServiceProcess {
@@ -253,12 +260,15 @@ impl ServiceProcess {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let logs = LogLines::default();
-        logs.capture(child.stdout.take().unwrap(), "service");
-        logs.capture(child.stderr.take().unwrap(), "service");
+        let log_readers = vec![
+            logs.capture(child.stdout.take().unwrap(), "service"),
+            logs.capture(child.stderr.take().unwrap(), "service"),
+        ];
         ServiceProcess {
             child: Some(child),
             addr,
             logs,
+            log_readers,
         }
     }
 
@@ -331,12 +341,21 @@ impl ServiceProcess {
         assert!(status.success(), "kill -TERM failed");
     }
 
-    /// Waits (bounded) for the process to exit and returns its status.
+    /// Waits (bounded) for the process to exit and its output to be read to the end, and
+    /// returns its status.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.try_exit_status() {
                 self.child = None;
+                // The pipes close with the process; the readers may still hold its last lines.
+                while self.log_readers.iter().any(|r| !r.is_finished()) {
+                    assert!(
+                        Instant::now() < deadline,
+                        "service exited but its output is still open {timeout:?} later"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 return s;
             }
             assert!(
@@ -406,9 +425,10 @@ pub fn llm_model_path() -> PathBuf {
 
 /// `GET /metrics` of a service, as text.
 pub fn scrape(addr: SocketAddr) -> String {
+    // Bounds that only catch hangs: the service may be saturated by the test's own burst.
     let mut s =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect /metrics");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        TcpStream::connect_timeout(&addr, Duration::from_secs(30)).expect("connect /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n")
         .unwrap();
     let mut out = String::new();
@@ -528,6 +548,13 @@ impl Fleet {
                 "movielens=movielens-llara-sasrec,lastfm=lastfm-llara-sasrec",
                 "--metrics-listen",
                 &prompt_metrics_s,
+                // Calls between services get a bound that only catches hangs: a stopped
+                // dependency still fails at once (connection refused), and a slow one on a
+                // loaded test machine must not fail a call the test expects to succeed.
+                "--embedding-timeout-ms",
+                "60000",
+                "--redis-timeout-ms",
+                "10000",
             ],
             &env,
         );
@@ -545,6 +572,8 @@ impl Fleet {
             &model,
             "--metrics-listen",
             &llm_metrics_s,
+            "--dependency-timeout-ms",
+            "60000",
         ];
         args.extend_from_slice(llm_args);
         let mut llm = ServiceProcess::start(&bins.llm, &args, &env);

@@ -8,7 +8,7 @@ use rsllm_integration_tests::{
     ModelsDir, RedisServer, ServiceProcess, TEST_DIM, TEST_ITEMS, TEST_MODEL, TEST_WINDOW,
     free_port, wait_until,
 };
-use rsllm_itemvec::{Reader, ReaderConfig, Source, item_key, meta_key, model_key};
+use rsllm_itemvec::{Reader, ReaderConfig, RedisOptions, Source, item_key, meta_key, model_key};
 use rsllm_proto::v1::embedding_service_client::EmbeddingServiceClient;
 use rsllm_proto::v1::{
     GetItemEmbeddingsRequest, GetUserStateRequest, ListModelsRequest, ScoreCandidatesRequest,
@@ -135,7 +135,7 @@ async fn vectors_are_published_read_back_and_survive_a_redis_restart() {
     rsllm_itemvec::decode_vector_into(&raw, &mut first7).unwrap();
     assert_eq!(first7, grpc_vectors(&mut grpc, TEST_MODEL, &[7]).await);
 
-    let reader = Reader::new(ReaderConfig::new(&redis_url, svc.endpoint())).unwrap();
+    let reader = Reader::new(patient_reader_config(&redis_url, svc.endpoint())).unwrap();
     let got = reader.get(TEST_MODEL, &ids).await.unwrap();
     assert_eq!(
         (got.source, got.dim, got.model_version.as_str()),
@@ -206,6 +206,23 @@ async fn vectors_are_published_read_back_and_survive_a_redis_restart() {
     .await;
 }
 
+/// A reader whose timeouts only catch hangs: the defaults (250 ms per Redis call, 1 s to
+/// connect over gRPC) are for request paths, and on a loaded 2-core test machine one slow
+/// call would send a read to the fallback (or mark Redis down) and fail an exact assertion.
+/// A killed Redis or service still fails at once (connection refused).
+fn patient_reader_config(redis_url: &str, endpoint: String) -> ReaderConfig {
+    let mut config = ReaderConfig::new(redis_url, endpoint);
+    config.redis = Some(RedisOptions {
+        connect_timeout: Duration::from_secs(10),
+        response_timeout: Duration::from_secs(10),
+        retry_after: Duration::ZERO,
+        ..RedisOptions::new(redis_url)
+    });
+    config.grpc_connect_timeout = Duration::from_secs(15);
+    config.grpc_timeout = Duration::from_secs(60);
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_back_fills_what_it_fetched_over_grpc() {
     let models = ModelsDir::with_test_model();
@@ -213,7 +230,7 @@ async fn a_reader_back_fills_what_it_fetched_over_grpc() {
     let redis = RedisServer::start();
     // The service does not publish (no Redis for it); the reader does have Redis.
     let svc = start_service(&models, &["--redis-url", ""]).await;
-    let reader = Reader::new(ReaderConfig::new(&redis.url(), svc.endpoint())).unwrap();
+    let reader = Reader::new(patient_reader_config(&redis.url(), svc.endpoint())).unwrap();
     let ids = [4u32, 9, 4];
     let first = reader.get(TEST_MODEL, &ids).await.unwrap();
     assert_eq!(first.source, Source::Grpc);

@@ -644,8 +644,10 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
         "{}",
         status.message()
     );
+    // Promptly: well under the 60 s dependency timeout the fleet runs with, so the refused
+    // connection answered, not a timer (the bound leaves room for a loaded 2-core machine).
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(30),
         "took {:?}",
         started.elapsed()
     );
