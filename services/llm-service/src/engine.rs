@@ -397,9 +397,12 @@ impl Worker {
             .and_then(|s| {
                 s.4.iter()
                     .find(|(n, _)| n == "projector.fc1.weight")
-                    .map(|(_, t)| t.size()[1] as usize)
+                    .map(|(_, t)| t.size().get(1).map_or(0, |&d| d as usize))
             })
             .unwrap_or(64);
+        if d_id == 0 {
+            return Err("an adapter's projector.fc1.weight is not a [d_llm, d_id] matrix".into());
+        }
         let live = nn::VarStore::new(config.device);
         model
             .model
@@ -682,7 +685,18 @@ impl Worker {
         self.metrics
             .batch_size
             .observe(&[if rank { "rank" } else { "generate" }], n as f64);
-        let outcome = self.compute(&group);
+        // A panic in libtorch or the tokenizer fails this batch, not the only model thread
+        // (every later call would be UNAVAILABLE while health still said SERVING). The live
+        // adapter weights may be half-restored: the next batch restores them again.
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.compute(&group)))
+                .unwrap_or_else(|panic| {
+                    self.current = None;
+                    Err(EngineError::Model(format!(
+                        "panicked: {}",
+                        rsllm_common::panic::panic_message(&*panic)
+                    )))
+                });
         match outcome {
             Ok(outputs) => {
                 for (job, out) in group.into_iter().zip(outputs) {

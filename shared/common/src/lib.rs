@@ -9,9 +9,12 @@
 //! - [`reflection`]: gRPC reflection (v1 and v1alpha) advertising only the `rsllm.v1` services.
 //! - [`server`]: the serve-then-drain sequence, and the caller's deadline (`grpc-timeout`).
 //! - [`metrics`]: Prometheus metrics (registry, RPC latency by status, `GET /metrics`).
+//! - [`panic::panic_message`]: a caught panic's message, for threads that report it as an
+//!   error instead of dying.
 
 pub mod health;
 pub mod metrics;
+pub mod panic;
 pub mod reflection;
 pub mod server;
 pub mod shutdown;
