@@ -297,6 +297,24 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
             },
             "spec.micro_batch = 0",
         ),
+        (
+            pb::JobSpec {
+                stage: 1,
+                dataset: "movielens".into(),
+                micro_batch: Some(100_000),
+                ..Default::default()
+            },
+            "spec.micro_batch = 100000: at most",
+        ),
+        (
+            pb::JobSpec {
+                stage: 2,
+                dataset: "movielens".into(),
+                projector_warmup_steps: u32::MAX,
+                ..Default::default()
+            },
+            "spec.projector_warmup_steps = 4294967295: at most",
+        ),
     ] {
         expect_refused_job(&mut c, spec, needle).await;
     }

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rsllm_common::metrics::{Gauge, Registry};
+use rsllm_common::panic::panic_message;
 use rsllm_core::{DatasetName, Paths, Protocol};
 use rsllm_llm::LoraConfig;
 use rsllm_proto::v1 as pb;
@@ -24,6 +25,12 @@ use tokio::sync::watch;
 
 use crate::engine::EngineHandle;
 use crate::error::ServiceError;
+
+/// Bounds on a job spec's sizes: beyond them a spec is refused up front, not left to run out
+/// of memory or to hold the one job slot for days.
+const MAX_MICRO_BATCH: u32 = 4096;
+const MAX_GRAD_ACCUM: u32 = 4096;
+const MAX_PROJECTOR_WARMUP_STEPS: u32 = 100_000;
 
 struct JobRecord {
     id: String,
@@ -92,12 +99,15 @@ impl Jobs {
                 running.id
             )));
         }
+        // The random part keeps ids (and so output directories) apart across replicas that
+        // share the jobs volume and start a job in the same second.
         let id = format!(
-            "job-{}-{}",
+            "job-{}-{}-{:08x}",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            jobs.len() + 1
+            jobs.len() + 1,
+            rand::random::<u32>()
         );
         let out = self.dir.join(&id);
         let (status, _) = watch::channel(pb::WatchJobResponse {
@@ -199,6 +209,17 @@ impl Jobs {
             Some(0) => Err(invalid(format!("spec.{field} = 0: must be positive"))),
             other => Ok(other),
         };
+        let at_most = |field: &str, v: Option<u32>, max: u32| match v {
+            Some(v) if v > max => Err(invalid(format!("spec.{field} = {v}: at most {max}"))),
+            other => Ok(other),
+        };
+        at_most("micro_batch", spec.micro_batch, MAX_MICRO_BATCH)?;
+        at_most("grad_accum", spec.grad_accum, MAX_GRAD_ACCUM)?;
+        at_most(
+            "projector_warmup_steps",
+            Some(spec.projector_warmup_steps),
+            MAX_PROJECTOR_WARMUP_STEPS,
+        )?;
         let lr = spec.learning_rate.unwrap_or(2e-4);
         if !(lr.is_finite() && lr > 0.0 && lr < 1.0) {
             return Err(invalid(format!(
@@ -234,7 +255,12 @@ impl Jobs {
         cancel: &AtomicBool,
     ) {
         status.send_modify(|s| s.state = JobState::Running as i32);
-        let result = self.train(&plan, &spec, paths, out, status, cancel);
+        // A panic inside libtorch or the trainer must end this job as FAILED: a job left
+        // RUNNING would hold the one job slot until the process restarts.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.train(&plan, &spec, paths, out, status, cancel)
+        }))
+        .unwrap_or_else(|panic| Err(format!("training panicked: {}", panic_message(&*panic))));
         self.throughput.set(&[], 0.0);
         match result {
             Ok(JobEnd::Cancelled) => {

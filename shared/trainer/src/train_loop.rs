@@ -449,7 +449,7 @@ fn forward_backward(
             )
         })?;
         let share = prompts.len() as f64 / rows as f64;
-        out.total.f_mul_scalar(share)?.backward();
+        out.total.f_mul_scalar(share)?.f_backward()?;
         on_device.push(Tensor::f_cat(
             &[
                 out.total.f_detach()?.f_to_kind(Kind::Float)?.f_view([1])?,
