@@ -60,14 +60,26 @@ pub(crate) fn parse_error(path: &Path, line: usize, reason: impl Into<String>) -
     }
 }
 
-/// Places `title` at `index` of a dense id table, rejecting duplicates.
+/// Places `title` at `index` of a dense id table, rejecting duplicates. A file of `rows`
+/// lines can only hold ids 0..rows-1 densely: a larger id is refused here, before it sizes
+/// the table (one corrupt id must not allocate gigabytes).
 fn place(
     titles: &mut Vec<Option<String>>,
-    index: usize,
+    (index, rows): (usize, usize),
     title: String,
     path: &Path,
     line: usize,
 ) -> Result<(), DataError> {
+    if index >= rows {
+        return Err(parse_error(
+            path,
+            line,
+            format!(
+                "item id out of range: item {index} (counted from 0) in a file of {rows} items, \
+                 whose ids must be dense"
+            ),
+        ));
+    }
     if titles.len() <= index {
         titles.resize(index + 1, None);
     }
@@ -106,6 +118,7 @@ fn dense(titles: Vec<Option<String>>, path: &Path, what: &str) -> Result<Vec<Str
 /// MovieLens `u.item` (`id|title|date|...`, Latin-1) -> normalised titles indexed by LLaRA id
 /// (`u.item` id - 1). Ids must be exactly 1..=n.
 pub fn parse_movielens_items(bytes: &[u8], path: &Path) -> Result<Vec<String>, DataError> {
+    let rows = lines(bytes).count();
     let mut titles: Vec<Option<String>> = Vec::new();
     for (line_no, line) in lines(bytes) {
         let text = decode_latin1(line);
@@ -126,7 +139,7 @@ pub fn parse_movielens_items(bytes: &[u8], path: &Path) -> Result<Vec<String>, D
         };
         place(
             &mut titles,
-            index,
+            (index, rows),
             normalize_movielens_title(title),
             path,
             line_no,
@@ -137,6 +150,7 @@ pub fn parse_movielens_items(bytes: &[u8], path: &Path) -> Result<Vec<String>, D
 
 /// LLaRA's `id2name.txt` (`id::name` per line, UTF-8, ids 0..n-1) -> names indexed by id.
 pub fn parse_id2name(bytes: &[u8], path: &Path) -> Result<Vec<String>, DataError> {
+    let rows = lines(bytes).count();
     let mut titles: Vec<Option<String>> = Vec::new();
     for (line_no, line) in lines(bytes) {
         let text = std::str::from_utf8(line)
@@ -148,7 +162,13 @@ pub fn parse_id2name(bytes: &[u8], path: &Path) -> Result<Vec<String>, DataError
             .trim()
             .parse()
             .map_err(|_| parse_error(path, line_no, format!("item id {id:?} is not a number")))?;
-        place(&mut titles, id, name.trim().to_owned(), path, line_no)?;
+        place(
+            &mut titles,
+            (id, rows),
+            name.trim().to_owned(),
+            path,
+            line_no,
+        )?;
     }
     dense(titles, path, "id2name")
 }
@@ -207,8 +227,13 @@ mod tests {
             vec!["Toy Story", "Misérables, Les", "The Wizard of Oz"]
         );
 
+        // Two lines with a gap: some id is past the end of a dense table of two.
         let gap = parse_movielens_items(b"1|A (1990)|\n3|B (1991)|\n", path).unwrap_err();
-        assert!(gap.to_string().contains("id 1 is missing"), "{gap}");
+        assert!(
+            gap.to_string()
+                .starts_with("u.item:2: item id out of range"),
+            "{gap}"
+        );
         let bad = parse_movielens_items(b"1|A|\nx|B|\n", path).unwrap_err();
         assert!(bad.to_string().starts_with("u.item:2:"), "{bad}");
         let dup = parse_movielens_items(b"1|A|\n1|B|\n", path).unwrap_err();
@@ -223,6 +248,15 @@ mod tests {
         let err = parse_id2name(b"0::a\nbroken\n", path).unwrap_err();
         assert!(err.to_string().starts_with("id2name.txt:2:"), "{err}");
         assert!(parse_id2name(b"0::a\n2::c\n", path).is_err());
+        // A corrupt huge id is refused by its line, before it sizes anything.
+        for huge in ["99999999999999", "18446744073709551615"] {
+            let err = parse_id2name(format!("0::a\n{huge}::b\n").as_bytes(), path).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with("id2name.txt:2: item id out of range"),
+                "{err}"
+            );
+        }
         assert!(parse_id2name(b"0::\xff\n", path).is_err());
     }
 }
