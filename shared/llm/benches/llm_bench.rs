@@ -374,7 +374,9 @@ fn main() {
         );
     }
     if let Some(path) = &args.json_out {
-        std::fs::write(path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+        let json = serde_json::to_string_pretty(&rows).unwrap();
+        rsllm_core::artefact::write_atomic(path, json.as_bytes())
+            .unwrap_or_else(|e| panic!("--json-out {}: {e}", path.display()));
     }
 }
 

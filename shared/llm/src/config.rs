@@ -54,6 +54,12 @@ fn default_max_positions() -> usize {
     2048
 }
 
+/// Most parameters a config may describe (Llama-family checkpoints this engine serves are at
+/// most tens of billions).
+pub const MAX_PARAMETERS: usize = 200_000_000_000;
+/// Largest single dimension of a config.
+pub const MAX_DIMENSION: usize = 1 << 24;
+
 /// The resolved hyperparameters the model code runs on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
@@ -127,7 +133,39 @@ impl LlamaConfig {
                 self.rope_theta, self.rms_norm_eps
             ));
         }
-        Ok(())
+        self.size_problem().map_or(Ok(()), fail)
+    }
+
+    /// [`Self::validate`]'s size check alone, for a config built in code (no file to name).
+    pub fn check_size(&self) -> Result<()> {
+        self.size_problem()
+            .map_or(Ok(()), |reason| Err(LlmError::invalid(reason)))
+    }
+
+    /// Why this config is too large to build, if it is: a dimension above [`MAX_DIMENSION`]
+    /// or more than [`MAX_PARAMETERS`] in all. A corrupt header's sizes are refused here, not
+    /// by a failed multi-terabyte allocation or an arithmetic overflow.
+    fn size_problem(&self) -> Option<String> {
+        let dims = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        if let Some((name, value)) = dims.iter().find(|(_, v)| *v > MAX_DIMENSION) {
+            return Some(format!("{name} ({value}) is larger than {MAX_DIMENSION}"));
+        }
+        match self.checked_num_parameters() {
+            Some(n) if n <= MAX_PARAMETERS => None,
+            Some(n) => Some(format!(
+                "{n} parameters: more than this engine builds ({MAX_PARAMETERS})"
+            )),
+            None => Some("the parameter count overflows".into()),
+        }
     }
 
     /// This config as a Hugging Face `config.json` (transformers' Llama keys).
@@ -155,17 +193,26 @@ impl LlamaConfig {
         })
     }
 
-    /// The number of parameters of the model this config describes.
+    /// The number of parameters of the model this config describes (saturating; a config
+    /// that passed [`Self::validate`] is far from that).
     pub fn num_parameters(&self) -> usize {
+        self.checked_num_parameters().unwrap_or(usize::MAX)
+    }
+
+    fn checked_num_parameters(&self) -> Option<usize> {
         let d = self.hidden_size;
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let attn = d * q + 2 * d * kv + q * d;
-        let mlp = 3 * d * self.intermediate_size;
-        let per_layer = attn + mlp + 2 * d;
-        let embed = self.vocab_size * d;
+        let q = self.num_attention_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_key_value_heads.checked_mul(self.head_dim)?;
+        // q and o are d x q each, k and v d x kv each.
+        let attn = d.checked_mul(q.checked_add(kv)?.checked_mul(2)?)?;
+        let mlp = d.checked_mul(self.intermediate_size)?.checked_mul(3)?;
+        let per_layer = attn.checked_add(mlp)?.checked_add(d.checked_mul(2)?)?;
+        let embed = self.vocab_size.checked_mul(d)?;
         let head = if self.tie_word_embeddings { 0 } else { embed };
-        embed + head + d + self.num_hidden_layers * per_layer
+        embed
+            .checked_add(head)?
+            .checked_add(d)?
+            .checked_add(self.num_hidden_layers.checked_mul(per_layer)?)
     }
 }
 
@@ -355,6 +402,34 @@ mod tests {
             assert!(err.contains("cfg/config.json"), "{err}");
             assert!(err.contains(needle), "{err}");
         }
+    }
+
+    #[test]
+    fn sizes_from_a_corrupt_header_are_refused_before_anything_is_built() {
+        let _rng = crate::test_rng_lock();
+        let path = std::path::Path::new("big.gguf");
+        let mut c = LlamaConfig::smollm2_135m();
+        c.num_hidden_layers = 4_000_000_000;
+        let err = c.validate(path).unwrap_err().to_string();
+        assert!(
+            err.starts_with("big.gguf: num_hidden_layers (4000000000)"),
+            "{err}"
+        );
+        let mut c = LlamaConfig::smollm2_135m();
+        c.hidden_size = 1 << 20;
+        c.intermediate_size = 1 << 20;
+        let err = c.validate(path).unwrap_err().to_string();
+        assert!(
+            err.contains("parameters: more than this engine builds"),
+            "{err}"
+        );
+        assert!(c.check_size().is_err());
+        // Each dimension under the cap, the product past usize: no overflow, a refusal.
+        let mut c = LlamaConfig::smollm2_135m();
+        (c.hidden_size, c.intermediate_size, c.num_hidden_layers) = (1 << 24, 1 << 24, 1 << 24);
+        assert_eq!(c.num_parameters(), usize::MAX);
+        assert!(c.check_size().is_err());
+        assert!(LlamaConfig::smollm2_135m().check_size().is_ok());
     }
 
     #[test]

@@ -112,7 +112,10 @@ pub fn generate_with(
     let context = model.config.max_position_embeddings;
     for (i, p) in prompts.iter().enumerate() {
         check_prompt(model, p, &format!("prompt {i}"))?;
-        if p.len() + options.max_new_tokens > context {
+        if p.len()
+            .checked_add(options.max_new_tokens)
+            .is_none_or(|total| total > context)
+        {
             return Err(LlmError::invalid(format!(
                 "prompt {i} has {} tokens; with {} new ones it exceeds the model's context of {context}",
                 p.len(),

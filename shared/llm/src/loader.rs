@@ -133,9 +133,21 @@ pub fn hf_name_of_gguf(name: &str) -> Option<String> {
 
 /// llama.cpp stores q/k rows permuted for its interleaved rotary form; HF's rotate-half form
 /// needs them back (`[heads, 2, half, in]` from `[heads, half, 2, in]`).
-fn unpermute_rotary_rows(w: &Tensor, heads: i64) -> Result<Tensor> {
+/// A tensor of another shape is refused (naming it), before the reshape could misread it.
+fn unpermute_rotary_rows(w: &Tensor, heads: i64, name: &str, path: &Path) -> Result<Tensor> {
     let size = w.size();
-    let (rows, cols) = (size[0], size[1]);
+    let [rows, cols] = size[..] else {
+        return Err(LlmError::bad_model(
+            path,
+            format!("tensor {name:?} has shape {size:?}; a projection is 2-dimensional"),
+        ));
+    };
+    if heads <= 0 || rows % (heads * 2) != 0 {
+        return Err(LlmError::bad_model(
+            path,
+            format!("tensor {name:?} has {rows} rows, not a whole number of {heads} rotary heads"),
+        ));
+    }
     Ok(w.f_reshape([heads, rows / heads / 2, 2, cols])?
         .f_transpose(1, 2)?
         .f_reshape([rows, cols])?)
@@ -163,9 +175,11 @@ fn load_gguf(path: &Path, device: Device) -> Result<LoadedModel> {
         let shape: Vec<i64> = info.shape().iter().map(|&d| d as i64).collect();
         let mut tensor = Tensor::f_from_slice(&values)?.f_reshape(&shape)?;
         if hf.ends_with("self_attn.q_proj.weight") {
-            tensor = unpermute_rotary_rows(&tensor, config.num_attention_heads as i64)?;
+            let heads = config.num_attention_heads as i64;
+            tensor = unpermute_rotary_rows(&tensor, heads, &info.name, path)?;
         } else if hf.ends_with("self_attn.k_proj.weight") {
-            tensor = unpermute_rotary_rows(&tensor, config.num_key_value_heads as i64)?;
+            let heads = config.num_key_value_heads as i64;
+            tensor = unpermute_rotary_rows(&tensor, heads, &info.name, path)?;
         }
         tensors.push((hf, tensor));
     }
@@ -618,7 +632,20 @@ mod tests {
         let heads = 3;
         let w = Tensor::arange(6 * 4 * 5, (Kind::Float, Device::Cpu)).view([24, 5]);
         let permuted = w.reshape([heads, 2, 4, 5]).transpose(1, 2).reshape([24, 5]);
-        let back = unpermute_rotary_rows(&permuted, heads).unwrap();
+        let path = Path::new("m.gguf");
+        let back = unpermute_rotary_rows(&permuted, heads, "blk.0.attn_q.weight", path).unwrap();
         assert!(back.equal(&w));
+        // Shapes a corrupt file may declare: refused with the tensor's name, never a panic.
+        let flat = Tensor::zeros([24], (Kind::Float, Device::Cpu));
+        let odd = Tensor::zeros([25, 5], (Kind::Float, Device::Cpu));
+        for bad in [&flat, &odd] {
+            let err = unpermute_rotary_rows(bad, heads, "blk.0.attn_q.weight", path)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("m.gguf: tensor \"blk.0.attn_q.weight\""),
+                "{err}"
+            );
+        }
     }
 }

@@ -37,19 +37,20 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn new(path: &nn::Path, out_dim: usize, in_dim: usize) -> Linear {
+    /// Fails (rather than panics) where libtorch cannot allocate the weight.
+    fn new(path: &nn::Path, out_dim: usize, in_dim: usize) -> Result<Linear> {
         // Zeros: the weights are always loaded or initialised explicitly afterwards, and
         // filling 135M random numbers at every load would cost a second for nothing.
-        let weight = path.var(
+        let weight = path.f_var(
             "weight",
             &[out_dim as i64, in_dim as i64],
             nn::Init::Const(0.),
-        );
-        Linear {
+        )?;
+        Ok(Linear {
             weight,
             lora: None,
             compute: None,
-        }
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -259,26 +260,26 @@ impl Lora {
         in_dim: i64,
         config: &LoraConfig,
         training: Arc<AtomicBool>,
-    ) -> Lora {
+    ) -> Result<Lora> {
         let rank = config.rank as i64;
         // PEFT's init: kaiming_uniform(a = sqrt(5)) for A, i.e. U(-1/sqrt(in), 1/sqrt(in)).
         let bound = 1.0 / (in_dim as f64).sqrt();
-        let a = (path / "lora_A").var(
+        let a = (path / "lora_A").f_var(
             "weight",
             &[rank, in_dim],
             nn::Init::Uniform {
                 lo: -bound,
                 up: bound,
             },
-        );
-        let b = (path / "lora_B").var("weight", &[out_dim, rank], nn::Init::Const(0.));
-        Lora {
+        )?;
+        let b = (path / "lora_B").f_var("weight", &[out_dim, rank], nn::Init::Const(0.))?;
+        Ok(Lora {
             a,
             b,
             scale: config.alpha / config.rank as f64,
             dropout: config.dropout,
             training,
-        }
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -306,9 +307,9 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(path: &nn::Path, dim: usize, eps: f64) -> RmsNorm {
-        let weight = path.var("weight", &[dim as i64], nn::Init::Const(1.));
-        RmsNorm { weight, eps }
+    fn new(path: &nn::Path, dim: usize, eps: f64) -> Result<RmsNorm> {
+        let weight = path.f_var("weight", &[dim as i64], nn::Init::Const(1.))?;
+        Ok(RmsNorm { weight, eps })
     }
 
     /// HF's LlamaRMSNorm (normalised in f32, scaled by the weight) through libtorch's
@@ -448,10 +449,10 @@ impl Attention {
     fn new(path: &nn::Path, c: &LlamaConfig) -> Result<Attention> {
         let d = c.hidden_size;
         let mut attention = Attention {
-            q_proj: Linear::new(&(path / "q_proj"), c.num_attention_heads * c.head_dim, d),
-            k_proj: Linear::new(&(path / "k_proj"), c.num_key_value_heads * c.head_dim, d),
-            v_proj: Linear::new(&(path / "v_proj"), c.num_key_value_heads * c.head_dim, d),
-            o_proj: Linear::new(&(path / "o_proj"), d, c.num_attention_heads * c.head_dim),
+            q_proj: Linear::new(&(path / "q_proj"), c.num_attention_heads * c.head_dim, d)?,
+            k_proj: Linear::new(&(path / "k_proj"), c.num_key_value_heads * c.head_dim, d)?,
+            v_proj: Linear::new(&(path / "v_proj"), c.num_key_value_heads * c.head_dim, d)?,
+            o_proj: Linear::new(&(path / "o_proj"), d, c.num_attention_heads * c.head_dim)?,
             qkv: None,
             num_heads: c.num_attention_heads as i64,
             num_kv_heads: c.num_key_value_heads as i64,
@@ -548,9 +549,9 @@ struct Mlp {
 impl Mlp {
     fn new(path: &nn::Path, c: &LlamaConfig) -> Result<Mlp> {
         let mut mlp = Mlp {
-            gate_proj: Linear::new(&(path / "gate_proj"), c.intermediate_size, c.hidden_size),
-            up_proj: Linear::new(&(path / "up_proj"), c.intermediate_size, c.hidden_size),
-            down_proj: Linear::new(&(path / "down_proj"), c.hidden_size, c.intermediate_size),
+            gate_proj: Linear::new(&(path / "gate_proj"), c.intermediate_size, c.hidden_size)?,
+            up_proj: Linear::new(&(path / "up_proj"), c.intermediate_size, c.hidden_size)?,
+            down_proj: Linear::new(&(path / "down_proj"), c.hidden_size, c.intermediate_size)?,
             gate_up: None,
         };
         mlp.fuse()?;
@@ -594,13 +595,13 @@ impl Block {
                 &(path / "input_layernorm"),
                 c.hidden_size,
                 c.rms_norm_eps,
-            ),
+            )?,
             self_attn: Attention::new(&(path / "self_attn"), c)?,
             post_attention_layernorm: RmsNorm::new(
                 &(path / "post_attention_layernorm"),
                 c.hidden_size,
                 c.rms_norm_eps,
-            ),
+            )?,
             mlp: Mlp::new(&(path / "mlp"), c)?,
             span: tracing::trace_span!("block", index),
         })
@@ -663,17 +664,19 @@ impl Llama {
     /// Declares every variable under `root` (zeros; load or initialise them afterwards).
     pub fn new(root: &nn::Path, config: &LlamaConfig) -> Result<Llama> {
         let model = root / "model";
-        let embed_tokens = (&model / "embed_tokens").var(
+        config.check_size()?;
+        let embed_tokens = (&model / "embed_tokens").f_var(
             "weight",
             &[config.vocab_size as i64, config.hidden_size as i64],
             nn::Init::Const(0.),
-        );
+        )?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| Block::new(&(&model / "layers" / i), config, i))
             .collect::<Result<_>>()?;
-        let norm = RmsNorm::new(&(&model / "norm"), config.hidden_size, config.rms_norm_eps);
+        let norm = RmsNorm::new(&(&model / "norm"), config.hidden_size, config.rms_norm_eps)?;
         let lm_head = (!config.tie_word_embeddings)
-            .then(|| Linear::new(&(root / "lm_head"), config.vocab_size, config.hidden_size));
+            .then(|| Linear::new(&(root / "lm_head"), config.vocab_size, config.hidden_size))
+            .transpose()?;
         Ok(Llama {
             config: config.clone(),
             embed_tokens,
@@ -854,7 +857,7 @@ impl Llama {
                     size[1],
                     config,
                     self.training.clone(),
-                ));
+                )?);
             }
         }
         Ok(())
