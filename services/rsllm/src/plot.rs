@@ -233,8 +233,10 @@ pub fn write_figure(
         .filter(|v| finite(*v))
         .fold(0.0f64, f64::max)
         .max(1e-9);
-    let px = |x: f64| l0 + ((x / max_x) * (l1 - l0) as f64) as i64;
-    let py = |y: f64| b0 - ((y / max_y) * (b0 - t0) as f64) as i64;
+    // Clamped to the panel: a negative or huge value (a diverged loss) draws at the edge
+    // instead of sending the line rasteriser across 2^63 pixels.
+    let px = |x: f64| l0 + ((x / max_x).clamp(0.0, 1.0) * (l1 - l0) as f64) as i64;
+    let py = |y: f64| b0 - ((y / max_y).clamp(0.0, 1.0) * (b0 - t0) as f64) as i64;
     for i in 0..=4 {
         let v = max_y * f64::from(i) / 4.0;
         let y = py(v);
@@ -360,6 +362,20 @@ mod tests {
             values: [Some(0.2), None, Some(f64::INFINITY)],
         }];
         write_figure(&path, "test", &curves, &bars).unwrap();
+        assert!(std::fs::read(&path).unwrap().starts_with(b"\x89PNG"));
+    }
+
+    /// A diverged or tampered curve (finite but astronomically far off the axes) is drawn at
+    /// the panel's edge: this returns at once instead of rasterising an endless line.
+    #[test]
+    fn values_far_off_the_axes_are_drawn_at_the_edge() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fig.png");
+        let curves = [Curve {
+            name: "diverged".into(),
+            points: vec![(1.0, -1e300), (2.0, 1.0), (-1e300, 2.0), (3.0, -5.0)],
+        }];
+        write_figure(&path, "test", &curves, &[]).unwrap();
         assert!(std::fs::read(&path).unwrap().starts_with(b"\x89PNG"));
     }
 }
