@@ -276,13 +276,21 @@ impl Jobs {
                     out.to_owned(),
                     id.to_owned(),
                 ));
+                let (evaluation, eval_note) = match evaluation {
+                    Ok(e) => (e, String::new()),
+                    Err(e) => {
+                        tracing::warn!(job = %id, error = %e, "evaluation after training failed");
+                        (None, format!("; the evaluation failed: {e}"))
+                    }
+                };
                 status.send_modify(|s| {
                     s.evaluation = evaluation;
                     match loaded {
                         Ok(info) => {
                             s.state = JobState::Succeeded as i32;
                             s.adapter_version = info.version;
-                            s.message = format!("adapter loaded; output {}", out.display());
+                            s.message =
+                                format!("adapter loaded; output {}{eval_note}", out.display());
                         }
                         Err(e) => {
                             s.state = JobState::Failed as i32;
@@ -395,9 +403,22 @@ impl Jobs {
             return Ok(JobEnd::Cancelled);
         }
         if plan.eval_limit == 0 {
-            return Ok(JobEnd::Finished(None));
+            return Ok(JobEnd::Finished(Ok(None)));
         }
         drop(base);
+        let evaluation = self.evaluate(plan, out, &data, pad_id).map(Some);
+        Ok(JobEnd::Finished(evaluation))
+    }
+
+    /// The finished stage on the first `plan.eval_limit` test rows, in both modes.
+    fn evaluate(
+        &self,
+        plan: &Plan,
+        out: &Path,
+        data: &rsllm_core::dataset::PreparedDataset,
+        pad_id: u32,
+    ) -> Result<pb::JobEvaluation, String> {
+        let s = |e: &dyn std::fmt::Display| e.to_string();
         let mut fresh =
             rsllm_llm::load(&self.model_path, self.device, self.kind).map_err(|e| s(&e))?;
         let (spec, rsllm, _) =
@@ -429,12 +450,12 @@ impl Jobs {
         )
         .map_err(|e| s(&e))?;
         let mean = |m: Option<rsllm_core::metrics::MeanCi>| m.map_or(0.0, |m| m.mean as f32);
-        Ok(JobEnd::Finished(Some(pb::JobEvaluation {
+        Ok(pb::JobEvaluation {
             rows: report.n as u32,
             hit_ratio_generative: mean(report.hr1_generative),
             valid_ratio: mean(report.valid_ratio),
             hit_ratio_ranking: mean(report.ranking.map(|r| r.hr1)),
-        })))
+        })
     }
 
     /// A receiver of the job's updates.
@@ -493,6 +514,8 @@ struct Plan {
 }
 
 enum JobEnd {
-    Finished(Option<pb::JobEvaluation>),
+    /// Trained; the evaluation's figures, none when not asked for, or why it failed (the
+    /// trained adapter is served either way).
+    Finished(Result<Option<pb::JobEvaluation>, String>),
     Cancelled,
 }
