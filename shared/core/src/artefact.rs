@@ -2,7 +2,7 @@
 //! directory, fsynced, then renamed, so a crash never leaves a half-written file under the
 //! final name.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,20 +30,34 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Distinguishes temporary files of concurrent writers within one process (threads); the pid
-/// distinguishes processes.
+/// Distinguishes temporary files of concurrent writers within one process (threads).
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// The temporary sibling of `path`: `.{name}.tmp.{pid}.{n}` in the same directory, so the
-/// final rename never crosses a file system.
-fn temp_path(dir: &Path, file_name: &str) -> PathBuf {
+/// A name part no other writer picks: the pid and a counter alone are not enough, because
+/// containers sharing a volume all run as pid 1.
+pub fn unique_suffix() -> String {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(".{file_name}.tmp.{}.{n}", std::process::id()))
+    format!("{}.{n}.{:016x}", std::process::id(), rand::random::<u64>())
+}
+
+/// The temporary sibling of `path`: `.{name}.tmp.{pid}.{n}.{random}` in the same directory,
+/// so the final rename never crosses a file system.
+fn temp_path(dir: &Path, file_name: &str) -> PathBuf {
+    dir.join(format!(".{file_name}.tmp.{}", unique_suffix()))
 }
 
 /// Writes `bytes` to `path` atomically (temp file in the same directory, fsync, rename, fsync
 /// of the directory). Creates the parent directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_syncing(path, bytes, sync_dir)
+}
+
+/// [`write_atomic`] with the directory fsync given (tests make it fail).
+fn write_atomic_syncing(
+    path: &Path,
+    bytes: &[u8],
+    sync_dir: impl FnOnce(&Path) -> io::Result<()>,
+) -> io::Result<()> {
     let file_name = path
         .file_name()
         .and_then(|name| name.to_str())
@@ -59,29 +73,58 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         Some(_) | None => PathBuf::from("."),
     };
     fs::create_dir_all(&dir)?;
-    let temp = temp_path(&dir, &file_name);
-    let written = (|| {
-        let mut file = File::create(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&temp, path)
-    })();
-    if let Err(err) = written {
-        // Best effort: the temp file is garbage either way; the original error matters.
-        let _ = fs::remove_file(&temp);
-        return Err(err);
+    write_via(&temp_path(&dir, &file_name), path, bytes)?;
+    // The new content is in place whatever happens now: an error here must not read as "the
+    // replace failed" (a caller would retry or report a write that did happen). Only its
+    // durability across a power loss is in doubt, which is worth a warning.
+    if let Err(err) = sync_dir(&dir) {
+        tracing::warn!(
+            dir = %dir.display(),
+            error = %err,
+            "{} was replaced, but fsync of its directory failed: the rename may not survive a power loss",
+            path.display()
+        );
     }
-    sync_dir(&dir)
+    Ok(())
 }
 
-/// Makes the rename durable. Directories can be opened and fsynced on Unix only.
+/// Writes `bytes` to the fresh file `temp`, fsyncs it and renames it to `path`. `temp` must
+/// not exist: creating it exclusively means a name collision with another writer fails here
+/// instead of truncating that writer's file.
+fn write_via(temp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(temp)
+        .map_err(|err| {
+            io::Error::new(
+                err.kind(),
+                format!("cannot create the temporary file {}: {err}", temp.display()),
+            )
+        })?;
+    let written = (|| {
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(temp, path)
+    })();
+    if written.is_err() {
+        // Best effort: the temp file is ours and garbage either way; the original error matters.
+        let _ = fs::remove_file(temp);
+    }
+    written
+}
+
+/// Makes renames and new entries in `dir` durable. Directories can be opened and fsynced on
+/// Unix only.
 #[cfg(unix)]
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Makes renames and new entries in `dir` durable. Directories can be opened and fsynced on
+/// Unix only.
 #[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> io::Result<()> {
+pub fn sync_dir(_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
@@ -130,6 +173,42 @@ mod tests {
         let path = dir.path().join("v.json");
         write_json_atomic(&path, &serde_json::json!({"a": 1})).unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "{\n  \"a\": 1\n}\n");
+    }
+
+    #[test]
+    fn a_temp_name_collision_fails_and_leaves_the_other_writers_file_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let temp = dir.path().join(".file.txt.tmp.1.0.0000000000000000");
+        let path = dir.path().join("file.txt");
+        fs::write(&temp, b"another writer's").unwrap();
+        let err = write_via(&temp, &path, b"mine").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert!(err.to_string().contains(".file.txt.tmp.1.0."), "{err}");
+        assert_eq!(fs::read(&temp).unwrap(), b"another writer's");
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn temp_names_carry_the_pid_and_a_random_part() {
+        let name = |path: PathBuf| path.file_name().unwrap().to_string_lossy().into_owned();
+        let a = name(temp_path(Path::new("d"), "f.json"));
+        let b = name(temp_path(Path::new("d"), "f.json"));
+        let prefix = format!(".f.json.tmp.{}.", std::process::id());
+        assert!(a.starts_with(&prefix), "{a}");
+        let random = |n: &str| n.rsplit('.').next().unwrap().to_owned();
+        assert_eq!(random(&a).len(), 16, "{a}");
+        assert!(random(&a).chars().all(|c| c.is_ascii_hexdigit()), "{a}");
+        // Not the counter alone: another process (pid 1 in every container) counts alike.
+        assert_ne!(random(&a), random(&b));
+    }
+
+    #[test]
+    fn a_failed_directory_fsync_after_the_rename_is_not_a_failed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file.txt");
+        write_atomic_syncing(&path, b"new", |_| Err(io::Error::other("fsync failed"))).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        assert!(sync_dir(&dir.path().join("missing")).is_err());
     }
 
     #[test]
