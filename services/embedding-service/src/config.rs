@@ -43,8 +43,8 @@ pub struct Config {
     )]
     pub metrics_listen: String,
 
-    /// Directory with one artefact directory per model (`<name>/model.safetensors` and
-    /// `<name>/manifest.json`). Default: `$RSLLM_CACHE_DIR/models/rec`, else
+    /// Directory with one artefact directory per model (`<name>/manifest.json` and the
+    /// weights file it names). Default: `$RSLLM_CACHE_DIR/models/rec`, else
     /// `$HOME/.cache/rsllm/models/rec` (where `rsllm rec train` writes).
     #[arg(long, env = "RSLLM_EMBEDDING_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,

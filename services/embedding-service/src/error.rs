@@ -99,8 +99,8 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(
-        "no model artefacts in {dir} (expected <name>/manifest.json and \
-         <name>/model.safetensors; train one with `rsllm rec train` or set --models-dir)"
+        "no model artefacts in {dir} (expected <name>/manifest.json and the weights file it \
+         names; train one with `rsllm rec train` or set --models-dir)"
     )]
     NoModels { dir: PathBuf },
     #[error("--models names {name:?}, but {dir} has no artefact of that name (found: {found})")]

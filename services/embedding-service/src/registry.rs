@@ -15,7 +15,7 @@ use crate::error::{ServiceError, StartError};
 pub struct LoadedModel {
     /// Artefact directory name, e.g. `movielens-llara-sasrec`.
     pub name: String,
-    /// sha256 hex of model.safetensors.
+    /// sha256 hex of the model's weights file.
     pub version: String,
     pub kind: ModelKind,
     pub dataset: String,

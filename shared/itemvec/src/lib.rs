@@ -15,7 +15,7 @@
 //! | `rsllm:model:{model_name}` | the version currently published for that name; written last |
 //! | `rsllm:projvec:{adapter_version}:{item_id}` | the llm-service's projected vector (LLM width, f32 LE), cached on first use |
 //!
-//! `model_version` is the model's content hash (sha256 hex of `model.safetensors`), so a
+//! `model_version` is the model's content hash (sha256 hex of its weights file), so a
 //! retrained model never serves stale vectors and old versions simply stop being read. Keys
 //! have no TTL: run Redis with an eviction policy (`maxmemory-policy allkeys-lru`); an evicted
 //! key is a miss that the reader back-fills, an evicted `meta` key makes the service republish.

@@ -1,24 +1,43 @@
 //! A trained recommender on disk and in memory.
 //!
-//! On disk: `model.safetensors` (flat names such as `item_emb.weight`, `pos_emb.weight`,
-//! `blocks.0.attn.in_proj_weight`, `gru.weight_ih_l0`, `conv_h.0.weight`) and
-//! `manifest.json` ([`RecManifest`]), whose `version` is the sha256 of the safetensors file.
+//! On disk: `model-<sha256 prefix>.safetensors` (flat names such as `item_emb.weight`,
+//! `pos_emb.weight`, `blocks.0.attn.in_proj_weight`, `gru.weight_ih_l0`, `conv_h.0.weight`)
+//! and `manifest.json` ([`RecManifest`]), which names that file and whose `version` is its
+//! sha256. The weights file is named by its content so that saving a new version never
+//! touches the file the current manifest names: the manifest's atomic replace is the single
+//! commit point, and until it happens the previous artefact stays loadable.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use rsllm_core::ItemId;
-use rsllm_core::artefact::{sha256_file, sha256_hex, write_json_atomic};
+use rsllm_core::artefact::{sha256_file, sha256_hex, sync_dir, unique_suffix, write_json_atomic};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::model::{SeqRecommender, build_network};
 use crate::{ModelKind, RecConfig, RecError};
 
-/// File names inside an artefact directory.
+/// The weights file of artefacts saved before [`RecManifest::weights_file`] existed (newer
+/// ones name theirs by content, see [`weights_file_name`]).
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The weights file a save of weights with sha256 `version` writes:
+/// `model-<first 16 hex digits>.safetensors`.
+pub fn weights_file_name(version: &str) -> String {
+    format!("model-{}.safetensors", version.get(..16).unwrap_or(version))
+}
+
+/// Weights files an artefact directory may hold: the legacy name or a content name. Only these
+/// are removed once no manifest names them.
+fn is_weights_file(name: &str) -> bool {
+    name == MODEL_FILE || (name.starts_with("model-") && name.ends_with(".safetensors"))
+}
+
+fn legacy_weights_file() -> String {
+    MODEL_FILE.to_owned()
+}
 
 /// Histories scored per forward pass: bounds the `B x num_items` score matrix.
 const SCORE_BATCH: usize = 1024;
@@ -35,8 +54,12 @@ pub struct RecManifest {
     pub split_version: String,
     pub num_items: usize,
     pub config: RecConfig,
-    /// sha256 of model.safetensors: the model version caches and responses carry.
+    /// sha256 of the weights file: the model version caches and responses carry.
     pub version: String,
+    /// The weights file beside the manifest (a plain file name); `model.safetensors` in
+    /// manifests written before this field existed.
+    #[serde(default = "legacy_weights_file")]
+    pub weights_file: String,
     /// Validation/test metrics and training summary (epochs, best epoch, seconds).
     pub metrics: serde_json::Value,
 }
@@ -60,8 +83,10 @@ impl std::fmt::Debug for RecModel {
 }
 
 impl RecModel {
-    /// Loads `dir/manifest.json` and `dir/model.safetensors` on `device`, checking the file
-    /// hash against the manifest's version.
+    /// Loads `dir/manifest.json` and the weights file it names on `device`, checking the file
+    /// hash against the manifest's version. The file is read twice (hash, then load); that
+    /// is safe against a concurrent save because a save never rewrites a file under a name a
+    /// manifest gave it, only adds a file of another content under another name.
     pub fn load(dir: &Path, device: Device) -> Result<RecModel, RecError> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let manifest_text = fs::read_to_string(&manifest_path).map_err(|source| RecError::Io {
@@ -75,10 +100,31 @@ impl RecModel {
             ))
         })?;
 
-        let weights_path = dir.join(MODEL_FILE);
-        let actual = sha256_file(&weights_path).map_err(|source| RecError::Io {
-            path: weights_path.clone(),
-            source,
+        let weights_file = &manifest.weights_file;
+        if weights_file.is_empty()
+            || weights_file.contains(['/', '\\'])
+            || weights_file == "."
+            || weights_file == ".."
+        {
+            return Err(RecError::Invalid(format!(
+                "{}: weights_file {weights_file:?} is not a file name in the artefact directory",
+                manifest_path.display()
+            )));
+        }
+        let weights_path = dir.join(weights_file);
+        let actual = sha256_file(&weights_path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                RecError::Invalid(format!(
+                    "{}: the weights file {weights_file} that {} names is missing",
+                    weights_path.display(),
+                    manifest_path.display()
+                ))
+            } else {
+                RecError::Io {
+                    path: weights_path.clone(),
+                    source,
+                }
+            }
         })?;
         if actual != manifest.version {
             return Err(RecError::Invalid(format!(
@@ -133,6 +179,8 @@ impl RecModel {
             num_items,
             config,
             version: String::new(),
+            // Named when saved.
+            weights_file: legacy_weights_file(),
             metrics: serde_json::Value::Object(serde_json::Map::new()),
         };
         let mut model = RecModel { manifest, vs, net };
@@ -144,18 +192,27 @@ impl RecModel {
         Ok(model)
     }
 
-    /// Writes `dir/model.safetensors` then `dir/manifest.json` (both atomically); sets and
-    /// returns the manifest with `version` = sha256 of the safetensors bytes.
+    /// Writes the weights as `dir/model-<sha256 prefix>.safetensors`, then `dir/manifest.json`
+    /// naming them (both atomically, in this order: the manifest's replace is the commit
+    /// point, so a crash or error before it leaves the previous artefact loadable), then
+    /// removes weights files no manifest names any more. Sets and returns the manifest with
+    /// `version` = sha256 of the safetensors bytes. One writer per directory: two saving at
+    /// once may each remove the other's weights.
     pub fn save(&mut self, dir: &Path) -> Result<RecManifest, RecError> {
         let io_error = |path: &Path| {
             let path = path.to_path_buf();
             move |source| RecError::Io { path, source }
         };
         fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let weights_path = dir.join(MODEL_FILE);
         // VarStore::save picks the format from the extension, so the temporary sibling must
-        // end in .safetensors too.
-        let temp_path = temp_weights_path(dir);
+        // end in .safetensors too. Created empty and exclusively first: VarStore::save would
+        // truncate another writer's file on a name collision.
+        let temp_path = dir.join(format!(".model.tmp.{}.safetensors", unique_suffix()));
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp_path)
+            .map_err(io_error(&temp_path))?;
         let written = (|| {
             self.vs.save(&temp_path).map_err(|err| {
                 RecError::Invalid(format!(
@@ -167,22 +224,30 @@ impl RecModel {
                 .and_then(|file| file.sync_all())
                 .map_err(io_error(&temp_path))?;
             let version = sha256_file(&temp_path).map_err(io_error(&temp_path))?;
+            let weights_file = weights_file_name(&version);
+            // A file of that name holds these very bytes already (the same weights saved
+            // again): replacing it changes nothing a concurrent reader could see.
+            let weights_path = dir.join(&weights_file);
             fs::rename(&temp_path, &weights_path).map_err(io_error(&weights_path))?;
-            Ok::<String, RecError>(version)
+            Ok::<_, RecError>((version, weights_file))
         })();
-        let version = match written {
-            Ok(version) => version,
+        let (version, weights_file) = match written {
+            Ok(named) => named,
             Err(err) => {
                 // Best effort: the temporary file is garbage either way.
                 let _ = fs::remove_file(&temp_path);
                 return Err(err);
             }
         };
-        self.manifest.version = version;
-        // The manifest goes last: a directory whose manifest names a version always has the
-        // weights of that version beside it.
+        // The weights' rename must be durable before a manifest names them.
+        sync_dir(dir).map_err(io_error(dir))?;
+        let mut manifest = self.manifest.clone();
+        manifest.version = version;
+        manifest.weights_file = weights_file;
         let manifest_path = dir.join(MANIFEST_FILE);
-        write_json_atomic(&manifest_path, &self.manifest).map_err(io_error(&manifest_path))?;
+        write_json_atomic(&manifest_path, &manifest).map_err(io_error(&manifest_path))?;
+        remove_unnamed_weights(dir, &manifest.weights_file);
+        self.manifest = manifest;
         Ok(self.manifest.clone())
     }
 
@@ -444,11 +509,31 @@ fn prefix_error(path: &Path, err: RecError) -> RecError {
     }
 }
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-fn temp_weights_path(dir: &Path) -> PathBuf {
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(".model.tmp.{}.{n}.safetensors", std::process::id()))
+/// Best effort: removes the weights files in `dir` other than `named` (the manifest's), i.e.
+/// those of versions saved before. A leftover only costs disk space and the next save tries
+/// again, so a failure is a warning, not a failed save.
+fn remove_unnamed_weights(dir: &Path, named: &str) {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) => {
+            tracing::warn!(%error, "cannot list {} to remove old weights", dir.display());
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name != named && is_weights_file(&name) {
+            let path = entry.path();
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cannot remove the old weights {}", path.display());
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -476,8 +561,9 @@ mod tests {
             assert_eq!(manifest.version.len(), 64);
             assert_eq!(
                 manifest.version,
-                sha256_file(&dir.path().join(MODEL_FILE)).unwrap()
+                sha256_file(&dir.path().join(&manifest.weights_file)).unwrap()
             );
+            assert_eq!(manifest.weights_file, weights_file_name(&manifest.version));
             let loaded = RecModel::load(dir.path(), Device::Cpu).unwrap();
             assert_eq!(loaded.manifest, manifest);
             assert_eq!(loaded.kind(), kind);
@@ -534,8 +620,11 @@ mod tests {
     fn load_rejects_tampered_missing_and_corrupt_files() {
         let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
-        model(ModelKind::Sasrec).save(dir.path()).unwrap();
-        let weights = dir.path().join(MODEL_FILE);
+        let weights_file = model(ModelKind::Sasrec)
+            .save(dir.path())
+            .unwrap()
+            .weights_file;
+        let weights = dir.path().join(&weights_file);
         let mut bytes = fs::read(&weights).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x55;
@@ -544,7 +633,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("model.safetensors") && err.contains("does not match"),
+            err.contains(&weights_file) && err.contains("does not match"),
             "{err}"
         );
 
@@ -563,7 +652,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("model.safetensors") && err.contains("cannot load"),
+            err.contains(&weights_file) && err.contains("cannot load"),
             "{err}"
         );
 
@@ -571,7 +660,7 @@ mod tests {
         let err = RecModel::load(dir.path(), Device::Cpu)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("model.safetensors"), "{err}");
+        assert!(err.contains(&weights_file), "{err}");
         fs::remove_file(dir.path().join(MANIFEST_FILE)).unwrap();
         let err = RecModel::load(dir.path(), Device::Cpu)
             .unwrap_err()
@@ -583,7 +672,10 @@ mod tests {
     fn load_rejects_weights_of_another_shape() {
         let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
-        model(ModelKind::Gru4rec).save(dir.path()).unwrap();
+        let weights_file = model(ModelKind::Gru4rec)
+            .save(dir.path())
+            .unwrap()
+            .weights_file;
         let path = dir.path().join(MANIFEST_FILE);
         let mut manifest: RecManifest =
             serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
@@ -592,7 +684,99 @@ mod tests {
         let err = RecModel::load(dir.path(), Device::Cpu)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("model.safetensors"), "{err}");
+        assert!(err.contains(&weights_file), "{err}");
+    }
+
+    fn file_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn saving_again_leaves_only_the_new_version_and_no_stale_weights() {
+        let _rng = crate::test_rng_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let old = model(ModelKind::Sasrec).save(dir.path()).unwrap();
+        let mut config = tiny_config();
+        config.seed += 1;
+        let mut newer = RecModel::new_untrained(
+            ModelKind::Sasrec,
+            config,
+            "synthetic",
+            NUM_ITEMS,
+            Device::Cpu,
+        )
+        .unwrap();
+        let new = newer.save(dir.path()).unwrap();
+        assert_ne!(new.version, old.version);
+        assert_ne!(new.weights_file, old.weights_file);
+        let loaded = RecModel::load(dir.path(), Device::Cpu).unwrap();
+        assert_eq!(loaded.manifest, new);
+        assert_eq!(loaded.item_embeddings(), newer.item_embeddings());
+        assert_eq!(
+            file_names(dir.path()),
+            [MANIFEST_FILE.to_owned(), new.weights_file.clone()]
+        );
+    }
+
+    /// Artefacts saved before manifests named their weights file still load, and the next
+    /// save into their directory removes the old fixed-name file.
+    #[test]
+    fn an_artefact_with_the_old_fixed_weights_name_loads_and_is_replaced_cleanly() {
+        let _rng = crate::test_rng_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let mut original = model(ModelKind::Caser);
+        let saved = original.save(dir.path()).unwrap();
+        fs::rename(
+            dir.path().join(&saved.weights_file),
+            dir.path().join(MODEL_FILE),
+        )
+        .unwrap();
+        let mut old_manifest = serde_json::to_value(&saved).unwrap();
+        old_manifest.as_object_mut().unwrap().remove("weights_file");
+        fs::write(
+            dir.path().join(MANIFEST_FILE),
+            serde_json::to_string(&old_manifest).unwrap(),
+        )
+        .unwrap();
+        let mut loaded = RecModel::load(dir.path(), Device::Cpu).unwrap();
+        assert_eq!(loaded.manifest.weights_file, MODEL_FILE);
+        assert_eq!(loaded.item_embeddings(), original.item_embeddings());
+        let again = loaded.save(dir.path()).unwrap();
+        assert_eq!(again.version, saved.version);
+        assert_eq!(
+            file_names(dir.path()),
+            [MANIFEST_FILE.to_owned(), saved.weights_file]
+        );
+    }
+
+    #[test]
+    fn a_manifest_naming_a_missing_or_outside_file_is_refused_naming_it() {
+        let _rng = crate::test_rng_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let saved = model(ModelKind::Sasrec).save(dir.path()).unwrap();
+        let path = dir.path().join(MANIFEST_FILE);
+        for (name, expected) in [
+            ("model-0123456789abcdef.safetensors", "is missing"),
+            ("../model.safetensors", "is not a file name"),
+            ("", "is not a file name"),
+        ] {
+            let mut manifest = saved.clone();
+            manifest.weights_file = name.into();
+            fs::write(&path, serde_json::to_string(&manifest).unwrap()).unwrap();
+            let err = RecModel::load(dir.path(), Device::Cpu)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("{name:?}")) || err.contains(&format!(" {name} ")),
+                "{name}: {err}"
+            );
+            assert!(err.contains(expected), "{name}: {err}");
+        }
     }
 
     #[test]

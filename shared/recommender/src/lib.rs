@@ -2,8 +2,9 @@
 //! The embedding-service serves them and the LLM side reads their item vectors (the "ID"
 //! half of RSLLM's Text-ID prompts).
 //!
-//! A trained model is an artefact directory: `model.safetensors` (HF-style flat names) plus
-//! `manifest.json`; the sha256 of the safetensors file is the model version.
+//! A trained model is an artefact directory: `model-<sha256 prefix>.safetensors` (HF-style
+//! flat names) plus the `manifest.json` that names it; the sha256 of the safetensors file is
+//! the model version.
 //!
 //! - [`train::train`]: trains a kind on a prepared split (cross-entropy over all items, Adam,
 //!   early stopping on validation HR@1 over the stored candidates) and writes the artefact.

@@ -36,7 +36,7 @@ struct BestEpoch {
 }
 
 /// Trains `kind` on `data.train`, picks the epoch with the best validation HR@1, evaluates it
-/// on val and test and writes the artefact (`model.safetensors`, `manifest.json`) to
+/// on val and test and writes the artefact (weights file, `manifest.json`) to
 /// `out_dir`. `progress` draws a progress bar on stderr; every epoch is also logged with
 /// `tracing::info`.
 pub fn train(
