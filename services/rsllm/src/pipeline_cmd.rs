@@ -14,7 +14,7 @@ use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions};
 use rsllm_recommender::{ModelKind, RecConfig, RecModel};
 use rsllm_trainer::eval::{EvalOptions, Evaluated, evaluate, write_csv};
 use rsllm_trainer::stage::{
-    Domain, StageSpec, TrainSubset, open_stage, recorded_spec, run_stage_mixed, training_rows,
+    Domain, StageSpec, TrainSubset, binding_spec, open_stage, run_stage_mixed, training_rows,
 };
 use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
 use serde_json::json;
@@ -154,7 +154,9 @@ fn set_aside_if_stale(
 ) -> anyhow::Result<()> {
     let mut stale = Vec::new();
     for (spec, dir, _) in runs {
-        if recorded_spec(&out.join(dir))?.is_some_and(|previous| &previous != spec) {
+        // Only a run that checkpointed binds its directory: one that failed before its first
+        // step may be started again with corrected settings.
+        if binding_spec(&out.join(dir))?.is_some_and(|previous| &previous != spec) {
             stale.push(dir.as_str());
         }
     }
@@ -721,9 +723,15 @@ mod tests {
         .unwrap()
     }
 
+    /// A stage-1 run that reached its first checkpoint with `spec`.
     fn started(out: &Path, spec: &StageSpec) {
-        std::fs::create_dir_all(out.join("stage1")).unwrap();
+        std::fs::create_dir_all(out.join("stage1/checkpoints")).unwrap();
         rsllm_core::artefact::write_json_atomic(&out.join("stage1/stage.json"), spec).unwrap();
+        std::fs::write(
+            out.join("stage1/checkpoints/latest.json"),
+            r#"{"dir":"step-00000001"}"#,
+        )
+        .unwrap();
         std::fs::write(out.join("report.md"), "old").unwrap();
     }
 

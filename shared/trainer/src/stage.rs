@@ -525,6 +525,23 @@ pub fn run_stage(
     run_stage_mixed(spec, base, target, &[], out, on_step)
 }
 
+/// [`recorded_spec`] once the directory holds a checkpoint, else None: a directory holding
+/// another spec and a checkpoint cannot be resumed with this one. `stage.json` is written
+/// before checks that can still fail (the model, the init weights, the warm-up), and a run
+/// without a checkpoint starts over when resumed, so until then its spec binds nothing and a
+/// corrected one may replace it.
+pub fn binding_spec(out: &Path) -> Result<Option<StageSpec>> {
+    let pointer = out.join(CHECKPOINT_DIR).join(checkpoint::LATEST_FILE);
+    match std::fs::symlink_metadata(&pointer) {
+        Ok(_) => recorded_spec(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(TrainError::Io {
+            path: pointer,
+            source,
+        }),
+    }
+}
+
 /// The spec a stage's run directory was started with (`stage.json`), if it was started: a
 /// directory holding another spec cannot be resumed with this one.
 pub fn recorded_spec(out: &Path) -> Result<Option<StageSpec>> {
@@ -576,7 +593,7 @@ pub fn run_stage_mixed(
     };
     std::fs::create_dir_all(out).map_err(io(out))?;
     let spec_path = out.join(SPEC_FILE);
-    match recorded_spec(out)? {
+    match binding_spec(out)? {
         Some(previous) if &previous != spec => {
             return Err(TrainError::Invalid(format!(
                 "{} was started with other settings ({}); resume with the same settings or use a new output directory",
@@ -596,6 +613,14 @@ pub fn run_stage_mixed(
     let checkpoints = out.join(CHECKPOINT_DIR);
     // A resumed run finds everything below in its checkpoint.
     if checkpoint::latest(&checkpoints)?.is_none() {
+        // The run starts over: a report of an earlier start's warm-up (one that failed later,
+        // perhaps with other settings) is not this run's.
+        let warmup_path = out.join(WARMUP_FILE);
+        match std::fs::remove_file(&warmup_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(io(&warmup_path)(source)),
+        }
         if let Some(init) = &spec.init_from {
             // Stage 1 trains the same tensors (adapters, projector, heads): all carry over.
             // Its recommender (none, for stage 1) may differ; its base model may not.
@@ -818,6 +843,71 @@ mod tests {
             first.iter().zip(&other).any(|((_, a), (_, b))| !a.equal(b)),
             "another seed, the same start"
         );
+    }
+
+    #[test]
+    fn a_run_that_failed_before_its_first_checkpoint_does_not_bind_the_directory() {
+        let _rng = crate::test_support::rng_lock();
+        let setup = crate::test_support::setup();
+        let tokenizer = LlmTokenizer::from_tokenizer(
+            setup.tokenizer.clone(),
+            None,
+            None,
+            Some(rsllm_prompt::testing::PAD_ID),
+        );
+        let model_dir = tempfile::tempdir().unwrap();
+        rsllm_llm::save_hf_dir(&setup.model, &setup._base, &tokenizer, model_dir.path()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let rows: Vec<SeqExample> = (0..2)
+            .map(|i| SeqExample {
+                user: i,
+                history: vec![i, i + 1],
+                target: i + 2,
+                candidates: Vec::new(),
+            })
+            .collect();
+        let run = |spec: &StageSpec| {
+            // A fresh base each time: a stage attaches its adapters to it.
+            let mut base = rsllm_llm::load(model_dir.path(), Device::Cpu, Kind::Float).unwrap();
+            run_stage(
+                spec,
+                &mut base,
+                &setup.catalog,
+                &rows,
+                out.path(),
+                &mut |_| std::ops::ControlFlow::Continue(()),
+            )
+        };
+        // Fails after stage.json was written: its recommender does not exist.
+        let mut failed = spec(2);
+        failed.recommender = Some(out.path().join("no-such-recommender"));
+        failed.projector_warmup_steps = 1;
+        let err = run(&failed).unwrap_err().to_string();
+        assert!(err.contains("no-such-recommender"), "{err}");
+        assert_eq!(read_spec(out.path()).unwrap(), failed);
+        assert_eq!(
+            binding_spec(out.path()).unwrap(),
+            None,
+            "nothing was trained"
+        );
+        // As if that run had warmed up before failing.
+        std::fs::write(out.path().join(WARMUP_FILE), b"{}").unwrap();
+
+        let mut corrected = spec(1);
+        corrected.num_candidates = 4;
+        corrected.train.max_steps = Some(1);
+        assert_eq!(run(&corrected).unwrap().steps, 1);
+        assert_eq!(binding_spec(out.path()).unwrap(), Some(corrected.clone()));
+        assert!(
+            !out.path().join(WARMUP_FILE).exists(),
+            "the failed start's warm-up report is not this run's"
+        );
+
+        // Now it has a checkpoint: other settings are refused.
+        let mut other = corrected.clone();
+        other.train.peak_lr = 1e-4;
+        let err = run(&other).unwrap_err().to_string();
+        assert!(err.contains("started with other settings"), "{err}");
     }
 
     #[test]
