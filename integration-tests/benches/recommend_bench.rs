@@ -202,7 +202,9 @@ async fn main() {
         let doc = serde_json::json!({
             "adapter": adapter_flag, "dtype": args.dtype, "secs": args.secs, "rows": rows,
         });
-        std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())
-            .expect("write --json-out");
+        let path = std::path::Path::new(&path);
+        let text = serde_json::to_string_pretty(&doc).unwrap();
+        rsllm_core::artefact::write_atomic(path, text.as_bytes())
+            .unwrap_or_else(|e| panic!("--json-out {}: {e}", path.display()));
     }
 }

@@ -527,6 +527,8 @@ async fn bench(args: Args) {
     );
     println!("\n{json}");
     if let Some(path) = &args.json_out {
-        std::fs::write(path, format!("{json}\n")).unwrap();
+        let path = Path::new(path);
+        rsllm_core::artefact::write_atomic(path, format!("{json}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("--json-out {}: {e}", path.display()));
     }
 }

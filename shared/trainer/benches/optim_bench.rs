@@ -464,6 +464,8 @@ fn main() {
     }
     if let Some(path) = &args.json_out {
         let all: Vec<_> = rows.iter().map(|r| r.json(args.device)).collect();
-        std::fs::write(path, serde_json::to_string_pretty(&all).unwrap()).unwrap();
+        let json = serde_json::to_string_pretty(&all).unwrap();
+        rsllm_core::artefact::write_atomic(path, json.as_bytes())
+            .unwrap_or_else(|e| panic!("--json-out {}: {e}", path.display()));
     }
 }
