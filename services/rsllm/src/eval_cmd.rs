@@ -1,7 +1,7 @@
 //! `rsllm eval`: the LLM on a split's stored candidates, in generative and ranking mode, with
 //! per-row outputs in a CSV. Without trained adapters this is the zero-shot row of the table.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -122,8 +122,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
 
-    let out = args.out.unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!(
+    let out = match args.out {
+        Some(out) => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            out
+        }
+        None => new_default_dir(&format!(
             "eval-{}-{}-{}-{}",
             args.split.dataset,
             args.split.protocol,
@@ -131,10 +135,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs())
-        ))
-    });
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    write_csv(&out.join("rows.csv"), &report)?;
+        ))?,
+    };
+    let rows_path = out.join("rows.csv");
+    write_csv(&rows_path, &report)?;
+    // metrics.json goes last and names the rows file's hash: a rows.csv left by another
+    // evaluation into the same --out does not pass for this one's.
+    let rows_sha256 = rsllm_core::artefact::sha256_file(&rows_path)
+        .with_context(|| format!("hashing {}", rows_path.display()))?;
     let metrics = json!({
         "method": method,
         "dataset": args.split.dataset.to_string(),
@@ -150,6 +158,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "alignment": report.alignment,
         "combined": report.combined,
         "seconds": seconds,
+        "rows_csv": {"file": "rows.csv", "sha256": rows_sha256},
     });
     rsllm_core::artefact::write_json_atomic(&out.join("metrics.json"), &metrics)?;
     if args.json {
@@ -186,4 +195,44 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         println!("rows and metrics: {} ({seconds:.0} s)", out.display());
     }
     Ok(())
+}
+
+/// Creates `runs/<name>` (or `runs/<name>-2`, `-3`, ... when taken): two evaluations started
+/// in the same second never write into one directory.
+fn new_default_dir(name: &str) -> anyhow::Result<PathBuf> {
+    new_dir_under(Path::new("runs"), name)
+}
+
+fn new_dir_under(parent: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    for n in 1..=1000 {
+        let dir = if n == 1 {
+            parent.join(name)
+        } else {
+            parent.join(format!("{name}-{n}"))
+        };
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+    }
+    anyhow::bail!(
+        "{}: 1000 directories named {name}-N exist",
+        parent.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_directories_are_never_shared() {
+        let parent = tempfile::tempdir().unwrap();
+        let first = new_dir_under(parent.path(), "eval-x").unwrap();
+        let second = new_dir_under(parent.path(), "eval-x").unwrap();
+        assert_eq!(first, parent.path().join("eval-x"));
+        assert_eq!(second, parent.path().join("eval-x-2"));
+    }
 }

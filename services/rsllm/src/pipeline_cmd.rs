@@ -492,7 +492,14 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             &mut |k| bar.inc(k as u64),
         )?;
         bar.finish_and_clear();
-        write_csv(&out.join(format!("rows-{file}.csv")), &report)?;
+        let rows_file = format!("rows-{file}.csv");
+        let rows_path = out.join(&rows_file);
+        write_csv(&rows_path, &report)?;
+        // metrics.json, written once every method is evaluated, names this run's rows files
+        // with their hashes: after an interrupted re-run into the same directory, a rows file
+        // that does not match is not this report's.
+        let rows_sha256 = rsllm_core::artefact::sha256_file(&rows_path)
+            .with_context(|| format!("hashing {}", rows_path.display()))?;
         let ranking = report.ranking.as_ref();
         let alignment = report.alignment.as_ref();
         let combined = report.combined.as_ref();
@@ -509,6 +516,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
                 "combined_hr1": combined.map(|r| r.hr1),
                 "combined_hr5": combined.map(|r| r.hr5),
                 "n": report.n,
+                "rows_csv": {"file": rows_file, "sha256": rows_sha256},
             }),
         });
     }
