@@ -105,6 +105,18 @@ impl LogLines {
             .count()
     }
 
+    /// The address right after `marker` in the first line holding it.
+    fn find_addr(&self, marker: &str) -> Option<SocketAddr> {
+        let lines = self.0.lock().unwrap();
+        lines.iter().find_map(|line| {
+            let rest = &line[line.find(marker)? + marker.len()..];
+            let end = rest
+                .find(|c: char| c.is_whitespace() || c == '/')
+                .unwrap_or(rest.len());
+            rest[..end].parse().ok()
+        })
+    }
+
     /// Everything so far, for failure messages.
     pub fn dump(&self) -> String {
         self.0.lock().unwrap().join("\n")
@@ -120,23 +132,44 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts one on a free port and waits until it answers PING.
+    /// Starts one on a free port and waits until it answers PING. A port taken between
+    /// picking it and redis binding it (another test, an outgoing connection) makes redis exit
+    /// at start: then another port is tried.
     pub fn start() -> RedisServer {
-        RedisServer::start_on(free_port())
+        let mut last = String::new();
+        for _ in 0..5 {
+            let mut server = RedisServer::new(free_port());
+            match server.try_spawn() {
+                Ok(()) => return server,
+                Err(why) => last = why,
+            }
+        }
+        panic!("{last} (five ports tried)")
     }
 
     /// Starts one on `port` and waits until it answers PING.
     pub fn start_on(port: u16) -> RedisServer {
-        let mut server = RedisServer {
-            port,
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
+        let mut server = RedisServer::new(port);
         server.spawn();
         server
     }
 
+    fn new(port: u16) -> RedisServer {
+        RedisServer {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        }
+    }
+
     fn spawn(&mut self) {
+        if let Err(why) = self.try_spawn() {
+            panic!("{why}");
+        }
+    }
+
+    /// Starts redis-server on `self.port`; Err when it exits at start (the port is taken).
+    fn try_spawn(&mut self) -> Result<(), String> {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -155,16 +188,22 @@ impl RedisServer {
         };
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.ping() {
+        loop {
+            // Whether ours is still running comes first: a PONG from another server already
+            // on the port must not pass for ours.
             if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!(
+                self.child = None;
+                return Err(format!(
                     "redis-server on port {} exited at start: {status}",
                     self.port
-                );
+                ));
+            }
+            if self.ping() {
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
@@ -240,11 +279,14 @@ pub struct ServiceProcess {
 }
 
 impl ServiceProcess {
-    /// Starts `bin --listen 127.0.0.1:<free port> <args>` with extra environment `env`.
+    /// Starts `bin --listen 127.0.0.1:0 <args>` with extra environment `env`, and reads the
+    /// port the service bound from its `listening on ADDR` line. Port 0 lets the kernel pick:
+    /// a port picked here and bound there later could be taken in between (by another test's
+    /// service, or by an outgoing connection's ephemeral port). When the process exits
+    /// without listening (a startup failure a test expects), `addr` is 127.0.0.1:0.
     pub fn start(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> ServiceProcess {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cmd = Command::new(bin);
-        cmd.arg("--listen").arg(addr.to_string()).args(args);
+        cmd.arg("--listen").arg("127.0.0.1:0").args(args);
         // Keep the caller's environment from leaking service settings into the test.
         cmd.env("RUST_LOG", "info");
         // Services run side by side: metrics on a free port unless a flag names one.
@@ -264,12 +306,47 @@ impl ServiceProcess {
             logs.capture(child.stdout.take().unwrap(), "service"),
             logs.capture(child.stderr.take().unwrap(), "service"),
         ];
-        ServiceProcess {
+        let mut service = ServiceProcess {
             child: Some(child),
-            addr,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             logs,
             log_readers,
+        };
+        // The line comes right after the bind, before any model is loaded.
+        if let Some(addr) = service.logged_addr("listening on ") {
+            service.addr = addr;
         }
+        service
+    }
+
+    /// Waits (bounded, blocking: the line is due within milliseconds) for the first log line
+    /// holding `marker` followed by an address, and returns that address; None when the
+    /// process exited without printing one.
+    fn logged_addr(&mut self, marker: &str) -> Option<SocketAddr> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(addr) = self.logs.find_addr(marker) {
+                return Some(addr);
+            }
+            if self.try_exit_status().is_some() {
+                // Its last lines may still be in the pipe.
+                std::thread::sleep(Duration::from_millis(100));
+                return self.logs.find_addr(marker);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {marker:?} line after 60 s:\n{}",
+                self.logs.dump()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Where the service serves `/metrics` (every service gets `127.0.0.1:0` unless a flag
+    /// names a port), read from its `metrics on http://ADDR/metrics` line.
+    pub fn metrics_addr(&mut self) -> SocketAddr {
+        self.logged_addr("metrics on http://")
+            .unwrap_or_else(|| panic!("no metrics endpoint:\n{}", self.logs.dump()))
     }
 
     /// `http://ADDR`.
@@ -519,22 +596,11 @@ impl Fleet {
         env.extend_from_slice(extra_env);
         let redis_url = redis.url();
         let rec_dir = rec_dir.to_str().unwrap().to_owned();
-        let embedding_metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let embedding_metrics_s = embedding_metrics.to_string();
         let mut embedding = ServiceProcess::start(
             &bins.embedding,
-            &[
-                "--models-dir",
-                &rec_dir,
-                "--redis-url",
-                &redis_url,
-                "--metrics-listen",
-                &embedding_metrics_s,
-            ],
+            &["--models-dir", &rec_dir, "--redis-url", &redis_url],
             &env,
         );
-        let prompt_metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let prompt_metrics_s = prompt_metrics.to_string();
         let mut prompt = ServiceProcess::start(
             &bins.prompt,
             &[
@@ -546,8 +612,6 @@ impl Fleet {
                 &model,
                 "--domains",
                 "movielens=movielens-llara-sasrec,lastfm=lastfm-llara-sasrec",
-                "--metrics-listen",
-                &prompt_metrics_s,
                 // Calls between services get a bound that only catches hangs: a stopped
                 // dependency still fails at once (connection refused), and a slow one on a
                 // loaded test machine must not fail a call the test expects to succeed.
@@ -558,8 +622,6 @@ impl Fleet {
             ],
             &env,
         );
-        let llm_metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let llm_metrics_s = llm_metrics.to_string();
         let (emb_ep, prompt_ep) = (embedding.endpoint(), prompt.endpoint());
         let mut args = vec![
             "--redis-url",
@@ -570,8 +632,6 @@ impl Fleet {
             &prompt_ep,
             "--model",
             &model,
-            "--metrics-listen",
-            &llm_metrics_s,
             "--dependency-timeout-ms",
             "60000",
         ];
@@ -581,6 +641,11 @@ impl Fleet {
         embedding.wait_serving(start).await;
         prompt.wait_serving(start).await;
         llm.wait_serving(start).await;
+        let (embedding_metrics, prompt_metrics, llm_metrics) = (
+            embedding.metrics_addr(),
+            prompt.metrics_addr(),
+            llm.metrics_addr(),
+        );
         Fleet {
             redis,
             embedding,
