@@ -45,7 +45,8 @@ pub enum LlmCommand {
         json: bool,
     },
     /// Writes the model as a Hugging Face directory (config.json, f32 model.safetensors,
-    /// tokenizer.json), e.g. to hand the GGUF default to transformers.
+    /// tokenizer.json), e.g. to hand the GGUF default to transformers. A previous export at
+    /// --out is replaced whole; a directory holding other files is refused.
     Export {
         #[command(flatten)]
         model: ModelArgs,

@@ -335,27 +335,79 @@ fn copy_into(
     Ok(())
 }
 
+/// The files an export writes: a directory holding anything else is not replaced by one.
+const HF_EXPORT_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+
 /// Writes `model` as a Hugging Face directory (`config.json`, `model.safetensors` in f32,
-/// `tokenizer.json`), each file atomically (a temporary sibling, then a rename), so that
-/// [`load`] or transformers can read it back. The GGUF default becomes an HF checkpoint this way.
+/// `tokenizer.json`) so that [`load`] or transformers can read it back: the GGUF default
+/// becomes an HF checkpoint this way. The three files are written (and fsynced) into a
+/// temporary sibling directory that then replaces `dir` whole, so `dir` never holds a config
+/// of one export beside the weights of another, nor a shard index an export did not write.
+/// A `dir` holding other files is refused, untouched: replacing it would delete them.
 pub fn save_hf_dir(
     model: &Llama,
     vs: &nn::VarStore,
     tokenizer: &LlmTokenizer,
     dir: &Path,
 ) -> Result<()> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| LlmError::Io { path, source }
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| LlmError::invalid(format!("{}: not a directory name", dir.display())))?;
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let file = entry.map_err(io_error(dir))?.file_name();
+                let file = file.to_string_lossy();
+                if !HF_EXPORT_FILES.contains(&file.as_ref()) {
+                    return Err(LlmError::invalid(format!(
+                        "{}: holds {file}, which an export does not write; export into a new or \
+                         empty directory",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error(dir)(e)),
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::create_dir_all(&parent).map_err(io_error(&parent))?;
+    let temp = parent.join(format!(
+        ".{name}.tmp-{}",
+        rsllm_core::artefact::unique_suffix()
+    ));
+    std::fs::create_dir(&temp).map_err(io_error(&temp))?;
+    let written = write_hf_files(model, vs, tokenizer, &temp)
+        .and_then(|()| replace_dir(&temp, dir, &parent, name));
+    if written.is_err() {
+        // Best effort: the temporary directory is garbage either way.
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    written
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> LlmError + use<> {
+    let path = path.to_owned();
+    move |source| LlmError::Io { path, source }
+}
+
+/// The three files of [`save_hf_dir`] into the fresh directory `dir`, durably.
+fn write_hf_files(
+    model: &Llama,
+    vs: &nn::VarStore,
+    tokenizer: &LlmTokenizer,
+    dir: &Path,
+) -> Result<()> {
     let config_path = dir.join("config.json");
     rsllm_core::artefact::write_json_atomic(&config_path, &model.config.to_hf_json())
-        .map_err(io(&config_path))?;
+        .map_err(io_error(&config_path))?;
     let tokenizer_path = dir.join("tokenizer.json");
     rsllm_core::artefact::write_atomic(&tokenizer_path, tokenizer.to_json()?.as_bytes())
-        .map_err(io(&tokenizer_path))?;
-
+        .map_err(io_error(&tokenizer_path))?;
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let mut f32_named = Vec::with_capacity(named.len());
@@ -365,11 +417,39 @@ pub fn save_hf_dir(
             tensor.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?,
         ));
     }
+    // Straight to its name: the directory is private until it is renamed into place.
     let weights_path = dir.join("model.safetensors");
-    // The temporary name keeps the extension: tch picks the format from it.
-    let temp = dir.join(format!(".model.{}.tmp.safetensors", std::process::id()));
-    Tensor::write_safetensors(&f32_named, &temp)?;
-    std::fs::rename(&temp, &weights_path).map_err(io(&weights_path))?;
+    Tensor::write_safetensors(&f32_named, &weights_path)?;
+    std::fs::File::open(&weights_path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_error(&weights_path))?;
+    rsllm_core::artefact::sync_dir(dir).map_err(io_error(dir))
+}
+
+/// Puts the directory `new` at `dir`. A previous `dir` is moved aside first and removed once
+/// the new one is in place (put back if that rename fails), so `dir` is always one export or
+/// the other, never a mix.
+fn replace_dir(new: &Path, dir: &Path, parent: &Path, name: &str) -> Result<()> {
+    let old = parent.join(format!(
+        ".{name}.old-{}",
+        rsllm_core::artefact::unique_suffix()
+    ));
+    let had_old = match std::fs::rename(dir, &old) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io_error(dir)(e)),
+    };
+    if let Err(e) = std::fs::rename(new, dir) {
+        if had_old {
+            let _ = std::fs::rename(&old, dir);
+        }
+        return Err(io_error(dir)(e));
+    }
+    rsllm_core::artefact::sync_dir(parent).map_err(io_error(parent))?;
+    if had_old {
+        // Best effort: the old export is no longer named by anything.
+        let _ = std::fs::remove_dir_all(&old);
+    }
     Ok(())
 }
 
@@ -408,6 +488,48 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         save_hf_dir(&model, &vs, &tiny_tokenizer(), dir.path()).unwrap();
         (dir, model)
+    }
+
+    #[test]
+    fn an_export_replaces_a_previous_one_whole_and_never_a_foreign_directory() {
+        let _rng = crate::test_rng_lock();
+        let config = tiny_config();
+        let (first_vs, first) = tiny_model(&config);
+        let (second_vs, second) = tiny_model(&config);
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("export");
+        save_hf_dir(&first, &first_vs, &tiny_tokenizer(), &dir).unwrap();
+
+        // A shard index no export writes (it would win over model.safetensors when loading):
+        // the directory is refused, untouched.
+        std::fs::write(dir.join("model.safetensors.index.json"), "{}").unwrap();
+        let err = save_hf_dir(&second, &second_vs, &tiny_tokenizer(), &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds model.safetensors.index.json"), "{err}");
+        assert!(dir.join("model.safetensors").is_file());
+        std::fs::remove_file(dir.join("model.safetensors.index.json")).unwrap();
+
+        // Over the previous export: replaced whole, nothing left beside it.
+        save_hf_dir(&second, &second_vs, &tiny_tokenizer(), &dir).unwrap();
+        let names = |d: &Path| {
+            let mut n: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(
+            names(&dir),
+            ["config.json", "model.safetensors", "tokenizer.json"]
+        );
+        assert_eq!(
+            names(root.path()),
+            ["export"],
+            "temporary or old directories left"
+        );
+        assert!(load(&dir, Device::Cpu, Kind::Float).is_ok());
     }
 
     #[test]
