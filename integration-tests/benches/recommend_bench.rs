@@ -5,7 +5,10 @@
 //!
 //!   cargo bench -p rsllm-integration-tests --bench recommend_bench -- \
 //!       [--secs 30] [--concurrency 1,8,64] [--adapter runs/.../stage2] [--dtype f32|bf16]
-//!       [--json-out /abs/path]
+//!       [--mode ranking|generative] [--json-out /abs/path]
+//!
+//! `--mode generative` has the model answer by greedy decoding instead (LLaRA's mode): its
+//! per-token decoding steps are where batching requests pays on a CPU.
 //!
 //! `--dtype` is the llm-service's compute dtype (f32 by default; bf16 pays on CPUs with native
 //! bf16 matrix units, such as AMX).
@@ -27,6 +30,7 @@ struct Args {
     concurrency: Vec<usize>,
     adapter: Option<String>,
     dtype: String,
+    mode: pb::RecommendMode,
     json_out: Option<String>,
 }
 
@@ -36,6 +40,7 @@ fn parse_args() -> Args {
         concurrency: vec![1, 8, 64],
         adapter: None,
         dtype: "f32".to_owned(),
+        mode: pb::RecommendMode::Ranking,
         json_out: None,
     };
     let mut it = std::env::args().skip(1);
@@ -51,6 +56,13 @@ fn parse_args() -> Args {
             }
             "--adapter" => args.adapter = Some(value()),
             "--dtype" => args.dtype = value(),
+            "--mode" => {
+                args.mode = match value().as_str() {
+                    "ranking" => pb::RecommendMode::Ranking,
+                    "generative" => pb::RecommendMode::Generative,
+                    other => panic!("--mode ranking|generative, not {other:?}"),
+                }
+            }
             "--json-out" => args.json_out = Some(value()),
             // cargo bench passes --bench.
             _ => {}
@@ -71,11 +83,11 @@ struct Run {
     wall: Duration,
 }
 
-async fn run(fleet: &Fleet, clients: usize, secs: u64) -> Run {
+async fn run(fleet: &Fleet, mode: pb::RecommendMode, clients: usize, secs: u64) -> Run {
     let channel = fleet.llm.channel();
     // Warm-up: a few calls, not counted.
     for i in 0..3 {
-        one(&mut LlmServiceClient::new(channel.clone()), i)
+        one(&mut LlmServiceClient::new(channel.clone()), mode, i)
             .await
             .ok();
     }
@@ -89,7 +101,7 @@ async fn run(fleet: &Fleet, clients: usize, secs: u64) -> Run {
             let (mut lat, mut errors, mut i) = (Vec::new(), 0, c * 100_000);
             while Instant::now() < until {
                 let t = Instant::now();
-                match one(&mut client, i).await {
+                match one(&mut client, mode, i).await {
                     Ok(()) => lat.push(t.elapsed()),
                     Err(_) => errors += 1,
                 }
@@ -114,6 +126,7 @@ async fn run(fleet: &Fleet, clients: usize, secs: u64) -> Run {
 
 async fn one(
     client: &mut LlmServiceClient<tonic::transport::Channel>,
+    mode: pb::RecommendMode,
     i: usize,
 ) -> Result<(), tonic::Status> {
     let mut req = tonic::Request::new(pb::RecommendRequest {
@@ -121,7 +134,7 @@ async fn one(
         history: history(i),
         candidates: Vec::new(),
         k: 5,
-        mode: pb::RecommendMode::Ranking as i32,
+        mode: mode as i32,
         num_candidates: Some(20),
         adapter_version: None,
     });
@@ -169,7 +182,7 @@ async fn main() {
         )
         .await;
         for &clients in &args.concurrency {
-            let mut r = run(&fleet, clients, args.secs).await;
+            let mut r = run(&fleet, args.mode, clients, args.secs).await;
             r.latencies.sort();
             let n = r.latencies.len();
             let throughput = n as f64 / r.wall.as_secs_f64();
@@ -200,7 +213,8 @@ async fn main() {
     }
     if let Some(path) = args.json_out {
         let doc = serde_json::json!({
-            "adapter": adapter_flag, "dtype": args.dtype, "secs": args.secs, "rows": rows,
+            "adapter": adapter_flag, "dtype": args.dtype, "secs": args.secs,
+            "mode": args.mode.as_str_name(), "rows": rows,
         });
         let path = std::path::Path::new(&path);
         let text = serde_json::to_string_pretty(&doc).unwrap();
