@@ -704,8 +704,14 @@ async fn overload_is_refused_at_once_and_sigterm_drains_a_burst() {
     use pb::RecommendMode::Ranking;
     let one_candidate = || recommend(&HISTORY[..1], vec![500], 1, Ranking);
 
-    // Beyond the queue: RESOURCE_EXHAUSTED with retry-after, never a timeout.
-    let fleet = Fleet::start(&bins(), &["--max-batch", "1", "--queue-capacity", "2"]).await;
+    // Beyond the queue: RESOURCE_EXHAUSTED with retry-after, never a timeout. Each batch
+    // waits 300 ms first, so the queue is full whatever the machine's load spreads arrivals.
+    let fleet = Fleet::start_with_env(
+        &bins(),
+        &["--max-batch", "1", "--queue-capacity", "2"],
+        &[("RSLLM_LLM_TEST_DELAY_MS", "300")],
+    )
+    .await;
     let mut calls = Vec::new();
     for _ in 0..24 {
         let mut c = llm(&fleet);

@@ -129,6 +129,16 @@ pub struct Config {
     /// Log one JSON object per line instead of human-readable text.
     #[arg(long, env = "RSLLM_LLM_JSON_LOGS")]
     pub json_logs: bool,
+
+    /// Test hook: the model thread waits this many milliseconds before each batch (used to
+    /// fill the queue deterministically in overload tests). Never set in production.
+    #[arg(
+        long,
+        env = "RSLLM_LLM_TEST_DELAY_MS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub test_delay_ms: u64,
 }
 
 impl Config {

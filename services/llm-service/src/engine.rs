@@ -42,6 +42,8 @@ pub struct EngineConfig {
     pub max_new_tokens: usize,
     /// Adapters to load at startup: (domain, stage directory).
     pub adapters: Vec<(String, AdapterSource)>,
+    /// Test hook (`--test-delay-ms`): a pause before each batch. Zero in production.
+    pub test_delay: Duration,
 }
 
 /// Where a domain's adapter comes from.
@@ -340,6 +342,7 @@ struct Worker {
     max_batch: usize,
     max_wait: Duration,
     max_new_tokens: usize,
+    test_delay: Duration,
 }
 
 /// A stage directory read from disk: its spec, latest checkpoint and that checkpoint's tensors.
@@ -442,6 +445,7 @@ impl Worker {
             max_batch: config.max_batch.max(1),
             max_wait: config.max_wait,
             max_new_tokens: config.max_new_tokens,
+            test_delay: config.test_delay,
         };
         for (domain, source) in &config.adapters {
             if *source == AdapterSource::ZeroShot {
@@ -680,6 +684,9 @@ impl Worker {
     }
 
     fn run_group(&mut self, group: Vec<Job>) {
+        if !self.test_delay.is_zero() {
+            std::thread::sleep(self.test_delay);
+        }
         let n = group.len();
         let rank = group.first().is_some_and(|j| j.task.is_rank());
         self.metrics

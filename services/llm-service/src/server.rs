@@ -109,6 +109,7 @@ pub async fn serve(
         queue_capacity: config.queue_capacity,
         max_new_tokens: config.max_new_tokens,
         adapters: config.adapter_sources()?,
+        test_delay: Duration::from_millis(config.test_delay_ms),
     };
     let limits = Limits {
         max_candidates: config.max_candidates,
