@@ -27,10 +27,12 @@ use crate::engine::EngineHandle;
 use crate::error::ServiceError;
 
 /// Bounds on a job spec's sizes: beyond them a spec is refused up front, not left to run out
-/// of memory or to hold the one job slot for days.
+/// of memory or to hold the one job slot for days. The warm-up runs before the first training
+/// step, where CancelJob is checked: 10,000 steps (ten times the runs in docs/results.md) take
+/// seconds on a GPU and about 4 minutes on a 2-core CPU.
 const MAX_MICRO_BATCH: u32 = 4096;
 const MAX_GRAD_ACCUM: u32 = 4096;
-const MAX_PROJECTOR_WARMUP_STEPS: u32 = 100_000;
+const MAX_PROJECTOR_WARMUP_STEPS: u32 = 10_000;
 
 struct JobRecord {
     id: String,
