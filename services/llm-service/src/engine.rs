@@ -645,19 +645,28 @@ impl Worker {
                 job_id,
                 reply,
             } => {
-                let result = match source {
-                    AdapterSource::ZeroShot => self.add_zero_shot(&domain).and_then(|()| {
-                        self.adapters
-                            .last()
-                            .map(|a| a.info.clone())
-                            .ok_or_else(|| "no adapter".to_owned())
-                    }),
-                    AdapterSource::StageDir(dir) => {
-                        read_adapter(&dir).and_then(|(spec, ckpt, tensors)| {
-                            self.add(&domain, &dir, spec, ckpt, tensors, &job_id)
-                        })
-                    }
-                };
+                // As for batches: a panic fails this load, not the model thread.
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match source {
+                        AdapterSource::ZeroShot => self.add_zero_shot(&domain).and_then(|()| {
+                            self.adapters
+                                .last()
+                                .map(|a| a.info.clone())
+                                .ok_or_else(|| "no adapter".to_owned())
+                        }),
+                        AdapterSource::StageDir(dir) => {
+                            read_adapter(&dir).and_then(|(spec, ckpt, tensors)| {
+                                self.add(&domain, &dir, spec, ckpt, tensors, &job_id)
+                            })
+                        }
+                    }))
+                    .unwrap_or_else(|panic| {
+                        self.current = None;
+                        Err(format!(
+                            "loading the adapter panicked: {}",
+                            rsllm_common::panic::panic_message(&*panic)
+                        ))
+                    });
                 let _ = reply.send(result);
             }
         }
