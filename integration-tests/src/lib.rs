@@ -189,8 +189,8 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            // Whether ours is still running comes first: a PONG from another server already
-            // on the port must not pass for ours.
+            // Ours exiting is checked first: once it has (its port was taken), a PONG from the
+            // server that holds the port does not pass for ours.
             if let Some(status) = self
                 .child
                 .as_mut()
