@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use rsllm_core::metrics::{MeanCi, RankingMetrics};
 use rsllm_core::{Paths, SplitPart};
+use rsllm_recommender::eval::Similarity;
 use rsllm_recommender::{ModelKind, RecConfig, RecModel};
 
 use crate::data_cmd::{SplitArgs, short};
@@ -46,6 +47,10 @@ pub enum RecCommand {
         /// Which rows: test (default) or val.
         #[arg(long, default_value = "test")]
         part: Part,
+        /// How candidates are scored: dot (the recommender's own scores) or cosine (item
+        /// norms ignored, as RSLLM's alignment heads rank: what that costs the recommender).
+        #[arg(long, default_value = "dot")]
+        similarity: SimilarityArg,
         /// Print JSON (one object, or an array without --model).
         #[arg(long)]
         json: bool,
@@ -88,6 +93,21 @@ impl Kind {
             Kind::Sasrec => "sasrec",
             Kind::Gru4rec => "gru4rec",
             Kind::Caser => "caser",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SimilarityArg {
+    Dot,
+    Cosine,
+}
+
+impl SimilarityArg {
+    fn similarity(self) -> Similarity {
+        match self {
+            SimilarityArg::Dot => Similarity::Dot,
+            SimilarityArg::Cosine => Similarity::Cosine,
         }
     }
 }
@@ -193,6 +213,7 @@ pub fn run(command: RecCommand) -> anyhow::Result<()> {
             split,
             model,
             part,
+            similarity,
             json,
         } => {
             let data = split.prepare(&paths)?;
@@ -224,13 +245,23 @@ pub fn run(command: RecCommand) -> anyhow::Result<()> {
                     short(&model.manifest.split_version),
                     short(&data.manifest.version)
                 );
-                let metrics = rsllm_recommender::eval::evaluate(&model, data.rows(part))?;
+                let metrics = rsllm_recommender::eval::evaluate_by(
+                    &model,
+                    data.rows(part),
+                    similarity.similarity(),
+                )?;
                 results.push((kind, model.manifest.version.clone(), metrics));
             }
             if json {
                 let objects: Vec<_> = results
                     .iter()
-                    .map(|(kind, version, m)| eval_json(&split, part, *kind, version, m))
+                    .map(|(kind, version, m)| {
+                        let mut object = eval_json(&split, part, *kind, version, m);
+                        if similarity != SimilarityArg::Dot {
+                            object["similarity"] = "cosine".into();
+                        }
+                        object
+                    })
                     .collect();
                 let out = if model.is_some() {
                     objects.into_iter().next().unwrap_or_default()
