@@ -442,21 +442,26 @@ mod tests {
         );
     }
 
+    /// Saves a checkpoint at each of `steps` (trained tensors filled with the step number).
+    fn save_steps(root: &Path, steps: &[u64], keep_last: usize) {
+        for &step in steps {
+            save(
+                root,
+                manifest(step),
+                &tensors(step as f64),
+                &tensors(-1.0),
+                keep_last,
+            )
+            .unwrap();
+        }
+    }
+
     #[test]
     fn save_points_latest_at_the_newest_and_prunes() {
         let _rng = crate::test_support::rng_lock();
         let root = tempfile::tempdir().unwrap();
         assert!(latest(root.path()).unwrap().is_none());
-        for step in [10, 20, 30] {
-            save(
-                root.path(),
-                manifest(step),
-                &tensors(step as f64),
-                &tensors(-1.0),
-                2,
-            )
-            .unwrap();
-        }
+        save_steps(root.path(), &[10, 20, 30], 2);
         let found = latest(root.path()).unwrap().unwrap();
         assert_eq!(found.manifest.step, 30);
         let (trained, optimizer) = found.load().unwrap();
@@ -500,16 +505,7 @@ mod tests {
     fn a_corrupt_or_missing_newest_checkpoint_falls_back_to_the_previous_one() {
         let _rng = crate::test_support::rng_lock();
         let root = tempfile::tempdir().unwrap();
-        for step in [10, 20, 30] {
-            save(
-                root.path(),
-                manifest(step),
-                &tensors(step as f64),
-                &tensors(-1.0),
-                3,
-            )
-            .unwrap();
-        }
+        save_steps(root.path(), &[10, 20, 30], 3);
         let newest = root.path().join("step-00000030");
         let mut bytes = std::fs::read(newest.join(OPTIMIZER_FILE)).unwrap();
         let last = bytes.len() - 1;

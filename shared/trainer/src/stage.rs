@@ -808,9 +808,9 @@ mod tests {
         (setup, artists, films, bands)
     }
 
-    #[test]
-    fn the_trained_tensors_start_from_the_stage_seed_whatever_was_drawn_before() {
-        let _rng = crate::test_support::rng_lock();
+    /// The test setup, and its tiny model saved as an HF directory (stages load their own
+    /// copy of the base model from there).
+    fn setup_with_model_dir() -> (crate::test_support::Setup, tempfile::TempDir) {
         let setup = crate::test_support::setup();
         let tokenizer = LlmTokenizer::from_tokenizer(
             setup.tokenizer.clone(),
@@ -820,6 +820,13 @@ mod tests {
         );
         let dir = tempfile::tempdir().unwrap();
         rsllm_llm::save_hf_dir(&setup.model, &setup._base, &tokenizer, dir.path()).unwrap();
+        (setup, dir)
+    }
+
+    #[test]
+    fn the_trained_tensors_start_from_the_stage_seed_whatever_was_drawn_before() {
+        let _rng = crate::test_support::rng_lock();
+        let (setup, dir) = setup_with_model_dir();
         let build = |seed: u64, draws_before: i64| -> Vec<(String, Tensor)> {
             let mut base = rsllm_llm::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
             // Whatever ran before in the process (another stage, SASRec, a test) moved the
@@ -848,15 +855,7 @@ mod tests {
     #[test]
     fn a_run_that_failed_before_its_first_checkpoint_does_not_bind_the_directory() {
         let _rng = crate::test_support::rng_lock();
-        let setup = crate::test_support::setup();
-        let tokenizer = LlmTokenizer::from_tokenizer(
-            setup.tokenizer.clone(),
-            None,
-            None,
-            Some(rsllm_prompt::testing::PAD_ID),
-        );
-        let model_dir = tempfile::tempdir().unwrap();
-        rsllm_llm::save_hf_dir(&setup.model, &setup._base, &tokenizer, model_dir.path()).unwrap();
+        let (setup, model_dir) = setup_with_model_dir();
         let out = tempfile::tempdir().unwrap();
         let rows: Vec<SeqExample> = (0..2)
             .map(|i| SeqExample {
