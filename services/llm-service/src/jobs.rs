@@ -360,6 +360,7 @@ impl Jobs {
                     lambda_ui: 0.1,
                     lambda_it: 0.1,
                     tau: 0.07,
+                    ..LossConfig::default()
                 },
                 adamw: AdamWConfig::default(),
                 curriculum: false,

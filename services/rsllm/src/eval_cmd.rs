@@ -70,12 +70,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         &args.split.dataset.to_string(),
         PromptOptions::new(slot),
     )?;
-    let (trained, prompt_mode, method, tau) = match &args.stage_dir {
+    let defaults = EvalOptions::default();
+    let (trained, prompt_mode, method, heads) = match &args.stage_dir {
         None => (
             None,
             PromptMode::TextOnly,
             "zero-shot".to_owned(),
-            EvalOptions::default().alignment_tau,
+            (defaults.alignment_tau, defaults.alignment_similarity),
         ),
         Some(dir) => {
             let (spec, rsllm, step) =
@@ -89,7 +90,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 );
             }
             let method = format!("stage {} ({}, step {step})", spec.stage, dir.display());
-            (Some(rsllm), spec.prompt_mode(), method, spec.train.loss.tau)
+            let loss = &spec.train.loss;
+            let heads = (loss.tau, loss.ui_similarity);
+            (Some(rsllm), spec.prompt_mode(), method, heads)
         }
     };
     let evaluated = Evaluated {
@@ -105,7 +108,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         // With ranking: the alignment heads' ranking too (a trained stage's, one prompt
         // forward per row).
         alignment: args.modes != Modes::Generative,
-        alignment_tau: tau,
+        alignment_tau: heads.0,
+        alignment_similarity: heads.1,
         generation_batch: args.generation_batch,
         ..EvalOptions::default()
     };

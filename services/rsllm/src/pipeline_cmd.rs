@@ -132,6 +132,10 @@ pub struct PipelineArgs {
     /// optimizer state (about 1.6 GB for SmolLM2-135M).
     #[arg(long)]
     full_finetune: bool,
+    /// L_ui's similarity in every training run, which the alignment heads also rank by
+    /// (see `rsllm train --ui-similarity`).
+    #[arg(long, default_value = "cosine")]
+    ui_similarity: crate::train_cmd::UiSimilarityArg,
     /// Optimizer steps between checkpoints (a run stopped by its time limit checkpoints the
     /// step it reached anyway); raise it for a full fine-tune, whose checkpoints are large.
     #[arg(long, default_value_t = 20)]
@@ -259,7 +263,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let lora = LoraConfig::default();
     let recipe = format!(
         "{}LoRA r {} alpha {} on {}, peak lr {peak_lr:e}, micro-batch {} x accumulation \
-         {grad_accum}, {epochs} epoch(s)",
+         {grad_accum}, {epochs} epoch(s){}",
         if args.full_finetune {
             "base weights (full fine-tune) and "
         } else {
@@ -269,6 +273,10 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         lora.alpha,
         lora.targets.join(","),
         args.micro_batch,
+        match args.ui_similarity {
+            crate::train_cmd::UiSimilarityArg::Cosine => "",
+            crate::train_cmd::UiSimilarityArg::UserNormalised => ", L_ui user-normalised",
+        },
     );
     let mixture = crate::train_cmd::prepare_mixture(&args.split, &args.stage1_mixture, &paths)?;
     let base = args.model.load()?;
@@ -296,7 +304,10 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             checkpoint_every: args.checkpoint_every,
             keep_last: 2,
             pad_id: base.tokenizer.pad_id.unwrap_or(0),
-            loss: LossConfig::default(),
+            loss: LossConfig {
+                ui_similarity: args.ui_similarity.similarity(),
+                ..LossConfig::default()
+            },
             adamw: AdamWConfig::default(),
             curriculum: false,
             full_finetune: args.full_finetune,
@@ -459,15 +470,21 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     }
     for (name, file, stage_dir) in evaluations {
         let mut model = args.model.load()?;
-        let (trained, mode, tau) = match &stage_dir {
+        let defaults = EvalOptions::default();
+        let (trained, mode, heads) = match &stage_dir {
             None => (
                 None,
                 PromptMode::TextOnly,
-                EvalOptions::default().alignment_tau,
+                (defaults.alignment_tau, defaults.alignment_similarity),
             ),
             Some(dir) => {
                 let (spec, rsllm, _) = open_stage(&mut model, dir, &data.catalog)?;
-                (Some(rsllm), spec.prompt_mode(), spec.train.loss.tau)
+                let loss = &spec.train.loss;
+                (
+                    Some(rsllm),
+                    spec.prompt_mode(),
+                    (loss.tau, loss.ui_similarity),
+                )
             }
         };
         let evaluated = Evaluated {
@@ -478,8 +495,9 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         };
         let options = EvalOptions {
             prompt_mode: mode,
-            alignment_tau: tau,
-            ..EvalOptions::default()
+            alignment_tau: heads.0,
+            alignment_similarity: heads.1,
+            ..defaults
         };
         let bar =
             indicatif::ProgressBar::new((options.passes(trained.is_some()) * test.len()) as u64);

@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use rsllm_core::Paths;
 use rsllm_core::dataset::{DatasetName, PreparedDataset};
 use rsllm_llm::LoraConfig;
+use rsllm_trainer::losses::UiSimilarity;
 use rsllm_trainer::stage::{
     Domain, StageSpec, TrainSubset, default_out, run_stage_mixed, training_rows,
 };
@@ -58,6 +59,10 @@ pub struct TrainArgs {
     lambda_it: f64,
     #[arg(long, default_value_t = 0.07)]
     tau: f64,
+    /// L_ui's similarity, which the alignment heads also rank by: cosine (METHOD.md's
+    /// starting point) or user-normalised (the item side keeps its length).
+    #[arg(long, default_value = "cosine")]
+    ui_similarity: UiSimilarityArg,
     /// Train the base model's weights too (full fine-tuning; checkpoints then hold the whole
     /// model, about 0.5 GB for SmolLM2-135M in f32).
     #[arg(long)]
@@ -179,6 +184,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 lambda_ui: args.lambda_ui,
                 lambda_it: args.lambda_it,
                 tau: args.tau,
+                ui_similarity: args.ui_similarity.similarity(),
             },
             adamw: AdamWConfig::default(),
             curriculum: false,
@@ -243,4 +249,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// `--ui-similarity` (rsllm_trainer::losses::UiSimilarity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UiSimilarityArg {
+    Cosine,
+    UserNormalised,
+}
+
+impl UiSimilarityArg {
+    pub fn similarity(self) -> UiSimilarity {
+        match self {
+            UiSimilarityArg::Cosine => UiSimilarity::Cosine,
+            UiSimilarityArg::UserNormalised => UiSimilarity::UserNormalised,
+        }
+    }
 }

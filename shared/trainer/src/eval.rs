@@ -29,7 +29,7 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use crate::error::{Result, TrainError};
-use crate::losses::cosine_logits;
+use crate::losses::{UiSimilarity, similarity_logits};
 use crate::objective::{ItemTable, RsllmHeads, SlotIndex};
 
 /// What LLaRA's matching rule says about one generated answer.
@@ -146,6 +146,9 @@ pub struct EvalOptions {
     /// L_ui's temperature the heads were trained with (the stage's `loss.tau`): the combined
     /// ranking adds `cos / tau` to the summed log-likelihood.
     pub alignment_tau: f64,
+    /// L_ui's similarity the heads were trained with (the stage's `loss.ui_similarity`): they
+    /// rank by it.
+    pub alignment_similarity: UiSimilarity,
     /// Rows generated together (left-padded batch).
     pub generation_batch: usize,
     pub max_new_tokens: usize,
@@ -169,6 +172,7 @@ impl Default for EvalOptions {
             ranking: true,
             alignment: true,
             alignment_tau: crate::objective::LossConfig::default().tau,
+            alignment_similarity: UiSimilarity::Cosine,
             generation_batch: 8,
             max_new_tokens: 64,
         }
@@ -320,7 +324,7 @@ pub fn evaluate(
                     e,
                     (heads, table),
                     p,
-                    &rows[i].candidates,
+                    (&rows[i].candidates, options.alignment_similarity),
                     prompt_states[i].as_ref(),
                 )
                 .map_err(|err| prompt_error(i, err))?;
@@ -365,14 +369,15 @@ pub fn evaluate(
     })
 }
 
-/// The cosine of `W_u h` (h: the last hidden state of the prompt, slots filled) with each
-/// of `candidates`' `W_v (P(e_i) + t_i)`, in candidate order; `P(e_i)` only where the prompt
-/// carries item slots, as in training. `state`: h when the ranking pass already has it.
+/// The similarity (L_ui's: the cosine unless the stage chose otherwise) of `W_u h` (h: the
+/// last hidden state of the prompt, slots filled) with each of `candidates'`
+/// `W_v (P(e_i) + t_i)`, in candidate order; `P(e_i)` only where the prompt carries item
+/// slots, as in training. `state`: h when the ranking pass already has it.
 fn alignment_scores(
     e: &Evaluated<'_>,
     (heads, table): (&RsllmHeads, &ItemTable),
     prompt: &BuiltPrompt,
-    candidates: &[ItemId],
+    (candidates, similarity): (&[ItemId], UiSimilarity),
     state: Option<&Tensor>,
 ) -> Result<Vec<f32>> {
     let h = match state {
@@ -382,8 +387,8 @@ fn alignment_scores(
     let u = heads.user_vectors(&h.f_unsqueeze(0)?)?;
     let with_ids = prompt.slots.iter().any(|s| s.role != SlotRole::User);
     let side = heads.item_vectors(e.model, table, candidates, with_ids)?;
-    let cosines = cosine_logits(&u, &side.v, 1.0)?;
-    Ok(Vec::<f32>::try_from(cosines.f_flatten(0, -1)?)?)
+    let scores = similarity_logits(&u, &side.v, 1.0, similarity)?;
+    Ok(Vec::<f32>::try_from(scores.f_flatten(0, -1)?)?)
 }
 
 /// The last hidden state `[D]` of `prompt`, slots filled: one prompt forward.
@@ -688,6 +693,7 @@ mod tests {
             lambda_ui: 1.0,
             lambda_it: 0.0,
             tau: 0.07,
+            ..LossConfig::default()
         };
         let mut opt = AdamW::for_var_store(&s.trained, AdamWConfig::default()).unwrap();
         for _ in 0..60 {

@@ -7,8 +7,10 @@
 //!   be compared with the keys its mask allows (its 20 candidates and the batch's other
 //!   targets).
 //!
-//! Similarities are cosines divided by the temperature tau (METHOD.md default 0.07).
+//! Similarities are cosines divided by the temperature tau (METHOD.md default 0.07); L_ui may
+//! keep the item side's length instead ([`UiSimilarity`]).
 
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::error::{Result, TrainError};
@@ -59,6 +61,37 @@ pub(crate) fn cosine_logits(queries: &Tensor, keys: &Tensor, tau: f64) -> Result
         .f_div_scalar(tau)?)
 }
 
+/// How L_ui (and the alignment heads' ranking) compares the user vector `u` with an item
+/// vector `v_i` (our choice; METHOD.md leaves it open).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UiSimilarity {
+    /// `cos(u, v_i)`: both lengths ignored.
+    #[default]
+    Cosine,
+    /// `(u / |u|) . v_i`: the item side keeps its length. Ranking by it is ranking by the dot
+    /// product (a row's `|u|` is one positive factor); an item's length can carry what holds
+    /// for every user, as the recommenders' item norms do on MovieLens (docs/results.md).
+    UserNormalised,
+}
+
+/// `[N, M]` similarities of each query with each key under `similarity`, divided by `tau`.
+pub(crate) fn similarity_logits(
+    queries: &Tensor,
+    keys: &Tensor,
+    tau: f64,
+    similarity: UiSimilarity,
+) -> Result<Tensor> {
+    // The same checks as the cosine (shapes, tau).
+    let cosines = cosine_logits(queries, keys, tau)?;
+    match similarity {
+        UiSimilarity::Cosine => Ok(cosines),
+        UiSimilarity::UserNormalised => Ok(l2_normalise(queries)?
+            .f_matmul(&keys.f_to_kind(Kind::Float)?.f_transpose(0, 1)?)?
+            .f_div_scalar(tau)?),
+    }
+}
+
 /// InfoNCE of `queries` `[N, d]` against `keys` `[M, d]`, row i's positive at
 /// `positives[i]` (int64 `[N]`), every other key a negative.
 pub fn info_nce(queries: &Tensor, keys: &Tensor, positives: &Tensor, tau: f64) -> Result<Tensor> {
@@ -89,9 +122,9 @@ pub fn masked_info_nce(
     keys: &Tensor,
     positives: &Tensor,
     allowed: &Tensor,
-    tau: f64,
+    (tau, similarity): (f64, UiSimilarity),
 ) -> Result<Tensor> {
-    let logits = cosine_logits(queries, keys, tau)?;
+    let logits = similarity_logits(queries, keys, tau, similarity)?;
     if allowed.size() != logits.size() {
         return Err(TrainError::Invalid(format!(
             "InfoNCE mask {:?} does not match the similarity matrix {:?}",
@@ -164,18 +197,38 @@ mod tests {
         let positive = Tensor::from_slice(&[0i64]);
         let all = Tensor::from_slice(&[true, true, true]).view([1, 3]);
         let without_duplicate = Tensor::from_slice(&[true, false, true]).view([1, 3]);
-        let l_all = masked_info_nce(&q, &keys, &positive, &all, 0.1)
+        let cos = (0.1, UiSimilarity::Cosine);
+        let l_all = masked_info_nce(&q, &keys, &positive, &all, cos)
             .unwrap()
             .double_value(&[]);
-        let l_masked = masked_info_nce(&q, &keys, &positive, &without_duplicate, 0.1)
+        let l_masked = masked_info_nce(&q, &keys, &positive, &without_duplicate, cos)
             .unwrap()
             .double_value(&[]);
         assert!(l_all > 0.69 && l_masked < 0.01, "{l_all} {l_masked}");
         let positive_masked = Tensor::from_slice(&[false, true, true]).view([1, 3]);
-        let err = masked_info_nce(&q, &keys, &positive, &positive_masked, 0.1)
+        let err = masked_info_nce(&q, &keys, &positive, &positive_masked, cos)
             .unwrap_err()
             .to_string();
         assert!(err.contains("positive"), "{err}");
         assert!(info_nce(&q, &keys, &positive, 0.0).is_err());
+    }
+
+    #[test]
+    fn the_user_normalised_similarity_keeps_the_item_length() {
+        let _rng = crate::test_support::rng_lock();
+        let q = t(&[3.0, 4.0], 1); // |q| = 5
+        let keys = t(&[1.0, 0.0, 10.0, 0.0], 2); // the same direction, lengths 1 and 10
+        let logits = |s| {
+            Vec::<f32>::try_from(similarity_logits(&q, &keys, 0.5, s).unwrap().view([-1])).unwrap()
+        };
+        let cosine = logits(UiSimilarity::Cosine);
+        assert!((cosine[0] - 0.6 / 0.5).abs() < 1e-6 && (cosine[1] - cosine[0]).abs() < 1e-6);
+        let kept = logits(UiSimilarity::UserNormalised);
+        assert!((kept[0] - 0.6 / 0.5).abs() < 1e-6, "{kept:?}");
+        assert!((kept[1] - 6.0 / 0.5).abs() < 1e-5, "{kept:?}");
+        assert!(similarity_logits(&q, &keys, 0.0, UiSimilarity::UserNormalised).is_err());
+        // Stage specs written before the option existed read as the cosine.
+        let parsed: UiSimilarity = serde_json::from_str("\"user-normalised\"").unwrap();
+        assert_eq!(parsed, UiSimilarity::UserNormalised);
     }
 }

@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::batch::Batch;
 use crate::error::{Result, TrainError};
-use crate::losses::{lm_loss, masked_info_nce, symmetric_info_nce};
+use crate::losses::{UiSimilarity, lm_loss, masked_info_nce, symmetric_info_nce};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LossConfig {
@@ -31,6 +31,10 @@ pub struct LossConfig {
     pub lambda_ui: f64,
     pub lambda_it: f64,
     pub tau: f64,
+    /// L_ui's similarity (the heads rank by it too); absent in specs written before it
+    /// existed, which used the cosine.
+    #[serde(default)]
+    pub ui_similarity: UiSimilarity,
 }
 
 impl Default for LossConfig {
@@ -41,6 +45,7 @@ impl Default for LossConfig {
             lambda_ui: 0.1,
             lambda_it: 0.1,
             tau: 0.07,
+            ui_similarity: UiSimilarity::Cosine,
         }
     }
 }
@@ -346,7 +351,8 @@ pub fn losses(
                 .f_view([batch.targets.len() as i64, k as i64])?
                 .f_to_device(device)?;
             let positives = Tensor::f_from_slice(&positives)?.f_to_device(device)?;
-            let ui = masked_info_nce(&u, &side.v, &positives, &allowed, config.tau)?;
+            let similarity = (config.tau, config.ui_similarity);
+            let ui = masked_info_nce(&u, &side.v, &positives, &allowed, similarity)?;
             ui_term = ui.f_detach()?.f_to_kind(Kind::Float)?;
             total = total.f_add(&ui.f_mul_scalar(config.lambda_ui)?)?;
         }
@@ -402,6 +408,7 @@ mod tests {
                 lambda_ui: ui,
                 lambda_it: it,
                 tau: 0.07,
+                ..LossConfig::default()
             };
             losses(&s.model, &s.heads, &s.items, &b, &c).unwrap()
         };
@@ -417,6 +424,20 @@ mod tests {
         let it_only = only(false, 0.0, 1.0);
         assert_eq!(it_only.read_terms().unwrap().lm, 0.0);
         assert!((it_only.total.double_value(&[]) - terms.it).abs() < 1e-5);
+        // L_ui with the item side's length kept: another value, the other terms unchanged.
+        let kept = LossConfig {
+            ui_similarity: crate::losses::UiSimilarity::UserNormalised,
+            ..LossConfig::default()
+        };
+        let kept = losses(&s.model, &s.heads, &s.items, &b, &kept)
+            .unwrap()
+            .read_terms()
+            .unwrap();
+        assert!(
+            kept.ui.is_finite() && (kept.ui - terms.ui).abs() > 1e-6,
+            "{kept:?}"
+        );
+        assert!((kept.lm - terms.lm).abs() < 1e-6 && (kept.it - terms.it).abs() < 1e-6);
 
         // Text-only prompts: no slots, so no L_it and the projector gets no gradient.
         let text = batch(&s, PromptMode::TextOnly);

@@ -923,6 +923,7 @@ mod tests {
                     lambda_ui: 0.0,
                     lambda_it: 0.0,
                     tau: 0.07,
+                    ..LossConfig::default()
                 }
             }),
         ];
