@@ -43,22 +43,7 @@ pub(crate) fn l2_normalise(x: &Tensor) -> Result<Tensor> {
 
 /// `[N, M]` cosines of each query with each key, divided by `tau`.
 pub(crate) fn cosine_logits(queries: &Tensor, keys: &Tensor, tau: f64) -> Result<Tensor> {
-    // Written so that NaN fails too.
-    let positive = tau > 0.0;
-    if !positive {
-        return Err(TrainError::Invalid(format!(
-            "InfoNCE temperature {tau} must be > 0"
-        )));
-    }
-    let (q, k) = (queries.size(), keys.size());
-    if q.len() != 2 || k.len() != 2 || q[1] != k[1] || q[0] == 0 || k[0] == 0 {
-        return Err(TrainError::Invalid(format!(
-            "InfoNCE: queries {q:?} and keys {k:?} must be non-empty [N, d] and [M, d]"
-        )));
-    }
-    Ok(l2_normalise(queries)?
-        .f_matmul(&l2_normalise(keys)?.f_transpose(0, 1)?)?
-        .f_div_scalar(tau)?)
+    similarity_logits(queries, keys, tau, UiSimilarity::Cosine)
 }
 
 /// How L_ui (and the alignment heads' ranking) compares the user vector `u` with an item
@@ -82,14 +67,26 @@ pub(crate) fn similarity_logits(
     tau: f64,
     similarity: UiSimilarity,
 ) -> Result<Tensor> {
-    // The same checks as the cosine (shapes, tau).
-    let cosines = cosine_logits(queries, keys, tau)?;
-    match similarity {
-        UiSimilarity::Cosine => Ok(cosines),
-        UiSimilarity::UserNormalised => Ok(l2_normalise(queries)?
-            .f_matmul(&keys.f_to_kind(Kind::Float)?.f_transpose(0, 1)?)?
-            .f_div_scalar(tau)?),
+    // Written so that NaN fails too.
+    let positive = tau > 0.0;
+    if !positive {
+        return Err(TrainError::Invalid(format!(
+            "InfoNCE temperature {tau} must be > 0"
+        )));
     }
+    let (q, k) = (queries.size(), keys.size());
+    if q.len() != 2 || k.len() != 2 || q[1] != k[1] || q[0] == 0 || k[0] == 0 {
+        return Err(TrainError::Invalid(format!(
+            "InfoNCE: queries {q:?} and keys {k:?} must be non-empty [N, d] and [M, d]"
+        )));
+    }
+    let keys = match similarity {
+        UiSimilarity::Cosine => l2_normalise(keys)?,
+        UiSimilarity::UserNormalised => keys.f_to_kind(Kind::Float)?,
+    };
+    Ok(l2_normalise(queries)?
+        .f_matmul(&keys.f_transpose(0, 1)?)?
+        .f_div_scalar(tau)?)
 }
 
 /// InfoNCE of `queries` `[N, d]` against `keys` `[M, d]`, row i's positive at
