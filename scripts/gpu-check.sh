@@ -35,6 +35,8 @@
 # GPU_WARMUP (projector warm-up steps before every stage-2 run with slots),
 # GPU_UI_SIM=user-normalised (L_ui keeps the item vectors' length; docs/results.md, "What ranking
 # by the cosine costs the recommenders themselves"),
+# GPU_UI_NEG=catalog (L_ui's softmax over every item instead of the candidates; docs/results.md,
+# "The alignment heads' ceiling"),
 # GPU_FULL=1 (full fine-tune, as the peer anchor's text-only baseline: try GPU_LR=1e-4), and for
 # a dry run on the CPU machine GPU_DEVICE=cpu GPU_TEST_LIMIT=3 (with OUT and /tmp/rsllm-gpu here).
 set -euo pipefail
@@ -191,7 +193,7 @@ pipeline)
         --stage-time-limit-secs "${GPU_STAGE_SECS:-110}" \
         ${GPU_VARIANTS:+--variants "$GPU_VARIANTS"} ${GPU_TEST_LIMIT:+--test-limit "$GPU_TEST_LIMIT"} \
         ${GPU_LR:+--lr "$GPU_LR"} ${GPU_WARMUP:+--projector-warmup-steps "$GPU_WARMUP"} ${GPU_FULL:+--full-finetune --checkpoint-every 1000} \
-        ${GPU_UI_SIM:+--ui-similarity "$GPU_UI_SIM"} \
+        ${GPU_UI_SIM:+--ui-similarity "$GPU_UI_SIM"} ${GPU_UI_NEG:+--ui-negatives "$GPU_UI_NEG"} \
         --out "$run" 2>&1 | tee "$out/pipeline.log"
     status=${PIPESTATUS[0]}
     set -e

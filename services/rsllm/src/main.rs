@@ -8,6 +8,7 @@ mod job_cmd;
 mod llm_cmd;
 mod pipeline_cmd;
 mod plot;
+mod probe_cmd;
 mod rec_cmd;
 mod train_cmd;
 
@@ -39,6 +40,9 @@ enum Command {
     Eval(eval_cmd::EvalArgs),
     /// The whole method: data, SASRec, stage 1, stage 2, evaluation, report.
     Pipeline(pipeline_cmd::PipelineArgs),
+    /// The alignment heads' ceiling: L_ui's heads trained on the recommender's user states with
+    /// the LLM taken out, ranked beside the recommender on the same rows (a diagnostic).
+    ProbeHeads(probe_cmd::ProbeArgs),
     /// One RSLLM fine-tuning stage (1: text-only, 2: unified Text-ID), resumable.
     Train(train_cmd::TrainArgs),
     /// The LLM engine: model info, generation, continuation scoring.
@@ -70,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(args) => eval_cmd::run(args),
         Command::Train(args) => train_cmd::run(args),
         Command::Pipeline(args) => pipeline_cmd::run(args),
+        Command::ProbeHeads(args) => probe_cmd::run(args),
         Command::Job { endpoint, command } => job_cmd::run(command, endpoint),
     }
 }

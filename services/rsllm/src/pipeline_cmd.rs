@@ -136,6 +136,9 @@ pub struct PipelineArgs {
     /// (see `rsllm train --ui-similarity`).
     #[arg(long, default_value = "cosine")]
     ui_similarity: crate::train_cmd::UiSimilarityArg,
+    /// L_ui's negatives in every training run (see `rsllm train --ui-negatives`).
+    #[arg(long, default_value = "candidates")]
+    ui_negatives: crate::train_cmd::UiNegativesArg,
     /// Optimizer steps between checkpoints (a run stopped by its time limit checkpoints the
     /// step it reached anyway); raise it for a full fine-tune, whose checkpoints are large.
     #[arg(long, default_value_t = 20)]
@@ -263,7 +266,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let lora = LoraConfig::default();
     let recipe = format!(
         "{}LoRA r {} alpha {} on {}, peak lr {peak_lr:e}, micro-batch {} x accumulation \
-         {grad_accum}, {epochs} epoch(s){}",
+         {grad_accum}, {epochs} epoch(s){}{}",
         if args.full_finetune {
             "base weights (full fine-tune) and "
         } else {
@@ -276,6 +279,10 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         match args.ui_similarity {
             crate::train_cmd::UiSimilarityArg::Cosine => "",
             crate::train_cmd::UiSimilarityArg::UserNormalised => ", L_ui user-normalised",
+        },
+        match args.ui_negatives {
+            crate::train_cmd::UiNegativesArg::Candidates => "",
+            crate::train_cmd::UiNegativesArg::Catalog => ", L_ui over the whole catalog",
         },
     );
     let mixture = crate::train_cmd::prepare_mixture(&args.split, &args.stage1_mixture, &paths)?;
@@ -306,6 +313,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             pad_id: base.tokenizer.pad_id.unwrap_or(0),
             loss: LossConfig {
                 ui_similarity: args.ui_similarity.similarity(),
+                ui_negatives: args.ui_negatives.negatives(),
                 ..LossConfig::default()
             },
             adamw: AdamWConfig::default(),

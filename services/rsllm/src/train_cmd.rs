@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use rsllm_core::Paths;
 use rsllm_core::dataset::{DatasetName, PreparedDataset};
 use rsllm_llm::LoraConfig;
-use rsllm_trainer::losses::UiSimilarity;
+use rsllm_trainer::losses::{UiNegatives, UiSimilarity};
 use rsllm_trainer::stage::{
     Domain, StageSpec, TrainSubset, default_out, run_stage_mixed, training_rows,
 };
@@ -63,6 +63,11 @@ pub struct TrainArgs {
     /// starting point) or user-normalised (the item side keeps its length).
     #[arg(long, default_value = "cosine")]
     ui_similarity: UiSimilarityArg,
+    /// L_ui's negatives: candidates (a row's other candidates and the batch's other targets,
+    /// METHOD.md) or catalog (every item: a softmax over the whole catalog, as the
+    /// recommenders train; `rsllm probe-heads` measures what it gives).
+    #[arg(long, default_value = "candidates")]
+    ui_negatives: UiNegativesArg,
     /// Train the base model's weights too (full fine-tuning; checkpoints then hold the whole
     /// model, about 0.5 GB for SmolLM2-135M in f32).
     #[arg(long)]
@@ -185,6 +190,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 lambda_it: args.lambda_it,
                 tau: args.tau,
                 ui_similarity: args.ui_similarity.similarity(),
+                ui_negatives: args.ui_negatives.negatives(),
             },
             adamw: AdamWConfig::default(),
             curriculum: false,
@@ -263,6 +269,22 @@ impl UiSimilarityArg {
         match self {
             UiSimilarityArg::Cosine => UiSimilarity::Cosine,
             UiSimilarityArg::UserNormalised => UiSimilarity::UserNormalised,
+        }
+    }
+}
+
+/// `--ui-negatives` (rsllm_trainer::losses::UiNegatives).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UiNegativesArg {
+    Candidates,
+    Catalog,
+}
+
+impl UiNegativesArg {
+    pub fn negatives(self) -> UiNegatives {
+        match self {
+            UiNegativesArg::Candidates => UiNegatives::Candidates,
+            UiNegativesArg::Catalog => UiNegatives::Catalog,
         }
     }
 }

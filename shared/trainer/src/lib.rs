@@ -13,6 +13,7 @@ pub mod eval;
 pub mod losses;
 pub mod objective;
 pub mod optim;
+pub mod probe;
 pub mod schedule;
 pub mod stage;
 #[cfg(test)]

@@ -60,6 +60,18 @@ pub enum UiSimilarity {
     UserNormalised,
 }
 
+/// Which items L_ui contrasts a row's target with (our choice; METHOD.md: "the other 19
+/// candidates and the batch's other targets").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UiNegatives {
+    /// The row's other candidates and the batch's other targets (METHOD.md).
+    #[default]
+    Candidates,
+    /// Every item of the catalog: a softmax over all items, as the recommenders are trained.
+    Catalog,
+}
+
 /// `[N, M]` similarities of each query with each key under `similarity`, divided by `tau`.
 pub(crate) fn similarity_logits(
     queries: &Tensor,

@@ -23,7 +23,9 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::batch::Batch;
 use crate::error::{Result, TrainError};
-use crate::losses::{UiSimilarity, lm_loss, masked_info_nce, symmetric_info_nce};
+use crate::losses::{
+    UiNegatives, UiSimilarity, lm_loss, masked_info_nce, similarity_logits, symmetric_info_nce,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LossConfig {
@@ -35,6 +37,10 @@ pub struct LossConfig {
     /// existed, which used the cosine.
     #[serde(default)]
     pub ui_similarity: UiSimilarity,
+    /// L_ui's negatives; absent in specs written before it existed, which used the
+    /// candidates.
+    #[serde(default)]
+    pub ui_negatives: UiNegatives,
 }
 
 impl Default for LossConfig {
@@ -46,6 +52,7 @@ impl Default for LossConfig {
             lambda_it: 0.1,
             tau: 0.07,
             ui_similarity: UiSimilarity::Cosine,
+            ui_negatives: UiNegatives::Candidates,
         }
     }
 }
@@ -109,11 +116,50 @@ impl RsllmHeads {
             None => text.shallow_clone(),
         };
         Ok(ItemSide {
-            v: summed.f_matmul(&self.w_v.f_transpose(0, 1)?)?,
+            v: self.item_head(&summed)?,
             text,
             projected,
         })
     }
+
+    /// `W_v x` for item inputs `x` `[K, D]` (in f32): the item side's head alone, for callers
+    /// that assemble `x` themselves (the heads probe).
+    pub(crate) fn item_head(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_to_kind(Kind::Float)?
+            .f_matmul(&self.w_v.f_transpose(0, 1)?)?)
+    }
+}
+
+/// L_ui on one batch: row `r`'s user vector `u[r]` against the item vectors `v` of `distinct`
+/// (sorted, every candidate and target of the batch), its positive its target, its negatives
+/// its other candidates and the batch's other targets; nothing else is allowed in its softmax.
+pub(crate) fn ui_loss(
+    u: &Tensor,
+    v: &Tensor,
+    distinct: &[ItemId],
+    (targets, candidates): (&[ItemId], &[Vec<ItemId>]),
+    similarity: (f64, UiSimilarity),
+) -> Result<Tensor> {
+    let k = distinct.len();
+    let index_of = |item: ItemId| {
+        distinct.binary_search(&item).map_err(|_| {
+            TrainError::Invalid(format!("L_ui: item {item} is not among the batch's items"))
+        })
+    };
+    let mut allowed = vec![false; targets.len() * k];
+    let mut positives = Vec::with_capacity(targets.len());
+    for (row, (&target, row_candidates)) in targets.iter().zip(candidates).enumerate() {
+        for &c in row_candidates.iter().chain(targets) {
+            allowed[row * k + index_of(c)?] = true;
+        }
+        positives.push(index_of(target)? as i64);
+    }
+    let device = u.device();
+    let allowed = Tensor::f_from_slice(&allowed)?
+        .f_view([targets.len() as i64, k as i64])?
+        .f_to_device(device)?;
+    let positives = Tensor::f_from_slice(&positives)?.f_to_device(device)?;
+    masked_info_nce(u, v, &positives, &allowed, similarity)
 }
 
 /// [`RsllmHeads::item_vectors`]' result: `v_i`, `t_i` and `P(e_i)`, one row per item.
@@ -122,6 +168,34 @@ pub struct ItemSide {
     pub v: Tensor,
     pub text: Tensor,
     pub projected: Option<Tensor>,
+}
+
+/// L_ui with the whole catalog as negatives ([`UiNegatives::Catalog`]): row `r`'s user vector
+/// `u[r]` against every item's `v` (`[num_items, D]`, item id = row), a softmax over all items
+/// with its target as the positive, as the recommenders are trained.
+pub(crate) fn catalog_ui_loss(
+    u: &Tensor,
+    v_all: &Tensor,
+    targets: &[ItemId],
+    (tau, similarity): (f64, UiSimilarity),
+) -> Result<Tensor> {
+    let n_items = v_all.size().first().copied().unwrap_or(0);
+    if let Some(bad) = targets.iter().find(|&&t| i64::from(t) >= n_items) {
+        return Err(TrainError::Invalid(format!(
+            "L_ui: target item {bad} is outside the catalog of {n_items} items"
+        )));
+    }
+    let targets: Vec<i64> = targets.iter().map(|&t| i64::from(t)).collect();
+    let targets = Tensor::f_from_slice(&targets)?.f_to_device(u.device())?;
+    Ok(
+        similarity_logits(u, v_all, tau, similarity)?.f_cross_entropy_loss::<Tensor>(
+            &targets,
+            None,
+            tch::Reduction::Mean,
+            -100,
+            0.0,
+        )?,
+    )
 }
 
 /// The frozen side of an item: its recommender vector and its title's token ids.
@@ -321,7 +395,6 @@ pub fn losses(
         // The items of this batch: every candidate (the targets are among them).
         let distinct: BTreeSet<ItemId> = batch.candidates.iter().flatten().copied().collect();
         let distinct: Vec<ItemId> = distinct.into_iter().collect();
-        let index_of = |item: ItemId| distinct.binary_search(&item).unwrap_or(0) as i64;
         let side = heads.item_vectors(model, items, &distinct, unified)?;
         if config.lambda_it > 0.0
             && let Some(p) = &side.projected
@@ -336,23 +409,21 @@ pub fn losses(
                 Some(&batch.last_prompt),
             ])?;
             let u = heads.user_vectors(&h)?;
-            let k = distinct.len();
-            let mut allowed = vec![false; batch.targets.len() * k];
-            let mut positives = Vec::with_capacity(batch.targets.len());
-            for (row, (target, candidates)) in
-                batch.targets.iter().zip(&batch.candidates).enumerate()
-            {
-                for &c in candidates.iter().chain(&batch.targets) {
-                    allowed[row * k + index_of(c) as usize] = true;
-                }
-                positives.push(index_of(*target));
-            }
-            let allowed = Tensor::f_from_slice(&allowed)?
-                .f_view([batch.targets.len() as i64, k as i64])?
-                .f_to_device(device)?;
-            let positives = Tensor::f_from_slice(&positives)?.f_to_device(device)?;
             let similarity = (config.tau, config.ui_similarity);
-            let ui = masked_info_nce(&u, &side.v, &positives, &allowed, similarity)?;
+            let ui = match config.ui_negatives {
+                UiNegatives::Candidates => ui_loss(
+                    &u,
+                    &side.v,
+                    &distinct,
+                    (&batch.targets, &batch.candidates),
+                    similarity,
+                )?,
+                UiNegatives::Catalog => {
+                    let all: Vec<ItemId> = (0..items.title_ids.len() as ItemId).collect();
+                    let catalog = heads.item_vectors(model, items, &all, unified)?;
+                    catalog_ui_loss(&u, &catalog.v, &batch.targets, similarity)?
+                }
+            };
             ui_term = ui.f_detach()?.f_to_kind(Kind::Float)?;
             total = total.f_add(&ui.f_mul_scalar(config.lambda_ui)?)?;
         }
@@ -398,6 +469,28 @@ mod tests {
     }
 
     #[test]
+    fn catalog_ui_loss_is_the_softmax_over_every_item() {
+        let u = Tensor::from_slice(&[2.0f32, 0.0]).view([1, 2]);
+        // Cosines with u: 1, 0, -1 (the lengths do not count under the cosine).
+        let v = Tensor::from_slice(&[3.0f32, 0.0, 0.0, 1.0, -1.0, 0.0]).view([3, 2]);
+        let loss = |target, similarity| {
+            catalog_ui_loss(&u, &v, &[target], (0.5, similarity))
+                .unwrap()
+                .double_value(&[])
+        };
+        let partition = (2f64.exp() + 1.0 + (-2f64).exp()).ln();
+        assert!((loss(0, UiSimilarity::Cosine) - (partition - 2.0)).abs() < 1e-5);
+        assert!((loss(2, UiSimilarity::Cosine) - (partition + 2.0)).abs() < 1e-5);
+        // User-normalised: the first item's length 3 counts.
+        let kept = (6f64.exp() + 1.0 + (-2f64).exp()).ln() - 6.0;
+        assert!((loss(0, UiSimilarity::UserNormalised) - kept).abs() < 1e-5);
+        let err = catalog_ui_loss(&u, &v, &[3], (0.5, UiSimilarity::Cosine))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("item 3") && err.contains("3 items"), "{err}");
+    }
+
+    #[test]
     fn each_term_switches_and_training_lowers_the_total() {
         let _rng = rng_lock();
         let s = setup();
@@ -438,6 +531,20 @@ mod tests {
             "{kept:?}"
         );
         assert!((kept.lm - terms.lm).abs() < 1e-6 && (kept.it - terms.it).abs() < 1e-6);
+        // L_ui over the whole catalog: more negatives than the candidates, a larger value.
+        let catalog = LossConfig {
+            ui_negatives: UiNegatives::Catalog,
+            ..LossConfig::default()
+        };
+        let catalog = losses(&s.model, &s.heads, &s.items, &b, &catalog)
+            .unwrap()
+            .read_terms()
+            .unwrap();
+        assert!(
+            catalog.ui.is_finite() && catalog.ui > terms.ui,
+            "{catalog:?} {terms:?}"
+        );
+        assert!((catalog.lm - terms.lm).abs() < 1e-6 && (catalog.it - terms.it).abs() < 1e-6);
 
         // Text-only prompts: no slots, so no L_it and the projector gets no gradient.
         let text = batch(&s, PromptMode::TextOnly);

@@ -158,8 +158,35 @@ pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) 
         // docs/results.md, and the copy would only take memory).
         base.model.keep_compute_copies(Some(Kind::BFloat16))?;
     }
-    let mut recommender = None;
-    let (vectors, d_id, version) = match &spec.recommender {
+    if spec.user_slot && spec.recommender.is_none() {
+        return Err(TrainError::Invalid(
+            "user_slot needs the recommender whose user states fill the slot".into(),
+        ));
+    }
+    let (items, d_id, version) =
+        item_table(base, catalog, spec.recommender.as_deref(), spec.user_slot)?;
+    let heads = RsllmHeads::new(&trained.root(), d_id, base.model.config.hidden_size);
+    Ok(Rsllm {
+        trained,
+        heads,
+        items,
+        recommender_version: version,
+    })
+}
+
+/// The frozen side of the catalog's items on `base`'s device: the recommender's item vectors
+/// from `recommender` (a zero table of width 64 without one: text-only prompts never read it)
+/// and each title's tokens. Also returns the vectors' width and the recommender's version;
+/// the table keeps the recommender itself when `keep_recommender` (user states need it).
+pub fn item_table(
+    base: &LoadedModel,
+    catalog: &Catalog,
+    recommender: Option<&Path>,
+    keep_recommender: bool,
+) -> Result<(ItemTable, usize, Option<String>)> {
+    let device = base.model.device();
+    let mut kept = None;
+    let (vectors, d_id, version) = match recommender {
         Some(dir) => {
             let rec = rsllm_recommender::RecModel::load(dir, Device::Cpu)
                 .map_err(|e| TrainError::Invalid(format!("{}: {e}", dir.display())))?;
@@ -178,15 +205,10 @@ pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) 
                 .f_view([rec.num_items() as i64, rec.dim() as i64])?
                 .f_to_device(device)?;
             let found = (table, rec.dim(), Some(rec.version().to_owned()));
-            if spec.user_slot {
-                recommender = Some(rec);
+            if keep_recommender {
+                kept = Some(rec);
             }
             found
-        }
-        None if spec.user_slot => {
-            return Err(TrainError::Invalid(
-                "user_slot needs the recommender whose user states fill the slot".into(),
-            ));
         }
         None => (
             Tensor::f_zeros([catalog.num_items() as i64, 64], (Kind::Float, device))?,
@@ -194,7 +216,6 @@ pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) 
             None,
         ),
     };
-    let heads = RsllmHeads::new(&trained.root(), d_id, base.model.config.hidden_size);
     let title_ids = catalog
         .titles
         .iter()
@@ -202,16 +223,12 @@ pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) 
             TextEncoder::encode(&base.tokenizer, &format!(" {t}")).map_err(TrainError::Invalid)
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Rsllm {
-        trained,
-        heads,
-        items: ItemTable {
-            vectors,
-            title_ids,
-            recommender,
-        },
-        recommender_version: version,
-    })
+    let items = ItemTable {
+        vectors,
+        title_ids,
+        recommender: kept,
+    };
+    Ok((items, d_id, version))
 }
 
 /// Copies the trained tensors of a stage output (its latest checkpoint) into `trained`, and a
@@ -1186,6 +1203,9 @@ mod tests {
             .unwrap()
             .remove("projector_warmup_steps");
         value["train"].as_object_mut().unwrap().remove("curriculum");
+        // L_ui's settings: the cosine and the candidates, as before they were settings.
+        let loss = value["train"]["loss"].as_object_mut().unwrap();
+        assert!(loss.remove("ui_similarity").is_some() && loss.remove("ui_negatives").is_some());
         let back: StageSpec = serde_json::from_value(value).unwrap();
         // Which rows a limit keeps: the first, as before the choice existed.
         let mut expected = spec(2);

@@ -73,7 +73,7 @@ pub struct WarmupReport {
 }
 
 /// `[num_items, d_llm]` text vectors of every item, chunked, without gradients.
-fn all_text_vectors(model: &Llama, items: &ItemTable) -> Result<Tensor> {
+pub(crate) fn all_text_vectors(model: &Llama, items: &ItemTable) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
     let ids: Vec<ItemId> = (0..items.title_ids.len() as ItemId).collect();
     let chunks = ids
