@@ -315,6 +315,24 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
             },
             "spec.projector_warmup_steps = 4294967295: at most",
         ),
+        (
+            pb::JobSpec {
+                stage: 1,
+                dataset: "movielens".into(),
+                ui_negatives: 9,
+                ..Default::default()
+            },
+            "spec.ui_negatives = 9: not a UiNegatives",
+        ),
+        (
+            pb::JobSpec {
+                stage: 1,
+                dataset: "movielens".into(),
+                ui_similarity: -1,
+                ..Default::default()
+            },
+            "spec.ui_similarity = -1: not a UiSimilarity",
+        ),
     ] {
         expect_refused_job(&mut c, spec, needle).await;
     }
@@ -416,9 +434,9 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
         ) >= 5.0
     );
 
-    // The user-slot variant over gRPC (with a few projector warm-up steps): refused for stage
-    // 1; trained for stage 2, its adapter serves with prompts whose user slot holds the
-    // embedding-service's user state.
+    // The user-slot variant over gRPC (with a few projector warm-up steps, and L_ui over the
+    // whole catalog with the item lengths kept): refused for stage 1; trained for stage 2, its
+    // adapter serves with prompts whose user slot holds the embedding-service's user state.
     let user_spec = |stage: u32| pb::JobSpec {
         stage,
         dataset: "movielens".into(),
@@ -428,6 +446,8 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
         grad_accum: Some(1),
         user_slot: true,
         projector_warmup_steps: 3,
+        ui_similarity: pb::UiSimilarity::UserNormalised as i32,
+        ui_negatives: pb::UiNegatives::Catalog as i32,
         ..Default::default()
     };
     for (spec, needle) in [
@@ -464,6 +484,26 @@ async fn recommend_training_jobs_redis_outage_and_bad_inputs() {
         pb::JobState::Succeeded as i32,
         "{}",
         user_end.message
+    );
+    // The stage trained with the L_ui settings the spec asked for.
+    let stage_file = fleet
+        .cache
+        .path()
+        .join("jobs")
+        .join(&user_job)
+        .join("stage.json");
+    let stage: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&stage_file).unwrap_or_else(|e| panic!("{}: {e}", stage_file.display())),
+    )
+    .unwrap();
+    let loss = &stage["train"]["loss"];
+    assert_eq!(
+        (
+            loss["ui_similarity"].as_str(),
+            loss["ui_negatives"].as_str()
+        ),
+        (Some("user-normalised"), Some("catalog")),
+        "{loss}"
     );
     for mode in [Ranking, Generative] {
         let r = call_recommend(&mut c, recommend(&HISTORY, candidates(), 3, mode))

@@ -19,6 +19,7 @@ use rsllm_core::{DatasetName, Paths, Protocol};
 use rsllm_llm::LoraConfig;
 use rsllm_proto::v1 as pb;
 use rsllm_proto::v1::JobState;
+use rsllm_trainer::losses::{UiNegatives, UiSimilarity};
 use rsllm_trainer::stage::{StageSpec, TrainSubset, run_stage};
 use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
 use tokio::sync::watch;
@@ -222,6 +223,28 @@ impl Jobs {
             Some(spec.projector_warmup_steps),
             MAX_PROJECTOR_WARMUP_STEPS,
         )?;
+        let ui_similarity = match pb::UiSimilarity::try_from(spec.ui_similarity) {
+            Ok(pb::UiSimilarity::Unspecified | pb::UiSimilarity::Cosine) => UiSimilarity::Cosine,
+            Ok(pb::UiSimilarity::UserNormalised) => UiSimilarity::UserNormalised,
+            Err(_) => {
+                return Err(invalid(format!(
+                    "spec.ui_similarity = {}: not a UiSimilarity",
+                    spec.ui_similarity
+                )));
+            }
+        };
+        let ui_negatives = match pb::UiNegatives::try_from(spec.ui_negatives) {
+            Ok(pb::UiNegatives::Unspecified | pb::UiNegatives::Candidates) => {
+                UiNegatives::Candidates
+            }
+            Ok(pb::UiNegatives::Catalog) => UiNegatives::Catalog,
+            Err(_) => {
+                return Err(invalid(format!(
+                    "spec.ui_negatives = {}: not a UiNegatives",
+                    spec.ui_negatives
+                )));
+            }
+        };
         let lr = spec.learning_rate.unwrap_or(2e-4);
         if !(lr.is_finite() && lr > 0.0 && lr < 1.0) {
             return Err(invalid(format!(
@@ -242,6 +265,8 @@ impl Jobs {
             user_slot_last: spec.user_slot_last,
             projector_warmup_steps: u64::from(spec.projector_warmup_steps),
             eval_limit: spec.eval_limit.unwrap_or(0),
+            ui_similarity,
+            ui_negatives,
         })
     }
 
@@ -360,7 +385,8 @@ impl Jobs {
                     lambda_ui: 0.1,
                     lambda_it: 0.1,
                     tau: 0.07,
-                    ..LossConfig::default()
+                    ui_similarity: plan.ui_similarity,
+                    ui_negatives: plan.ui_negatives,
                 },
                 adamw: AdamWConfig::default(),
                 curriculum: false,
@@ -514,6 +540,8 @@ struct Plan {
     user_slot: bool,
     user_slot_last: bool,
     projector_warmup_steps: u64,
+    ui_similarity: UiSimilarity,
+    ui_negatives: UiNegatives,
 }
 
 enum JobEnd {

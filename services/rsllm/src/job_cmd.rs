@@ -76,6 +76,12 @@ pub struct SubmitArgs {
     /// Stage 2: steps of projector warm-up before the first training step (0: none).
     #[arg(long, default_value_t = 0)]
     projector_warmup_steps: u32,
+    /// L_ui's similarity (see `rsllm train --ui-similarity`; the service's default: cosine).
+    #[arg(long)]
+    ui_similarity: Option<crate::train_cmd::UiSimilarityArg>,
+    /// L_ui's negatives (see `rsllm train --ui-negatives`; the service's default: candidates).
+    #[arg(long)]
+    ui_negatives: Option<crate::train_cmd::UiNegativesArg>,
     /// Stream the job's progress until it ends (exit 1 unless it succeeded).
     #[arg(long)]
     watch: bool,
@@ -126,6 +132,20 @@ async fn run_async(command: JobCommand, endpoint: Endpoint) -> anyhow::Result<()
                 user_slot: a.user_slot || a.user_slot_last,
                 user_slot_last: a.user_slot_last,
                 projector_warmup_steps: a.projector_warmup_steps,
+                ui_similarity: a
+                    .ui_similarity
+                    .map_or(pb::UiSimilarity::Unspecified, |s| match s {
+                        crate::train_cmd::UiSimilarityArg::Cosine => pb::UiSimilarity::Cosine,
+                        crate::train_cmd::UiSimilarityArg::UserNormalised => {
+                            pb::UiSimilarity::UserNormalised
+                        }
+                    }) as i32,
+                ui_negatives: a
+                    .ui_negatives
+                    .map_or(pb::UiNegatives::Unspecified, |n| match n {
+                        crate::train_cmd::UiNegativesArg::Candidates => pb::UiNegatives::Candidates,
+                        crate::train_cmd::UiNegativesArg::Catalog => pb::UiNegatives::Catalog,
+                    }) as i32,
             };
             let job_id = client
                 .start_training(pb::StartTrainingRequest { spec: Some(spec) })
