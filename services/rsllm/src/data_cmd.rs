@@ -43,7 +43,7 @@ impl SplitArgs {
         }
     }
 
-    /// Prepares or reuses the split.
+    /// Prepares the split, or reuses it when it is already prepared with these settings.
     pub fn prepare(&self, paths: &Paths) -> anyhow::Result<PreparedDataset> {
         Ok(rsllm_core::dataset::prepare(
             self.dataset,

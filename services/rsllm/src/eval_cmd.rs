@@ -53,12 +53,7 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let paths = Paths::from_env()?;
-    let (data, _) = rsllm_core::dataset::prepare_or_reuse(
-        args.split.dataset,
-        args.split.protocol,
-        &args.split.options(),
-        &paths,
-    )?;
+    let data = args.split.prepare(&paths)?;
     let part = args.part.split_part();
     let mut rows = data.rows(part).to_vec();
     if let Some(limit) = args.limit {

@@ -219,12 +219,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     eprintln!("[1/5] data: {dataset} ({})", args.split.protocol);
-    let (data, _) = rsllm_core::dataset::prepare_or_reuse(
-        args.split.dataset,
-        args.split.protocol,
-        &args.split.options(),
-        &paths,
-    )?;
+    let data = args.split.prepare(&paths)?;
     let mut test = data.rows(SplitPart::Test).to_vec();
     if let Some(n) = args.test_limit {
         test.truncate(n);

@@ -65,12 +65,7 @@ enum UserArg {
 
 pub fn run(args: ProbeArgs) -> anyhow::Result<()> {
     let paths = Paths::from_env()?;
-    let (data, _) = rsllm_core::dataset::prepare_or_reuse(
-        args.split.dataset,
-        args.split.protocol,
-        &args.split.options(),
-        &paths,
-    )?;
+    let data = args.split.prepare(&paths)?;
     let dir = model_dir(&paths, &args.split, args.rec_model);
     if !dir.join("manifest.json").is_file() {
         anyhow::bail!(
@@ -81,7 +76,7 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<()> {
         );
     }
     let base = args.model.load()?;
-    let (items, _, version) = item_table(&base, &data.catalog, Some(&dir), true)?;
+    let (items, version) = item_table(&base, &data.catalog, Some(&dir), true)?;
     let config = ProbeConfig {
         steps: args.steps,
         batch: args.batch,

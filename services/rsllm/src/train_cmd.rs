@@ -105,13 +105,12 @@ pub fn prepare_mixture(
     names
         .iter()
         .map(|&name| {
-            let (data, _) = rsllm_core::dataset::prepare_or_reuse(
+            Ok(rsllm_core::dataset::prepare(
                 name,
                 split.protocol,
                 &split.options(),
                 paths,
-            )?;
-            Ok(data)
+            )?)
         })
         .collect()
 }
@@ -131,12 +130,7 @@ pub fn domains<'a>(names: &'a [String], data: &'a [PreparedDataset]) -> Vec<Doma
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let paths = Paths::from_env()?;
-    let (data, _) = rsllm_core::dataset::prepare_or_reuse(
-        args.split.dataset,
-        args.split.protocol,
-        &args.split.options(),
-        &paths,
-    )?;
+    let data = args.split.prepare(&paths)?;
     if args.stage != 1 && !args.mixture.is_empty() {
         anyhow::bail!(
             "--mixture is for stage 1 (text-only prompts); stage 2 trains on the target domain"

@@ -286,6 +286,11 @@ impl SlotIndex {
 }
 
 impl ItemTable {
+    /// The width of the recommender's item vectors (`d_id`).
+    pub fn dim(&self) -> usize {
+        self.vectors.size().get(1).map_or(0, |&d| d as usize)
+    }
+
     fn check(&self, item: ItemId) -> Result<()> {
         let n = self.title_ids.len();
         if item as usize >= n || self.vectors.size().first().copied() != Some(n as i64) {

@@ -163,9 +163,8 @@ pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) 
             "user_slot needs the recommender whose user states fill the slot".into(),
         ));
     }
-    let (items, d_id, version) =
-        item_table(base, catalog, spec.recommender.as_deref(), spec.user_slot)?;
-    let heads = RsllmHeads::new(&trained.root(), d_id, base.model.config.hidden_size);
+    let (items, version) = item_table(base, catalog, spec.recommender.as_deref(), spec.user_slot)?;
+    let heads = RsllmHeads::new(&trained.root(), items.dim(), base.model.config.hidden_size);
     Ok(Rsllm {
         trained,
         heads,
@@ -176,17 +175,17 @@ pub fn build_rsllm(base: &mut LoadedModel, spec: &StageSpec, catalog: &Catalog) 
 
 /// The frozen side of the catalog's items on `base`'s device: the recommender's item vectors
 /// from `recommender` (a zero table of width 64 without one: text-only prompts never read it)
-/// and each title's tokens. Also returns the vectors' width and the recommender's version;
-/// the table keeps the recommender itself when `keep_recommender` (user states need it).
+/// and each title's tokens. Also returns the recommender's version; the table keeps the
+/// recommender itself when `keep_recommender` (user states need it).
 pub fn item_table(
     base: &LoadedModel,
     catalog: &Catalog,
     recommender: Option<&Path>,
     keep_recommender: bool,
-) -> Result<(ItemTable, usize, Option<String>)> {
+) -> Result<(ItemTable, Option<String>)> {
     let device = base.model.device();
     let mut kept = None;
-    let (vectors, d_id, version) = match recommender {
+    let (vectors, version) = match recommender {
         Some(dir) => {
             let rec = rsllm_recommender::RecModel::load(dir, Device::Cpu)
                 .map_err(|e| TrainError::Invalid(format!("{}: {e}", dir.display())))?;
@@ -204,7 +203,7 @@ pub fn item_table(
             let table = Tensor::f_from_slice(&values)?
                 .f_view([rec.num_items() as i64, rec.dim() as i64])?
                 .f_to_device(device)?;
-            let found = (table, rec.dim(), Some(rec.version().to_owned()));
+            let found = (table, Some(rec.version().to_owned()));
             if keep_recommender {
                 kept = Some(rec);
             }
@@ -212,7 +211,6 @@ pub fn item_table(
         }
         None => (
             Tensor::f_zeros([catalog.num_items() as i64, 64], (Kind::Float, device))?,
-            64,
             None,
         ),
     };
@@ -228,7 +226,7 @@ pub fn item_table(
         title_ids,
         recommender: kept,
     };
-    Ok((items, d_id, version))
+    Ok((items, version))
 }
 
 /// Copies the trained tensors of a stage output (its latest checkpoint) into `trained`, and a
