@@ -43,6 +43,9 @@ enum Command {
     /// The alignment heads' ceiling: L_ui's heads trained on the recommender's user states with
     /// the LLM taken out, ranked beside the recommender on the same rows (a diagnostic).
     ProbeHeads(probe_cmd::ProbeArgs),
+    /// What a frozen LLM's last hidden state still carries of the user state the heads probe
+    /// reads: a ridge readout and refit user heads, ranked on the same rows (a diagnostic).
+    ProbeTransport(probe_cmd::TransportArgs),
     /// One RSLLM fine-tuning stage (1: text-only, 2: unified Text-ID), resumable.
     Train(train_cmd::TrainArgs),
     /// The LLM engine: model info, generation, continuation scoring.
@@ -75,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => train_cmd::run(args),
         Command::Pipeline(args) => pipeline_cmd::run(args),
         Command::ProbeHeads(args) => probe_cmd::run(args),
+        Command::ProbeTransport(args) => probe_cmd::run_transport(args),
         Command::Job { endpoint, command } => job_cmd::run(command, endpoint),
     }
 }

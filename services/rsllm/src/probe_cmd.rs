@@ -1,13 +1,20 @@
 //! `rsllm probe-heads`: the alignment heads' ceiling with the LLM taken out
 //! (`rsllm_trainer::probe`): what L_ui's heads reach when the user side is handed the
 //! recommender's user state, beside the recommender itself on the same rows.
+//! `rsllm probe-transport`: the same heads, then what a frozen LLM's last hidden state still
+//! carries of that user state (`rsllm_trainer::transport`).
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use rsllm_core::Paths;
+use rsllm_core::dataset::PreparedDataset;
 use rsllm_core::metrics::RankingMetrics;
+use rsllm_llm::LoadedModel;
+use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions};
+use rsllm_trainer::ItemTable;
 use rsllm_trainer::probe::{ProbeConfig, ProbeUser, probe_heads};
 use rsllm_trainer::stage::item_table;
+use rsllm_trainer::transport::{PromptSource, TransportConfig, probe_transport};
 
 use crate::data_cmd::SplitArgs;
 use crate::llm_cmd::ModelArgs;
@@ -63,7 +70,17 @@ enum UserArg {
     HistoryMean,
 }
 
-pub fn run(args: ProbeArgs) -> anyhow::Result<()> {
+/// What both probes read: the split, the LLM, the item table and its recommender's version,
+/// and the heads probe's settings.
+struct Setup {
+    data: PreparedDataset,
+    base: LoadedModel,
+    items: ItemTable,
+    version: Option<String>,
+    config: ProbeConfig,
+}
+
+fn setup(args: &ProbeArgs) -> anyhow::Result<Setup> {
     let paths = Paths::from_env()?;
     let data = args.split.prepare(&paths)?;
     let dir = model_dir(&paths, &args.split, args.rec_model);
@@ -93,6 +110,30 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<()> {
         num_candidates: args.split.num_candidates,
         seed: args.seed,
     };
+    Ok(Setup {
+        data,
+        base,
+        items,
+        version,
+        config,
+    })
+}
+
+fn cell(m: &RankingMetrics) -> String {
+    format!(
+        "{:.3} [{:.3}, {:.3}] / {:.3} / {:.3}",
+        m.hr1.mean, m.hr1.low, m.hr1.high, m.hr5.mean, m.ndcg5.mean
+    )
+}
+
+pub fn run(args: ProbeArgs) -> anyhow::Result<()> {
+    let Setup {
+        data,
+        base,
+        items,
+        version,
+        config,
+    } = setup(&args)?;
     let started = std::time::Instant::now();
     let report = probe_heads(
         &base.model,
@@ -106,12 +147,6 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    let cell = |m: &RankingMetrics| {
-        format!(
-            "{:.3} [{:.3}, {:.3}] / {:.3} / {:.3}",
-            m.hr1.mean, m.hr1.low, m.hr1.high, m.hr5.mean, m.ndcg5.mean
-        )
-    };
     println!(
         "heads probe on {} ({} {}, {:?}): {} steps of {} of {} training rows in {:.0} s; loss {:.3} -> {:.3}",
         args.split.dataset,
@@ -136,6 +171,115 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<()> {
             cell(&part.heads),
             cell(&part.recommender_dot),
             cell(&part.recommender_cosine)
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct TransportArgs {
+    #[command(flatten)]
+    probe: ProbeArgs,
+    /// The prompts whose last hidden state is read, slots filled by the probe's projector:
+    /// user-slot-last (the user slot as the final token), user-slot, unified (RSLLM's) or
+    /// text-only.
+    #[arg(long, default_value = "user-slot-last")]
+    prompt: PromptArg,
+    /// Training rows (drawn, seeded) whose hidden states the readout and the refits are fit
+    /// on: one LLM forward each.
+    #[arg(long, default_value_t = 4000)]
+    fit_rows: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PromptArg {
+    UserSlotLast,
+    UserSlot,
+    Unified,
+    TextOnly,
+}
+
+impl PromptArg {
+    fn mode(self) -> PromptMode {
+        match self {
+            PromptArg::UserSlotLast => PromptMode::UnifiedWithUserLast,
+            PromptArg::UserSlot => PromptMode::UnifiedWithUser,
+            PromptArg::Unified => PromptMode::Unified,
+            PromptArg::TextOnly => PromptMode::TextOnly,
+        }
+    }
+}
+
+pub fn run_transport(args: TransportArgs) -> anyhow::Result<()> {
+    let Setup {
+        data,
+        base,
+        items,
+        version,
+        config,
+    } = setup(&args.probe)?;
+    let dataset = args.probe.split.dataset.to_string();
+    let slot = base.tokenizer.pad_id.unwrap_or(0);
+    let builder = PromptBuilder::with_builtin_templates(&dataset, PromptOptions::new(slot))?;
+    let source = PromptSource {
+        tokenizer: &base.tokenizer,
+        builder: &builder,
+        catalog: &data.catalog,
+    };
+    let transport = TransportConfig {
+        probe: config,
+        prompt_mode: args.prompt.mode(),
+        fit_rows: args.fit_rows,
+    };
+    let forwards = args.fit_rows.min(data.train.len()) + data.test.len() + data.val.len();
+    let bar = indicatif::ProgressBar::new(forwards as u64);
+    let started = std::time::Instant::now();
+    let report = probe_transport(
+        &base.model,
+        &source,
+        &items,
+        &data.train,
+        &[("test", &data.test), ("val", &data.val)],
+        transport,
+        &mut |k| bar.inc(k as u64),
+    )
+    .with_context(|| format!("transport probe on {dataset}"))?;
+    bar.finish_and_clear();
+    if args.probe.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "transport probe on {dataset} ({} {}, {:?}, {} prompts of {:.0} tokens on average): \
+         heads probe on {} training rows, readout and refits on {} of them, in {:.0} s",
+        args.probe.rec_model.name(),
+        version.as_deref().unwrap_or("?"),
+        base.model.device(),
+        args.prompt
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_owned()),
+        report.mean_prompt_tokens,
+        report.probe.train_rows,
+        report.fit_rows,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "ridge readout of P(s_u) from h: strength {:.0e}, R² {:.3} on held-out fit rows",
+        report.ridge, report.readout_r2_held_out
+    );
+    println!(
+        "part | rows | R² | probe on P(s_u) (all rows) | probe's W_u on the readout | fresh W_u on h | fresh W_u on P(s_u) (same rows)"
+    );
+    for (probe, part) in report.probe.parts.iter().zip(&report.parts) {
+        println!(
+            "{} | {} | {:.3} | {} | {} | {} | {}",
+            part.part,
+            probe.heads.n,
+            part.readout_r2,
+            cell(&probe.heads),
+            cell(&part.hidden_readout),
+            cell(&part.hidden_refit),
+            cell(&part.state_refit)
         );
     }
     Ok(())

@@ -392,7 +392,7 @@ fn alignment_scores(
 }
 
 /// The last hidden state `[D]` of `prompt`, slots filled: one prompt forward.
-fn prompt_state(e: &Evaluated<'_>, prompt: &BuiltPrompt) -> Result<Tensor> {
+pub(crate) fn prompt_state(e: &Evaluated<'_>, prompt: &BuiltPrompt) -> Result<Tensor> {
     let device = e.model.device();
     let t = prompt.input_ids.len() as i64;
     let ids: Vec<i64> = prompt.input_ids.iter().map(|&id| i64::from(id)).collect();
@@ -505,12 +505,8 @@ mod tests {
 
     /// The trainer's fixture, its tokenizer as the LLM's, and MovieLens's prompt builder.
     fn fixture() -> (crate::test_support::Setup, LlmTokenizer, PromptBuilder) {
-        use rsllm_prompt::PromptOptions;
-        use rsllm_prompt::testing::PAD_ID;
         let s = crate::test_support::setup();
-        let tokenizer = LlmTokenizer::from_tokenizer(s.tokenizer.clone(), None, None, Some(PAD_ID));
-        let builder =
-            PromptBuilder::with_builtin_templates("movielens", PromptOptions::new(PAD_ID)).unwrap();
+        let (tokenizer, builder) = crate::test_support::prompt_side(&s);
         (s, tokenizer, builder)
     }
 

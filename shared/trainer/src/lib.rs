@@ -19,6 +19,7 @@ pub mod stage;
 #[cfg(test)]
 mod test_support;
 pub mod train_loop;
+pub mod transport;
 pub mod warmup;
 
 pub use checkpoint::{Checkpoint, CheckpointManifest};

@@ -205,6 +205,115 @@ impl Frozen<'_> {
     }
 }
 
+/// Heads the probe trained, with what it reads and what its training reported.
+pub(crate) struct TrainedProbe<'a> {
+    /// Holds the heads' variables.
+    _store: nn::VarStore,
+    pub heads: RsllmHeads,
+    frozen: Frozen<'a>,
+    pub config: ProbeConfig,
+    pub train_rows: usize,
+    pub loss_first: f64,
+    pub loss_last: f64,
+}
+
+impl TrainedProbe<'_> {
+    /// `[num_items, d_llm]` item vectors `v_i` of every item, without gradients.
+    pub fn all_item_vectors(&self) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let all = self.frozen.all_items()?;
+        self.heads.item_head(
+            &self
+                .frozen
+                .item_inputs(&self.heads, &all, self.config.item_text)?
+                .0,
+        )
+    }
+
+    /// `[N, d_llm]` user-side inputs of `rows` (the probe's [`ProbeUser`]), without gradients.
+    pub fn user_inputs(&self, rows: &[&SeqExample]) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        self.frozen.user_inputs(&self.heads, rows, self.config.user)
+    }
+
+    /// The probe's report: its ranking of each part of `eval` beside the recommender's.
+    pub fn report(&self, eval: &[(&str, &[SeqExample])]) -> Result<ProbeReport> {
+        let _guard = tch::no_grad_guard();
+        let item_vectors = self.all_item_vectors()?;
+        let recommender = self.frozen.recommender;
+        let mut parts = Vec::with_capacity(eval.len());
+        for &(part, rows) in eval {
+            let borrowed: Vec<&SeqExample> = rows.iter().collect();
+            let u = self.heads.user_vectors(&self.user_inputs(&borrowed)?)?;
+            let ranks = candidate_ranks(&u, &item_vectors, rows, part, self.config.similarity)?;
+            let recommender_error = |e| TrainError::Invalid(format!("heads probe: {part}: {e}"));
+            let recommender_ranks =
+                target_ranks_by(recommender, rows, Similarity::Dot).map_err(recommender_error)?;
+            parts.push(ProbePart {
+                part: part.to_owned(),
+                heads: ranking_metrics(&ranks),
+                recommender_dot: ranking_metrics(&recommender_ranks),
+                recommender_cosine: evaluate_by(recommender, rows, Similarity::Cosine)
+                    .map_err(recommender_error)?,
+                heads_ranks: ranks,
+                recommender_ranks,
+            });
+        }
+        Ok(ProbeReport {
+            config: self.config,
+            train_rows: self.train_rows,
+            loss_first: self.loss_first,
+            loss_last: self.loss_last,
+            parts,
+        })
+    }
+}
+
+/// Each row's target rank (0: first) among its stored candidates, scored by the similarity of
+/// its user vector (`u`, one row per row of `rows`) with `item_vectors` (`[num_items, D]`).
+pub(crate) fn candidate_ranks(
+    u: &Tensor,
+    item_vectors: &Tensor,
+    rows: &[SeqExample],
+    part: &str,
+    similarity: UiSimilarity,
+) -> Result<Vec<usize>> {
+    let n_items = item_vectors.size()[0];
+    // The temperature scales every score of a row alike: it cannot change a ranking.
+    let scores = similarity_logits(u, item_vectors, 1.0, similarity)?.f_to_device(Device::Cpu)?;
+    let scores = Vec::<Vec<f32>>::try_from(scores)?;
+    if scores.len() != rows.len() {
+        return Err(TrainError::Invalid(format!(
+            "{part}: {} user vectors for {} rows",
+            scores.len(),
+            rows.len()
+        )));
+    }
+    let mut ranks = Vec::with_capacity(rows.len());
+    for (index, (row, row_scores)) in rows.iter().zip(&scores).enumerate() {
+        let target = row
+            .candidates
+            .iter()
+            .position(|&c| c == row.target)
+            .ok_or_else(|| {
+                TrainError::Invalid(format!(
+                    "{part} row {index}: the target is not among its stored candidates"
+                ))
+            })?;
+        let mut candidate_scores = Vec::with_capacity(row.candidates.len());
+        for &c in &row.candidates {
+            let score = row_scores.get(c as usize).ok_or_else(|| {
+                TrainError::Invalid(format!(
+                    "{part} row {index}: candidate {c} is outside the {n_items} items"
+                ))
+            })?;
+            candidate_scores.push(*score);
+        }
+        ranks.push(rank_of_target(&candidate_scores, target));
+    }
+    Ok(ranks)
+}
+
 /// Trains fresh heads (projector, `W_u`, `W_v`, seeded by `config.seed`) on `train` and ranks
 /// each part of `eval` (name, rows with stored candidates). `items` must hold the recommender
 /// whose vectors it holds: the user states come from it.
@@ -215,6 +324,16 @@ pub fn probe_heads(
     eval: &[(&str, &[SeqExample])],
     config: ProbeConfig,
 ) -> Result<ProbeReport> {
+    train_probe(model, items, train, config)?.report(eval)
+}
+
+/// The probe's training: fresh heads on `train`, as [`probe_heads`] describes.
+pub(crate) fn train_probe<'a>(
+    model: &Llama,
+    items: &'a ItemTable,
+    train: &[SeqExample],
+    config: ProbeConfig,
+) -> Result<TrainedProbe<'a>> {
     let Some(recommender) = &items.recommender else {
         return Err(TrainError::Invalid(
             "heads probe: the item table holds no recommender to take user states from".into(),
@@ -327,87 +446,21 @@ pub fn probe_heads(
         }
     }
 
-    let _guard = tch::no_grad_guard();
-    let item_vectors = heads.item_head(
-        &frozen
-            .item_inputs(&heads, &frozen.all_items()?, config.item_text)?
-            .0,
-    )?;
-    let mut parts = Vec::with_capacity(eval.len());
-    for &(part, rows) in eval {
-        let borrowed: Vec<&SeqExample> = rows.iter().collect();
-        let u = heads.user_vectors(&frozen.user_inputs(&heads, &borrowed, config.user)?)?;
-        // The temperature scales every score of a row alike: it cannot change a ranking.
-        let scores = similarity_logits(&u, &item_vectors, 1.0, config.similarity)?
-            .f_to_device(Device::Cpu)?;
-        let scores = Vec::<Vec<f32>>::try_from(scores)?;
-        let mut ranks = Vec::with_capacity(rows.len());
-        for (index, (row, row_scores)) in rows.iter().zip(&scores).enumerate() {
-            let target = row
-                .candidates
-                .iter()
-                .position(|&c| c == row.target)
-                .ok_or_else(|| {
-                    TrainError::Invalid(format!(
-                        "heads probe: {part} row {index}: the target is not among its stored candidates"
-                    ))
-                })?;
-            let mut candidate_scores = Vec::with_capacity(row.candidates.len());
-            for &c in &row.candidates {
-                let score = row_scores.get(c as usize).ok_or_else(|| {
-                    TrainError::Invalid(format!(
-                        "heads probe: {part} row {index}: candidate {c} is outside the {n_items} items"
-                    ))
-                })?;
-                candidate_scores.push(*score);
-            }
-            ranks.push(rank_of_target(&candidate_scores, target));
-        }
-        let recommender_error = |e| TrainError::Invalid(format!("heads probe: {part}: {e}"));
-        let recommender_ranks =
-            target_ranks_by(recommender, rows, Similarity::Dot).map_err(recommender_error)?;
-        parts.push(ProbePart {
-            part: part.to_owned(),
-            heads: ranking_metrics(&ranks),
-            recommender_dot: ranking_metrics(&recommender_ranks),
-            recommender_cosine: evaluate_by(recommender, rows, Similarity::Cosine)
-                .map_err(recommender_error)?,
-            heads_ranks: ranks,
-            recommender_ranks,
-        });
-    }
-    Ok(ProbeReport {
+    Ok(TrainedProbe {
+        _store: store,
+        heads,
+        frozen,
         config,
         train_rows: train.len(),
         loss_first,
         loss_last: recent.iter().sum::<f64>() / recent.len().max(1) as f64,
-        parts,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{rng_lock, setup};
-
-    /// Twelve users whose next item follows from their history: `[a, a+1, a+2] -> a+3`.
-    fn rows(candidates: usize) -> Vec<SeqExample> {
-        let mut rng = ChaCha8Rng::seed_from_u64(5);
-        (0..12u32)
-            .map(|a| {
-                let history = vec![a, (a + 1) % 12, (a + 2) % 12];
-                let target = (a + 3) % 12;
-                let candidates =
-                    draw_candidates(&history, target, 12, candidates, &mut rng).unwrap();
-                SeqExample {
-                    user: a,
-                    history,
-                    target,
-                    candidates,
-                }
-            })
-            .collect()
-    }
+    use crate::test_support::{probe_rows as rows, rng_lock, setup};
 
     fn config(user: ProbeUser) -> ProbeConfig {
         ProbeConfig {

@@ -1,8 +1,11 @@
 //! Shared test fixtures: a tiny random Llama with LoRA, RSLLM heads, a 12-item catalog and a
 //! tiny tokenizer trained on its titles.
 
-use rsllm_core::Catalog;
-use rsllm_llm::{Llama, LlamaConfig, LoraConfig};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rsllm_core::dataset::candidates::draw_candidates;
+use rsllm_core::{Catalog, SeqExample};
+use rsllm_llm::{Llama, LlamaConfig, LlmTokenizer, LoraConfig};
 use rsllm_prompt::testing::{PAD_ID, tiny_tokenizer};
 use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions, TemplateChoice, TextEncoder};
 use tch::{Device, Kind, Tensor, nn};
@@ -108,6 +111,33 @@ pub(crate) fn setup() -> Setup {
         catalog,
         tokenizer,
     }
+}
+
+/// The fixture's tokenizer as the LLM's, and MovieLens's prompt builder.
+pub(crate) fn prompt_side(s: &Setup) -> (LlmTokenizer, PromptBuilder) {
+    let tokenizer = LlmTokenizer::from_tokenizer(s.tokenizer.clone(), None, None, Some(PAD_ID));
+    let builder =
+        PromptBuilder::with_builtin_templates("movielens", PromptOptions::new(PAD_ID)).unwrap();
+    (tokenizer, builder)
+}
+
+/// Twelve users of the 12-item catalog whose next item follows from their history
+/// (`[a, a+1, a+2] -> a+3`), each with `candidates` candidates (the target included).
+pub(crate) fn probe_rows(candidates: usize) -> Vec<SeqExample> {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    (0..12u32)
+        .map(|a| {
+            let history = vec![a, (a + 1) % 12, (a + 2) % 12];
+            let target = (a + 3) % 12;
+            let candidates = draw_candidates(&history, target, 12, candidates, &mut rng).unwrap();
+            SeqExample {
+                user: a,
+                history,
+                target,
+                candidates,
+            }
+        })
+        .collect()
 }
 
 pub(crate) fn batch(s: &Setup, mode: PromptMode) -> Batch {
