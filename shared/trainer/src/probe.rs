@@ -369,7 +369,7 @@ pub(crate) fn train_probe<'a>(
     let schedule = LrSchedule::llara(config.peak_lr, config.steps, 0.05);
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let mut order: Vec<usize> = Vec::new();
-    let (mut loss_first, mut recent) = (0.0, VecDeque::with_capacity(LAST_STEPS + 1));
+    let mut log = LossLog::default();
     for step in 0..config.steps {
         let mut rows = Vec::with_capacity(config.batch);
         while rows.len() < config.batch {
@@ -428,22 +428,12 @@ pub(crate) fn train_probe<'a>(
             let it = symmetric_info_nce(&projected, &text, config.tau)?;
             loss = loss.f_add(&it.f_mul_scalar(config.lambda_it)?)?;
         }
-        let value = loss.double_value(&[]);
-        if !value.is_finite() {
-            return Err(TrainError::Invalid(format!(
-                "heads probe: loss {value} at step {step}"
-            )));
-        }
-        loss.f_backward()?;
-        optimizer.clip_grad_norm(1.0)?;
-        optimizer.step(schedule.lr(step))?;
-        if step == 0 {
-            loss_first = value;
-        }
-        recent.push_back(value);
-        if recent.len() > LAST_STEPS {
-            recent.pop_front();
-        }
+        log.record(descend(
+            &mut optimizer,
+            &loss,
+            schedule.lr(step),
+            ("heads probe", step),
+        )?);
     }
 
     Ok(TrainedProbe {
@@ -452,9 +442,54 @@ pub(crate) fn train_probe<'a>(
         frozen,
         config,
         train_rows: train.len(),
-        loss_first,
-        loss_last: recent.iter().sum::<f64>() / recent.len().max(1) as f64,
+        loss_first: log.first(),
+        loss_last: log.last(),
     })
+}
+
+/// One optimizer step on `loss` (gradients clipped to norm 1), refused when the loss is not
+/// finite, naming `what` and the step. Returns the loss.
+pub(crate) fn descend(
+    optimizer: &mut AdamW,
+    loss: &Tensor,
+    lr: f64,
+    (what, step): (&str, u64),
+) -> Result<f64> {
+    let value = loss.double_value(&[]);
+    if !value.is_finite() {
+        return Err(TrainError::Invalid(format!(
+            "{what}: loss {value} at step {step}"
+        )));
+    }
+    loss.f_backward()?;
+    optimizer.clip_grad_norm(1.0)?;
+    optimizer.step(lr)?;
+    Ok(value)
+}
+
+/// A probe's losses as reported: the first step's, and the mean over the last LAST_STEPS.
+#[derive(Debug, Default)]
+pub(crate) struct LossLog {
+    first: Option<f64>,
+    recent: VecDeque<f64>,
+}
+
+impl LossLog {
+    pub fn record(&mut self, value: f64) {
+        self.first.get_or_insert(value);
+        self.recent.push_back(value);
+        if self.recent.len() > LAST_STEPS {
+            self.recent.pop_front();
+        }
+    }
+
+    pub fn first(&self) -> f64 {
+        self.first.unwrap_or(f64::NAN)
+    }
+
+    pub fn last(&self) -> f64 {
+        self.recent.iter().sum::<f64>() / self.recent.len().max(1) as f64
+    }
 }
 
 #[cfg(test)]

@@ -34,7 +34,9 @@ use crate::error::{Result, TrainError};
 use crate::eval::{Evaluated, prompt_state};
 use crate::objective::{ItemTable, catalog_ui_loss};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::probe::{ProbeConfig, ProbeReport, ProbeUser, candidate_ranks, train_probe};
+use crate::probe::{
+    LossLog, ProbeConfig, ProbeReport, ProbeUser, candidate_ranks, descend, train_probe,
+};
 use crate::schedule::LrSchedule;
 
 /// Ridge strengths tried, relative to the mean eigenvalue of `h`'s covariance.
@@ -197,28 +199,11 @@ pub fn probe_transport(
     let similarity = config.probe.similarity;
     let mut parts = Vec::with_capacity(eval.len());
     for (&(part, rows), (hidden, state)) in eval.iter().zip(&eval_states) {
+        let rank = |u: Tensor| candidate_ranks(&u, &item_vectors, rows, part, similarity);
         let read = readout.predict(hidden)?;
-        let readout_ranks = candidate_ranks(
-            &trained.heads.user_vectors(&read)?,
-            &item_vectors,
-            rows,
-            part,
-            similarity,
-        )?;
-        let hidden_ranks = candidate_ranks(
-            &hidden.f_matmul(&hidden_head.f_transpose(0, 1)?)?,
-            &item_vectors,
-            rows,
-            part,
-            similarity,
-        )?;
-        let state_ranks = candidate_ranks(
-            &state.f_matmul(&state_head.f_transpose(0, 1)?)?,
-            &item_vectors,
-            rows,
-            part,
-            similarity,
-        )?;
+        let readout_ranks = rank(trained.heads.user_vectors(&read)?)?;
+        let hidden_ranks = rank(hidden.f_matmul(&hidden_head.f_transpose(0, 1)?)?)?;
+        let state_ranks = rank(state.f_matmul(&state_head.f_transpose(0, 1)?)?)?;
         parts.push(TransportPart {
             part: part.to_owned(),
             readout_r2: r_squared(&read, state, &readout.state_mean)?,
@@ -374,7 +359,7 @@ fn refit_user_head(
     let mut optimizer = AdamW::for_var_store(&store, AdamWConfig::default())?;
     let schedule = LrSchedule::llara(config.peak_lr, config.steps, 0.05);
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let (mut first, mut recent) = (f64::NAN, std::collections::VecDeque::new());
+    let mut log = LossLog::default();
     for step in 0..config.steps {
         let batch: Vec<usize> = sample(&mut rng, n, config.batch.min(n)).into_vec();
         let index: Vec<i64> = batch.iter().map(|&i| i as i64).collect();
@@ -388,25 +373,14 @@ fn refit_user_head(
             &batch_targets,
             (config.tau, config.similarity),
         )?;
-        let value = loss.double_value(&[]);
-        if !value.is_finite() {
-            return Err(TrainError::Invalid(format!(
-                "user head refit: loss {value} at step {step}"
-            )));
-        }
-        loss.f_backward()?;
-        optimizer.clip_grad_norm(1.0)?;
-        optimizer.step(schedule.lr(step))?;
-        if step == 0 {
-            first = value;
-        }
-        recent.push_back(value);
-        if recent.len() > 100 {
-            recent.pop_front();
-        }
+        log.record(descend(
+            &mut optimizer,
+            &loss,
+            schedule.lr(step),
+            ("user head refit", step),
+        )?);
     }
-    let last = recent.iter().sum::<f64>() / recent.len().max(1) as f64;
-    Ok((w.f_detach()?.f_to_device(device)?, (first, last)))
+    Ok((w.f_detach()?, (log.first(), log.last())))
 }
 
 #[cfg(test)]
