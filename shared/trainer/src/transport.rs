@@ -39,7 +39,8 @@ use crate::probe::{
 };
 use crate::schedule::LrSchedule;
 
-/// Ridge strengths tried, relative to the mean eigenvalue of `h`'s covariance.
+/// Ridge strengths tried, relative to the mean eigenvalue of the centred `h`'s Gram matrix
+/// (so one grid fits any scale of `h`).
 const RIDGE_GRID: [f64; 8] = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0];
 /// Every HOLD_OUT-th fit row is kept out of the ridge fit that picks the strength.
 const HOLD_OUT: usize = 10;
@@ -129,7 +130,8 @@ pub fn probe_transport(
     let trained = train_probe(model, items, train, config.probe)?;
     let probe = trained.report(eval)?;
 
-    // The fit rows, with candidates drawn as training draws them (the prompt lists them).
+    // The fit rows, with candidates drawn as training draws them (the prompt lists them), from
+    // a stream of their own: the same seed's probe and refits draw from theirs.
     let mut rng = ChaCha8Rng::seed_from_u64(config.probe.seed ^ 0x7472_616e_7370_6f72);
     let mut fit: Vec<SeqExample> = Vec::with_capacity(fit_rows);
     for index in sample(&mut rng, train.len(), fit_rows) {
@@ -283,7 +285,6 @@ impl RidgeReadout {
         let s = state.f_sub(&state_mean)?;
         let gram = h.f_transpose(0, 1)?.f_matmul(&h)?;
         let width = gram.size()[0];
-        // Relative to the mean eigenvalue, so one grid fits any scale of `h`.
         let scale = gram.f_trace()?.double_value(&[]) / width as f64;
         let eye = Tensor::f_eye(width, (Kind::Double, hidden.device()))?;
         let regularised =
