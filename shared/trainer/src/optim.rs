@@ -492,6 +492,26 @@ impl AdamW {
     }
 }
 
+/// One optimizer step on `loss` (gradients clipped to norm 1), refused when the loss is not
+/// finite, naming `what` and the step. Returns the loss.
+pub(crate) fn descend(
+    optimizer: &mut AdamW,
+    loss: &Tensor,
+    lr: f64,
+    (what, step): (&str, u64),
+) -> Result<f64> {
+    let value = loss.double_value(&[]);
+    if !value.is_finite() {
+        return Err(TrainError::Invalid(format!(
+            "{what}: loss {value} at step {step}"
+        )));
+    }
+    loss.f_backward()?;
+    optimizer.clip_grad_norm(1.0)?;
+    optimizer.step(lr)?;
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,7 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::error::{Result, TrainError};
 use crate::losses::{UiNegatives, UiSimilarity, similarity_logits, symmetric_info_nce};
 use crate::objective::{ItemTable, RsllmHeads, catalog_ui_loss, ui_loss};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig, descend};
 use crate::schedule::LrSchedule;
 use crate::warmup::all_text_vectors;
 
@@ -445,26 +445,6 @@ pub(crate) fn train_probe<'a>(
         loss_first: log.first(),
         loss_last: log.last(),
     })
-}
-
-/// One optimizer step on `loss` (gradients clipped to norm 1), refused when the loss is not
-/// finite, naming `what` and the step. Returns the loss.
-pub(crate) fn descend(
-    optimizer: &mut AdamW,
-    loss: &Tensor,
-    lr: f64,
-    (what, step): (&str, u64),
-) -> Result<f64> {
-    let value = loss.double_value(&[]);
-    if !value.is_finite() {
-        return Err(TrainError::Invalid(format!(
-            "{what}: loss {value} at step {step}"
-        )));
-    }
-    loss.f_backward()?;
-    optimizer.clip_grad_norm(1.0)?;
-    optimizer.step(lr)?;
-    Ok(value)
 }
 
 /// A probe's losses as reported: the first step's, and the mean over the last LAST_STEPS.

@@ -33,10 +33,8 @@ use tch::{Kind, Tensor, nn};
 use crate::error::{Result, TrainError};
 use crate::eval::{Evaluated, prompt_state};
 use crate::objective::{ItemTable, catalog_ui_loss};
-use crate::optim::{AdamW, AdamWConfig};
-use crate::probe::{
-    LossLog, ProbeConfig, ProbeReport, ProbeUser, candidate_ranks, descend, train_probe,
-};
+use crate::optim::{AdamW, AdamWConfig, descend};
+use crate::probe::{LossLog, ProbeConfig, ProbeReport, ProbeUser, candidate_ranks, train_probe};
 use crate::schedule::LrSchedule;
 
 /// Ridge strengths tried, relative to the mean eigenvalue of the centred `h`'s Gram matrix

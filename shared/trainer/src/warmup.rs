@@ -34,7 +34,7 @@ use tch::{Kind, Tensor};
 use crate::error::{Result, TrainError};
 use crate::losses::{info_nce, l2_normalise, symmetric_info_nce};
 use crate::objective::{ItemTable, RsllmHeads};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig, descend};
 
 /// Items and user rows per warm-up step.
 const BATCH: usize = 256;
@@ -218,15 +218,12 @@ pub fn warm_up_projector(
             total = total.f_add(&loss)?;
             user_loss = Some(loss.double_value(&[]));
         }
-        let total_value = total.double_value(&[]);
-        if !total_value.is_finite() {
-            return Err(TrainError::Invalid(format!(
-                "projector warm-up: loss {total_value} at step {step}"
-            )));
-        }
-        total.f_backward()?;
-        optimizer.clip_grad_norm(1.0)?;
-        optimizer.step(LEARNING_RATE)?;
+        descend(
+            &mut optimizer,
+            &total,
+            LEARNING_RATE,
+            ("projector warm-up", step),
+        )?;
         let item_value = item_loss.double_value(&[]);
         if step == 0 {
             report.item_loss_first = item_value;
