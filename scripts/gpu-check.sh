@@ -37,6 +37,8 @@
 # by the cosine costs the recommenders themselves"),
 # GPU_UI_NEG=catalog (L_ui's softmax over every item instead of the candidates; docs/results.md,
 # "The alignment heads' ceiling"),
+# GPU_LAMBDA_UI=1 (L_ui weighed 1 instead of METHOD.md's 0.1; docs/results.md, "Stage 2 from
+# warm heads, and L_ui's weight"),
 # GPU_FULL=1 (full fine-tune, as the peer anchor's text-only baseline: try GPU_LR=1e-4), and for
 # a dry run on the CPU machine GPU_DEVICE=cpu GPU_TEST_LIMIT=3 (with OUT and /tmp/rsllm-gpu here).
 set -euo pipefail
@@ -194,6 +196,7 @@ pipeline)
         ${GPU_VARIANTS:+--variants "$GPU_VARIANTS"} ${GPU_TEST_LIMIT:+--test-limit "$GPU_TEST_LIMIT"} \
         ${GPU_LR:+--lr "$GPU_LR"} ${GPU_WARMUP:+--projector-warmup-steps "$GPU_WARMUP"} ${GPU_FULL:+--full-finetune --checkpoint-every 1000} \
         ${GPU_UI_SIM:+--ui-similarity "$GPU_UI_SIM"} ${GPU_UI_NEG:+--ui-negatives "$GPU_UI_NEG"} \
+        ${GPU_LAMBDA_UI:+--lambda-ui "$GPU_LAMBDA_UI"} \
         --out "$run" 2>&1 | tee "$out/pipeline.log"
     status=${PIPESTATUS[0]}
     set -e

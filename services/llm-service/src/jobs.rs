@@ -399,6 +399,8 @@ impl Jobs {
             user_slot: plan.user_slot,
             user_slot_last: plan.user_slot_last,
             projector_warmup_steps: plan.projector_warmup_steps,
+            heads_from: None,
+            freeze_warm_heads: false,
             mixture: Vec::new(),
         };
         let mut last_step = Instant::now();

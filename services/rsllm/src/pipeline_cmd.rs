@@ -13,9 +13,12 @@ use rsllm_llm::LoraConfig;
 use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions};
 use rsllm_recommender::{ModelKind, RecConfig, RecModel};
 use rsllm_trainer::eval::{EvalOptions, Evaluated, evaluate, write_csv};
+use rsllm_trainer::probe::ProbeConfig;
 use rsllm_trainer::stage::{
     Domain, StageSpec, TrainSubset, binding_spec, open_stage, run_stage_mixed, training_rows,
 };
+use rsllm_trainer::transport::{PromptSource, Transport, TransportConfig, probe_transport};
+use rsllm_trainer::warm_heads::{self, WarmHeadsManifest};
 use rsllm_trainer::{AdamWConfig, LossConfig, TrainConfig};
 use serde_json::json;
 
@@ -52,6 +55,10 @@ pub enum Variant {
     /// The same user slot as the prompt's last token, right before the answer
     /// (`PromptMode::UnifiedWithUserLast`; our addition too).
     UserSlotLast,
+    /// `UserSlotLast` with its projector and heads started from a transport probe read on
+    /// stage 1's model (`rsllm_trainer::warm_heads`; ours): the pipeline runs the probe
+    /// first, one LLM forward per fit row.
+    UserSlotLastWarm,
 }
 
 impl Variant {
@@ -65,6 +72,7 @@ impl Variant {
             Variant::Llara => "llara",
             Variant::UserSlot => "user-slot",
             Variant::UserSlotLast => "user-slot-last",
+            Variant::UserSlotLastWarm => "user-slot-last-warm",
         }
     }
 
@@ -78,6 +86,7 @@ impl Variant {
             Variant::Llara => "llara-style (lm loss, curriculum)",
             Variant::UserSlot => "rsllm + user slot",
             Variant::UserSlotLast => "rsllm + user slot, last",
+            Variant::UserSlotLastWarm => "rsllm + user slot, last, warm heads",
         }
     }
 }
@@ -102,8 +111,10 @@ pub struct PipelineArgs {
     test_limit: Option<usize>,
     /// Stage-2 variants to train and evaluate too, comma separated: ablations (no-stage1,
     /// no-lit, no-lui, no-slots, no-titles), the LLaRA-style baseline (llara) and RSLLM with a
-    /// user slot after the history (user-slot) or as the prompt's last token (user-slot-last). Each adds one stage-2 run and one evaluation; none by default,
-    /// so `quick` stays within its time budget.
+    /// user slot after the history (user-slot) or as the prompt's last token (user-slot-last),
+    /// the latter also with its projector and heads started from a transport probe read on
+    /// stage 1 (user-slot-last-warm). Each adds one stage-2 run and one evaluation; none by
+    /// default, so `quick` stays within its time budget.
     #[arg(long, value_delimiter = ',')]
     variants: Vec<Variant>,
     /// Epochs per training run (default: 1 for quick, 5 for full).
@@ -139,6 +150,14 @@ pub struct PipelineArgs {
     /// L_ui's negatives in every training run (see `rsllm train --ui-negatives`).
     #[arg(long, default_value = "candidates")]
     ui_negatives: crate::train_cmd::UiNegativesArg,
+    /// L_ui's weight in every training run (METHOD.md's starting point: 0.1; the no-lui
+    /// variant sets it to 0).
+    #[arg(long, default_value_t = 0.1)]
+    lambda_ui: f64,
+    /// L_it's weight in every training run (METHOD.md's starting point: 0.1; the no-lit
+    /// variant sets it to 0).
+    #[arg(long, default_value_t = 0.1)]
+    lambda_it: f64,
     /// Optimizer steps between checkpoints (a run stopped by its time limit checkpoints the
     /// step it reached anyway); raise it for a full fine-tune, whose checkpoints are large.
     #[arg(long, default_value_t = 20)]
@@ -192,6 +211,98 @@ fn set_aside_if_stale(
         out.display(),
         aside.display()
     );
+    Ok(())
+}
+
+/// Where the `user-slot-last-warm` variant's heads are written, under the run directory.
+const WARM_HEADS_DIR: &str = "warm-heads";
+/// Training rows whose `h` the warm heads' readout is fit on (one LLM forward each: about 8
+/// minutes on the 2-core CPU in bf16; docs/results.md).
+const WARM_FIT_ROWS: usize = 4000;
+
+/// Makes the warm heads `spec.heads_from` names, by a transport probe read on the stage
+/// `spec.init_from` names, unless the run in `stage_out` resumes from its own checkpoint or
+/// heads read on that stage's current checkpoint are already there. The probe is ranked on
+/// the validation rows only: the test rows stay unseen until the evaluation.
+fn ensure_warm_heads(
+    args: &PipelineArgs,
+    spec: &StageSpec,
+    stage_out: &Path,
+    data: &rsllm_core::dataset::PreparedDataset,
+    rec_dir: &Path,
+) -> anyhow::Result<()> {
+    let (Some(heads_dir), Some(init)) = (&spec.heads_from, &spec.init_from) else {
+        anyhow::bail!("warm heads are read on the stage this run starts from: it names none");
+    };
+    let checkpoints = stage_out.join(rsllm_trainer::stage::CHECKPOINT_DIR);
+    if rsllm_trainer::checkpoint::latest(&checkpoints)?.is_some() {
+        return Ok(());
+    }
+    let init_checkpoints = init.join(rsllm_trainer::stage::CHECKPOINT_DIR);
+    let init_sha = rsllm_trainer::checkpoint::latest(&init_checkpoints)?
+        .with_context(|| format!("{}: no checkpoint to read h on", init.display()))?
+        .manifest
+        .trained_sha256;
+    if heads_dir.join(warm_heads::MANIFEST_FILE).is_file() {
+        let (made, _) = warm_heads::load(heads_dir)?;
+        if made.read_on.is_some_and(|r| r.trained_sha256 == init_sha) {
+            return Ok(());
+        }
+    }
+    let dataset = spec.dataset.as_str();
+    let mut base = args.model.load()?;
+    // Kept alive while the probe runs: it holds stage 1's adapters.
+    let (_stage, read_on) = warm_heads::open_read_on(&mut base, init, dataset, &data.catalog)?;
+    let (items, version) =
+        rsllm_trainer::stage::item_table(&base, &data.catalog, Some(rec_dir), true)?;
+    let slot = base.tokenizer.pad_id.unwrap_or(0);
+    let builder = PromptBuilder::with_builtin_templates(dataset, PromptOptions::new(slot))?;
+    let config = TransportConfig {
+        probe: ProbeConfig {
+            tau: spec.train.loss.tau,
+            similarity: spec.train.loss.ui_similarity,
+            negatives: spec.train.loss.ui_negatives,
+            num_candidates: spec.num_candidates,
+            seed: spec.train.seed,
+            ..ProbeConfig::default()
+        },
+        prompt_mode: spec.prompt_mode(),
+        fit_rows: WARM_FIT_ROWS,
+    };
+    eprintln!(
+        "  warm heads: the heads probe, then {} prompts read on {}",
+        WARM_FIT_ROWS.min(data.train.len()) + data.val.len(),
+        init.display()
+    );
+    let bar =
+        indicatif::ProgressBar::new((WARM_FIT_ROWS.min(data.train.len()) + data.val.len()) as u64);
+    let Transport { report, heads } = probe_transport(
+        &base.model,
+        &PromptSource {
+            tokenizer: &base.tokenizer,
+            builder: &builder,
+            catalog: &data.catalog,
+        },
+        &items,
+        &data.train,
+        &[("val", &data.val)],
+        config,
+        &mut |k| bar.inc(k as u64),
+    )?;
+    bar.finish_and_clear();
+    let manifest = WarmHeadsManifest::new(
+        spec.base_model_sha256.clone(),
+        dataset,
+        version,
+        &config,
+        Some(read_on),
+        &report,
+    );
+    eprintln!(
+        "  warm heads: readout R² {:.3}; the folded head ranks {:?} (part, rows, HR@1)",
+        report.readout_r2_held_out, manifest.folded_hr1
+    );
+    warm_heads::save(heads_dir, manifest, &heads)?;
     Ok(())
 }
 
@@ -261,7 +372,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let lora = LoraConfig::default();
     let recipe = format!(
         "{}LoRA r {} alpha {} on {}, peak lr {peak_lr:e}, micro-batch {} x accumulation \
-         {grad_accum}, {epochs} epoch(s){}{}",
+         {grad_accum}, {epochs} epoch(s), lambda_ui {} and lambda_it {}{}{}",
         if args.full_finetune {
             "base weights (full fine-tune) and "
         } else {
@@ -271,6 +382,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         lora.alpha,
         lora.targets.join(","),
         args.micro_batch,
+        args.lambda_ui,
+        args.lambda_it,
         match args.ui_similarity {
             crate::train_cmd::UiSimilarityArg::Cosine => "",
             crate::train_cmd::UiSimilarityArg::UserNormalised => ", L_ui user-normalised",
@@ -307,6 +420,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             keep_last: 2,
             pad_id: base.tokenizer.pad_id.unwrap_or(0),
             loss: LossConfig {
+                lambda_ui: args.lambda_ui,
+                lambda_it: args.lambda_it,
                 ui_similarity: args.ui_similarity.similarity(),
                 ui_negatives: args.ui_negatives.negatives(),
                 ..LossConfig::default()
@@ -326,6 +441,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         } else {
             0
         },
+        heads_from: None,
+        freeze_warm_heads: false,
         mixture: if stage == 1 {
             args.stage1_mixture
                 .iter()
@@ -371,6 +488,12 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             }
             Variant::UserSlot => s.user_slot = true,
             Variant::UserSlotLast => (s.user_slot, s.user_slot_last) = (true, true),
+            Variant::UserSlotLastWarm => {
+                (s.user_slot, s.user_slot_last) = (true, true);
+                // The warm heads set the projector.
+                s.projector_warmup_steps = 0;
+                s.heads_from = Some(out.join(WARM_HEADS_DIR));
+            }
         }
         runs.push((
             s,
@@ -381,6 +504,20 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     set_aside_if_stale(&out, args.out.is_none(), &runs)?;
     for (stage_spec, dir, label) in &runs {
         eprintln!("{label}");
+        // Before the stage's clock starts: a time limit is the training's alone.
+        let probe_started = Instant::now();
+        let warm_heads = match &stage_spec.heads_from {
+            Some(heads_dir) => {
+                ensure_warm_heads(&args, stage_spec, &out.join(dir), &data, &rec_dir)?;
+                let path = heads_dir.join(warm_heads::MANIFEST_FILE);
+                let bytes = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
+                let made: WarmHeadsManifest = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{}", path.display()))?;
+                json!({"folded_hr1": made.folded_hr1, "read_on": made.read_on,
+                       "probe_seconds": probe_started.elapsed().as_secs_f64()})
+            }
+            None => serde_json::Value::Null,
+        };
         let others = crate::train_cmd::domains(&stage_spec.mixture, &mixture);
         let target = Domain {
             dataset: &dataset,
@@ -441,7 +578,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             json!({"steps": reached, "planned_steps": planned, "stopped": summary.stopped,
                    "seconds": seconds, "resumed_from": summary.resumed_from,
                    "rows": rows_done, "tokens": tokens_done, "padded_tokens": padded_done,
-                   "loader_wait_secs": loader_wait, "projector_warmup": warmup}),
+                   "loader_wait_secs": loader_wait, "projector_warmup": warmup,
+                   "warm_heads": warm_heads}),
         );
         // The checkpoint holds the whole curve, also the steps of an earlier, resumed run.
         let saved = rsllm_trainer::checkpoint::latest(

@@ -4,6 +4,8 @@
 //! `rsllm probe-transport`: the same heads, then what a frozen LLM's last hidden state still
 //! carries of that user state (`rsllm_trainer::transport`).
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use rsllm_core::Paths;
@@ -14,7 +16,8 @@ use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions};
 use rsllm_trainer::ItemTable;
 use rsllm_trainer::probe::{ProbeConfig, ProbeUser, probe_heads};
 use rsllm_trainer::stage::item_table;
-use rsllm_trainer::transport::{PromptSource, TransportConfig, probe_transport};
+use rsllm_trainer::transport::{PromptSource, Transport, TransportConfig, probe_transport};
+use rsllm_trainer::warm_heads::{self, WarmHeadsManifest, open_read_on};
 
 use crate::data_cmd::SplitArgs;
 use crate::llm_cmd::ModelArgs;
@@ -189,6 +192,15 @@ pub struct TransportArgs {
     /// on: one LLM forward each.
     #[arg(long, default_value_t = 4000)]
     fit_rows: usize,
+    /// Read `h` with this trained stage's adapters on the LLM (stage 1's output, to start
+    /// stage 2 from the heads) instead of the base model alone.
+    #[arg(long)]
+    stage_dir: Option<PathBuf>,
+    /// Save the probe's projector and heads, its `W_u` folded to read `h`, into this
+    /// directory, for `rsllm train --stage 2 --heads-from DIR` (heads.safetensors and
+    /// heads.json, which says what they fit).
+    #[arg(long)]
+    save_heads: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -213,12 +225,21 @@ impl PromptArg {
 pub fn run_transport(args: TransportArgs) -> anyhow::Result<()> {
     let Setup {
         data,
-        base,
+        mut base,
         items,
         version,
         config,
     } = setup(&args.probe)?;
     let dataset = args.probe.split.dataset.to_string();
+    // The stage is kept alive while the model runs: it holds the adapters.
+    let (_stage, read_on) = match &args.stage_dir {
+        Some(dir) => {
+            let (rsllm, on) = open_read_on(&mut base, dir, &dataset, &data.catalog)
+                .with_context(|| format!("reading h on the stage {}", dir.display()))?;
+            (Some(rsllm), Some(on))
+        }
+        None => (None, None),
+    };
     let slot = base.tokenizer.pad_id.unwrap_or(0);
     let builder = PromptBuilder::with_builtin_templates(&dataset, PromptOptions::new(slot))?;
     let source = PromptSource {
@@ -234,7 +255,7 @@ pub fn run_transport(args: TransportArgs) -> anyhow::Result<()> {
     let forwards = args.fit_rows.min(data.train.len()) + data.test.len() + data.val.len();
     let bar = indicatif::ProgressBar::new(forwards as u64);
     let started = std::time::Instant::now();
-    let report = probe_transport(
+    let Transport { report, heads } = probe_transport(
         &base.model,
         &source,
         &items,
@@ -245,6 +266,19 @@ pub fn run_transport(args: TransportArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("transport probe on {dataset}"))?;
     bar.finish_and_clear();
+    if let Some(dir) = &args.save_heads {
+        let manifest = WarmHeadsManifest::new(
+            base.weights_sha256()?,
+            &dataset,
+            version.clone(),
+            &transport,
+            read_on,
+            &report,
+        );
+        warm_heads::save(dir, manifest, &heads)
+            .with_context(|| format!("saving the heads to {}", dir.display()))?;
+        eprintln!("projector and heads saved to {}", dir.display());
+    }
     if args.probe.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -264,20 +298,22 @@ pub fn run_transport(args: TransportArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "ridge readout of P(s_u) from h: strength {:.0e}, R² {:.3} on held-out fit rows",
-        report.ridge, report.readout_r2_held_out
+        "ridge readout of P(s_u) from h: strength {:.0e}, R² {:.3} on held-out fit rows; \
+         folded into W_u along a direction where h . w = 1 ± {:.3}",
+        report.ridge, report.readout_r2_held_out, report.fold_spread
     );
     println!(
-        "part | rows | R² | probe on P(s_u) (all rows) | probe's W_u on the readout | fresh W_u on h | fresh W_u on P(s_u) (same rows)"
+        "part | rows | R² | probe on P(s_u) (all rows) | probe's W_u on the readout | folded W_u on h | fresh W_u on h | fresh W_u on P(s_u) (same rows)"
     );
     for (probe, part) in report.probe.parts.iter().zip(&report.parts) {
         println!(
-            "{} | {} | {:.3} | {} | {} | {} | {}",
+            "{} | {} | {:.3} | {} | {} | {} | {} | {}",
             part.part,
             probe.heads.n,
             part.readout_r2,
             cell(&probe.heads),
             cell(&part.hidden_readout),
+            cell(&part.hidden_folded),
             cell(&part.hidden_refit),
             cell(&part.state_refit)
         );

@@ -86,6 +86,15 @@ pub struct TrainArgs {
     /// written).
     #[arg(long, default_value_t = 0)]
     projector_warmup_steps: u64,
+    /// Stage 2: start the projector and alignment heads from a transport probe's (the
+    /// directory `rsllm probe-transport --save-heads` wrote, read on the --init-from stage's
+    /// model with this stage's prompts; refused, naming what differs, otherwise).
+    #[arg(long)]
+    heads_from: Option<PathBuf>,
+    /// With --heads-from: keep that projector and those heads as they are; only the adapters
+    /// train.
+    #[arg(long)]
+    freeze_warm_heads: bool,
     /// Stage 1 on a mixture of domains: these datasets' training rows join the target's, each
     /// in its own templates (comma separated; `--limit` applies to each).
     #[arg(long, value_delimiter = ',')]
@@ -197,6 +206,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         user_slot: args.user_slot || args.user_slot_last,
         user_slot_last: args.user_slot_last,
         projector_warmup_steps: args.projector_warmup_steps,
+        heads_from: args.heads_from.clone(),
+        freeze_warm_heads: args.freeze_warm_heads,
         mixture: args.mixture.iter().map(ToString::to_string).collect(),
     };
     let target = Domain {

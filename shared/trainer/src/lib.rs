@@ -20,6 +20,7 @@ pub mod stage;
 mod test_support;
 pub mod train_loop;
 pub mod transport;
+pub mod warm_heads;
 pub mod warmup;
 
 pub use checkpoint::{Checkpoint, CheckpointManifest};

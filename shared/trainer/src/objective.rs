@@ -57,6 +57,9 @@ impl Default for LossConfig {
     }
 }
 
+/// The user head's variable name in a trained store.
+pub const USER_HEAD: &str = "heads.w_u";
+
 /// What RSLLM trains besides the LLM's adapters: the projector and the two alignment heads
 /// (`heads.w_u`, `heads.w_v`), all under one trainable path.
 #[derive(Debug)]
@@ -78,6 +81,11 @@ impl RsllmHeads {
             w_u: (path / "heads").var("w_u", &[d, d], init),
             w_v: (path / "heads").var("w_v", &[d, d], init),
         }
+    }
+
+    /// `W_u` `[D, D]` itself (shared storage: for reading, not for training).
+    pub fn user_head(&self) -> Tensor {
+        self.w_u.shallow_clone()
     }
 
     /// L_ui's user side, `u = W_u h`, for hidden states `h` `[N, D]` (in f32).

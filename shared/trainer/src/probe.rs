@@ -208,7 +208,7 @@ impl Frozen<'_> {
 /// Heads the probe trained, with what it reads and what its training reported.
 pub(crate) struct TrainedProbe<'a> {
     /// Holds the heads' variables.
-    _store: nn::VarStore,
+    store: nn::VarStore,
     pub heads: RsllmHeads,
     frozen: Frozen<'a>,
     pub config: ProbeConfig,
@@ -234,6 +234,19 @@ impl TrainedProbe<'_> {
     pub fn user_inputs(&self, rows: &[&SeqExample]) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         self.frozen.user_inputs(&self.heads, rows, self.config.user)
+    }
+
+    /// The trained variables (projector and heads) under the names a stage's store gives
+    /// them, detached, sorted by name.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut named: Vec<(String, Tensor)> = self
+            .store
+            .variables()
+            .into_iter()
+            .map(|(name, tensor)| (name, tensor.detach()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
     }
 
     /// The probe's report: its ranking of each part of `eval` beside the recommender's.
@@ -437,7 +450,7 @@ pub(crate) fn train_probe<'a>(
     }
 
     Ok(TrainedProbe {
-        _store: store,
+        store,
         heads,
         frozen,
         config,

@@ -25,6 +25,7 @@ use crate::checkpoint::{self, CheckpointManifest};
 use crate::error::{Result, TrainError};
 use crate::objective::{ItemTable, RsllmHeads};
 use crate::train_loop::{ExampleSource, StepReport, TrainConfig, TrainSummary, Trainee, train};
+use crate::warm_heads::{self, StageSide};
 use crate::warmup::{WarmupConfig, warm_up_projector};
 
 /// Everything a stage needs to be run again or evaluated: written to `<out>/stage.json`.
@@ -76,6 +77,14 @@ pub struct StageSpec {
     /// METHOD.md; see [`crate::warmup`]). 0: none, the method as written.
     #[serde(default)]
     pub projector_warmup_steps: u64,
+    /// Stage 2: start the projector and heads from a transport probe's (`rsllm probe-transport
+    /// --save-heads`; ours, see [`crate::warm_heads`]) instead of random values or stage 1's.
+    #[serde(default)]
+    pub heads_from: Option<PathBuf>,
+    /// With `heads_from`: keep that projector and those heads as they are, so only the
+    /// adapters train (L_ui then teaches them to keep `h` readable by the warm heads).
+    #[serde(default)]
+    pub freeze_warm_heads: bool,
 }
 
 impl StageSpec {
@@ -120,6 +129,30 @@ impl StageSpec {
                     ""
                 },
             )));
+        }
+        if let Some(dir) = &self.heads_from {
+            if self.stage < 2 || self.no_id_slots {
+                return Err(TrainError::Invalid(format!(
+                    "heads_from {} starts the ID slots' projector and the heads of a stage-2 run: not with stage {}{}",
+                    dir.display(),
+                    self.stage,
+                    if self.no_id_slots {
+                        ", no_id_slots"
+                    } else {
+                        ""
+                    },
+                )));
+            }
+            if self.projector_warmup_steps > 0 {
+                return Err(TrainError::Invalid(format!(
+                    "heads_from {} and projector_warmup_steps both set the projector: choose one",
+                    dir.display()
+                )));
+            }
+        } else if self.freeze_warm_heads {
+            return Err(TrainError::Invalid(
+                "freeze_warm_heads keeps the heads heads_from gives: it needs heads_from".into(),
+            ));
         }
         Ok(())
     }
@@ -636,14 +669,33 @@ pub fn run_stage_mixed(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(io(&warmup_path)(source)),
         }
+        let mut init_checkpoint = None;
         if let Some(init) = &spec.init_from {
             // Stage 1 trains the same tensors (adapters, projector, heads): all carry over.
             // Its recommender (none, for stage 1) may differ; its base model may not.
-            load_trained(&rsllm.trained, Some(&base.vs), init)?.check_provenance(
-                init,
-                &spec.base_model_sha256,
-                None,
+            let manifest = load_trained(&rsllm.trained, Some(&base.vs), init)?;
+            manifest.check_provenance(init, &spec.base_model_sha256, None)?;
+            init_checkpoint = Some(manifest);
+        }
+        if let Some(dir) = &spec.heads_from {
+            // After init_from: these replace stage 1's projector and heads, not its adapters.
+            let (manifest, tensors) = warm_heads::load(dir)?;
+            manifest.check_fits(
+                dir,
+                &StageSide {
+                    base_model_sha256: &spec.base_model_sha256,
+                    dataset: &spec.dataset,
+                    recommender_version: rsllm.recommender_version.as_deref(),
+                    prompt_mode: spec.prompt_mode(),
+                    ui_similarity: spec.train.loss.ui_similarity,
+                    tau: spec.train.loss.tau,
+                    init_checkpoint: init_checkpoint
+                        .as_ref()
+                        .map(|m| (m.step, m.trained_sha256.as_str())),
+                },
             )?;
+            warm_heads::restore_heads(&rsllm.trained, tensors, dir)?;
+            tracing::info!(dir = %dir.display(), folded_hr1 = ?manifest.folded_hr1, "projector and heads from a transport probe");
         }
         if spec.projector_warmup_steps > 0 {
             let report = warm_up_projector(
@@ -663,6 +715,10 @@ pub fn run_stage_mixed(
             let path = out.join(WARMUP_FILE);
             rsllm_core::artefact::write_json_atomic(&path, &report).map_err(io(&path))?;
         }
+    }
+    if spec.freeze_warm_heads {
+        // On every start, resumed ones too: the optimizer takes what requires a gradient.
+        warm_heads::freeze(&rsllm.trained);
     }
     let slot = base.tokenizer.pad_id.unwrap_or(0);
     let domains: Vec<Domain<'_>> = std::iter::once(target)
@@ -797,6 +853,8 @@ mod tests {
             user_slot: false,
             user_slot_last: false,
             projector_warmup_steps: 0,
+            heads_from: None,
+            freeze_warm_heads: false,
         }
     }
 
@@ -922,6 +980,126 @@ mod tests {
         other.train.peak_lr = 1e-4;
         let err = run(&other).unwrap_err().to_string();
         assert!(err.contains("started with other settings"), "{err}");
+    }
+
+    #[test]
+    fn a_stage_starts_from_warm_heads_only_when_they_fit_it() {
+        let _rng = crate::test_support::rng_lock();
+        let (mut setup, model_dir) = setup_with_model_dir();
+        let work = tempfile::tempdir().unwrap();
+        let rec_dir = work.path().join("rec");
+        let mut recommender = setup.items.recommender.take().unwrap();
+        let version = recommender.save(&rec_dir).unwrap().version;
+        // Heads as a transport probe would save them: other values than the stage's seed gives.
+        tch::manual_seed(99);
+        let made = nn::VarStore::new(Device::Cpu);
+        let _made = RsllmHeads::new(&made.root(), 8, 32);
+        let tensors: Vec<(String, Tensor)> = made
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach()))
+            .collect();
+        let manifest = warm_heads::WarmHeadsManifest {
+            base_model_sha256: "x".into(),
+            dataset: "movielens".into(),
+            recommender_version: Some(version),
+            prompt_mode: PromptMode::UnifiedWithUserLast,
+            ui_similarity: crate::losses::UiSimilarity::Cosine,
+            tau: 0.07,
+            read_on: None,
+            folded_hr1: Vec::new(),
+            heads_sha256: String::new(),
+        };
+        let warm = work.path().join("warm");
+        warm_heads::save(&warm, manifest.clone(), &tensors).unwrap();
+
+        let rows: Vec<SeqExample> = (0..2)
+            .map(|i| SeqExample {
+                user: i,
+                history: vec![i, i + 1],
+                target: i + 2,
+                candidates: Vec::new(),
+            })
+            .collect();
+        let mut warmed = spec(2);
+        warmed.recommender = Some(rec_dir);
+        (warmed.user_slot, warmed.user_slot_last) = (true, true);
+        warmed.heads_from = Some(warm.clone());
+        warmed.num_candidates = 4;
+        warmed.train.max_steps = Some(1);
+        // A step that barely moves: what the checkpoint holds is where the stage started.
+        warmed.train.peak_lr = 1e-12;
+        let run = |spec: &StageSpec, out: &Path| {
+            let mut base = rsllm_llm::load(model_dir.path(), Device::Cpu, Kind::Float).unwrap();
+            run_stage(spec, &mut base, &setup.catalog, &rows, out, &mut |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+        };
+        let out = work.path().join("stage2");
+        assert_eq!(run(&warmed, &out).unwrap().steps, 1);
+        let mut base = rsllm_llm::load(model_dir.path(), Device::Cpu, Kind::Float).unwrap();
+        let stage = build_rsllm(&mut base, &warmed, &setup.catalog).unwrap();
+        load_trained(&stage.trained, Some(&base.vs), &out).unwrap();
+        let trained = stage.trained.variables();
+        let before_lora: std::collections::HashMap<String, Tensor> =
+            trained.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        for (name, tensor) in &tensors {
+            let gap = (&trained[name] - tensor).abs().max().double_value(&[]);
+            assert!(
+                gap < 1e-9,
+                "{name} did not start from the warm heads: {gap}"
+            );
+        }
+
+        // Frozen, they stay as they came however fast the adapters learn.
+        let mut frozen = warmed.clone();
+        frozen.freeze_warm_heads = true;
+        frozen.train.peak_lr = 1e-2;
+        let frozen_out = work.path().join("frozen");
+        assert_eq!(run(&frozen, &frozen_out).unwrap().steps, 1);
+        let mut base = rsllm_llm::load(model_dir.path(), Device::Cpu, Kind::Float).unwrap();
+        let stage = build_rsllm(&mut base, &frozen, &setup.catalog).unwrap();
+        load_trained(&stage.trained, Some(&base.vs), &frozen_out).unwrap();
+        let trained = stage.trained.variables();
+        for (name, tensor) in &tensors {
+            assert!(trained[name].equal(tensor), "{name} moved while frozen");
+        }
+        let lora_moved = trained
+            .iter()
+            .any(|(name, t)| name.contains("lora") && !t.equal(&before_lora[name]));
+        assert!(lora_moved, "the adapters did not train");
+        let mut unwarmed = frozen.clone();
+        unwarmed.heads_from = None;
+        let err = unwarmed.check_combination().unwrap_err().to_string();
+        assert!(err.contains("freeze_warm_heads"), "{err}");
+
+        // Heads fit on stage 1's model do not start a stage that starts from the base model.
+        let mut read_on_stage = manifest;
+        read_on_stage.read_on = Some(warm_heads::ReadOn {
+            stage_dir: "stage1".into(),
+            step: 3,
+            trained_sha256: "abc".into(),
+        });
+        warm_heads::save(&warm, read_on_stage, &tensors).unwrap();
+        let err = run(&warmed, &work.path().join("refused"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("read on") && err.contains("step 3") && err.contains("base model alone"),
+            "{err}"
+        );
+        let mut text_only = warmed.clone();
+        text_only.no_id_slots = true;
+        (text_only.user_slot, text_only.user_slot_last) = (false, false);
+        let err = text_only.check_combination().unwrap_err().to_string();
+        assert!(
+            err.contains("heads_from") && err.contains("no_id_slots"),
+            "{err}"
+        );
+        let mut both = warmed.clone();
+        both.projector_warmup_steps = 5;
+        let err = both.check_combination().unwrap_err().to_string();
+        assert!(err.contains("choose one"), "{err}");
     }
 
     #[test]
@@ -1200,6 +1378,8 @@ mod tests {
             .as_object_mut()
             .unwrap()
             .remove("projector_warmup_steps");
+        value.as_object_mut().unwrap().remove("heads_from");
+        value.as_object_mut().unwrap().remove("freeze_warm_heads");
         value["train"].as_object_mut().unwrap().remove("curriculum");
         // L_ui's settings: the cosine and the candidates, as before they were settings.
         let loss = value["train"]["loss"].as_object_mut().unwrap();

@@ -18,6 +18,12 @@
 //! slot as the prompt's last token (`PromptMode::UnifiedWithUserLast`) `h` is computed at the
 //! slot that holds `P(s_u)`. One prompt forward per row: on a CPU, minutes for thousands of
 //! rows.
+//!
+//! The readout followed by the probe's `W_u` is an affine map of `h`; a stage's user head is
+//! linear (`u = W_u h`, no bias). [`RidgeReadout::fold`] folds the constant into `W_u` along
+//! the direction in which `h` barely varies, so the probe's projector and heads can start a
+//! stage ([`crate::warm_heads`]); each part reports how the folded head ranks, which is where
+//! such a stage starts.
 
 use rand::SeedableRng;
 use rand::seq::index::sample;
@@ -32,7 +38,7 @@ use tch::{Kind, Tensor, nn};
 
 use crate::error::{Result, TrainError};
 use crate::eval::{Evaluated, prompt_state};
-use crate::objective::{ItemTable, catalog_ui_loss};
+use crate::objective::{ItemTable, USER_HEAD, catalog_ui_loss};
 use crate::optim::{AdamW, AdamWConfig, descend};
 use crate::probe::{LossLog, ProbeConfig, ProbeReport, ProbeUser, candidate_ranks, train_probe};
 use crate::schedule::LrSchedule;
@@ -40,6 +46,8 @@ use crate::schedule::LrSchedule;
 /// Ridge strengths tried, relative to the mean eigenvalue of the centred `h`'s Gram matrix
 /// (so one grid fits any scale of `h`).
 const RIDGE_GRID: [f64; 8] = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0];
+/// How far from singular the fold's covariance is kept, relative as [`RIDGE_GRID`] is.
+const FOLD_RIDGE: f64 = 1e-3;
 /// Every HOLD_OUT-th fit row is kept out of the ridge fit that picks the strength.
 const HOLD_OUT: usize = 10;
 /// The fewest fit rows: the held-out tenth must not be empty.
@@ -65,12 +73,16 @@ pub struct TransportPart {
     pub readout_r2: f64,
     /// The probe's `W_u` on the readout of `P(s_u)` from `h`.
     pub hidden_readout: RankingMetrics,
+    /// The same map folded into one linear `W_u` on `h` ([`RidgeReadout::fold`]): where a stage
+    /// started from these heads starts.
+    pub hidden_folded: RankingMetrics,
     /// A fresh `W_u` fit on `h`.
     pub hidden_refit: RankingMetrics,
     /// A fresh `W_u` fit on `P(s_u)`, same rows and steps as `hidden_refit`.
     pub state_refit: RankingMetrics,
     /// Each row's target rank (0: first) by each, for paired comparisons.
     pub hidden_readout_ranks: Vec<usize>,
+    pub hidden_folded_ranks: Vec<usize>,
     pub hidden_refit_ranks: Vec<usize>,
     pub state_refit_ranks: Vec<usize>,
 }
@@ -87,10 +99,22 @@ pub struct TransportReport {
     /// rows held out to choose it.
     pub ridge: f64,
     pub readout_r2_held_out: f64,
+    /// Standard deviation over the fit rows of `h . w`, the fold's constant direction (its mean
+    /// is 1): how far the folded head strays from the affine map.
+    pub fold_spread: f64,
     /// The refits' losses: first step, and the mean over the last 100 steps.
     pub hidden_refit_loss: (f64, f64),
     pub state_refit_loss: (f64, f64),
     pub parts: Vec<TransportPart>,
+}
+
+/// The report, and the probe's trained tensors under a stage's names (`projector.*`,
+/// `heads.w_v`, and `heads.w_u` folded to read `h`: [`RidgeReadout::fold`]) for
+/// [`crate::warm_heads`] to save.
+#[derive(Debug)]
+pub struct Transport {
+    pub report: TransportReport,
+    pub heads: Vec<(String, Tensor)>,
 }
 
 /// The prompts, tokenizer and catalog the LLM's states are read from.
@@ -111,7 +135,7 @@ pub fn probe_transport(
     eval: &[(&str, &[SeqExample])],
     config: TransportConfig,
     progress: &mut dyn FnMut(usize),
-) -> Result<TransportReport> {
+) -> Result<Transport> {
     if config.probe.user != ProbeUser::State {
         return Err(TrainError::Invalid(
             "transport probe: the heads probe's user side must be the user state (P(s_u))".into(),
@@ -188,6 +212,12 @@ pub fn probe_transport(
     let prompts = fit.len() + eval.iter().map(|(_, rows)| rows.len()).sum::<usize>();
 
     let readout = RidgeReadout::fit(&fit_hidden, &fit_state)?;
+    let folded_head = readout.fold(&trained.heads.user_head())?;
+    let fold_spread = fit_hidden
+        .f_to_kind(Kind::Double)?
+        .f_matmul(&readout.fold_direction)?
+        .f_std(true)?
+        .double_value(&[]);
     let item_vectors = trained.all_item_vectors()?;
     let targets: Vec<ItemId> = fit.iter().map(|r| r.target).collect();
     let (hidden_head, hidden_refit_loss) =
@@ -202,30 +232,46 @@ pub fn probe_transport(
         let rank = |u: Tensor| candidate_ranks(&u, &item_vectors, rows, part, similarity);
         let read = readout.predict(hidden)?;
         let readout_ranks = rank(trained.heads.user_vectors(&read)?)?;
+        let folded_ranks = rank(hidden.f_matmul(&folded_head.f_transpose(0, 1)?)?)?;
         let hidden_ranks = rank(hidden.f_matmul(&hidden_head.f_transpose(0, 1)?)?)?;
         let state_ranks = rank(state.f_matmul(&state_head.f_transpose(0, 1)?)?)?;
         parts.push(TransportPart {
             part: part.to_owned(),
             readout_r2: r_squared(&read, state, &readout.state_mean)?,
             hidden_readout: ranking_metrics(&readout_ranks),
+            hidden_folded: ranking_metrics(&folded_ranks),
             hidden_refit: ranking_metrics(&hidden_ranks),
             state_refit: ranking_metrics(&state_ranks),
             hidden_readout_ranks: readout_ranks,
+            hidden_folded_ranks: folded_ranks,
             hidden_refit_ranks: hidden_ranks,
             state_refit_ranks: state_ranks,
         });
     }
-    Ok(TransportReport {
+    let heads = trained
+        .named_tensors()
+        .into_iter()
+        .map(|(name, tensor)| {
+            if name == USER_HEAD {
+                (name, folded_head.shallow_clone())
+            } else {
+                (name, tensor)
+            }
+        })
+        .collect();
+    let report = TransportReport {
         config,
         probe,
         fit_rows,
         mean_prompt_tokens: tokens as f64 / prompts.max(1) as f64,
         ridge: readout.strength,
         readout_r2_held_out: readout.r2_held_out,
+        fold_spread,
         hidden_refit_loss,
         state_refit_loss,
         parts,
-    })
+    };
+    Ok(Transport { report, heads })
 }
 
 /// A linear map from `h` to `P(s_u)` (both centred on the fit rows' means), fit by ridge
@@ -236,6 +282,9 @@ struct RidgeReadout {
     state_mean: Tensor,
     /// `[D_h, D_s]`, f64.
     map: Tensor,
+    /// `[D_h, 1]`, f64: `w` with `mean(h) . w = 1` and the least variance of `h . w` over the
+    /// fit rows (see [`RidgeReadout::fold`]).
+    fold_direction: Tensor,
     strength: f64,
     r2_held_out: f64,
 }
@@ -288,13 +337,45 @@ impl RidgeReadout {
         let regularised =
             gram.f_add(&eye.f_mul_scalar(strength * scale.max(f64::MIN_POSITIVE))?)?;
         let map = Tensor::f_linalg_solve(&regularised, &h.f_transpose(0, 1)?.f_matmul(&s)?, true)?;
+        // Least variance of h . w subject to mean(h) . w = 1: w ∝ Σ⁻¹ mean(h), Σ the
+        // covariance (the Gram matrix up to a factor), kept a little off singular.
+        let steady = gram.f_add(&eye.f_mul_scalar(FOLD_RIDGE * scale.max(f64::MIN_POSITIVE))?)?;
+        let direction = Tensor::f_linalg_solve(&steady, &hidden_mean.f_transpose(0, 1)?, true)?;
+        let norm = hidden_mean.f_matmul(&direction)?.double_value(&[0, 0]);
+        if !norm.is_finite() || norm.abs() < f64::MIN_POSITIVE {
+            return Err(TrainError::Invalid(
+                "ridge readout: the fit rows' states have no mean to fold the offset along".into(),
+            ));
+        }
         Ok(RidgeReadout {
             hidden_mean,
             state_mean,
             map,
+            fold_direction: direction.f_div_scalar(norm)?,
             strength,
             r2_held_out: f64::NAN,
         })
+    }
+
+    /// One linear user head `[D, D_h]` (f32) on `h` from `w_u` `[D, D_s]` on the readout.
+    ///
+    /// `w_u` on the readout is affine in `h`: `u = h A + c` with `A = M w_uᵀ` and
+    /// `c = (mean(P(s_u)) - mean(h) M) w_uᵀ`. A stage's head has no bias, so `c` rides on
+    /// [`Self::fold_direction`] `w`: `u = h (A + w c)` equals the affine map wherever
+    /// `h . w = 1`, exactly at the mean state and, `w` having the least variance of all such
+    /// directions, nearly everywhere else (`fold_spread` in the report).
+    fn fold(&self, w_u: &Tensor) -> Result<Tensor> {
+        let w_t = w_u.f_to_kind(Kind::Double)?.f_transpose(0, 1)?;
+        let linear = self.map.f_matmul(&w_t)?;
+        let offset = self
+            .state_mean
+            .f_sub(&self.hidden_mean.f_matmul(&self.map)?)?
+            .f_matmul(&w_t)?;
+        Ok(linear
+            .f_add(&self.fold_direction.f_matmul(&offset)?)?
+            .f_transpose(0, 1)?
+            .f_to_kind(Kind::Float)?
+            .f_contiguous()?)
     }
 
     /// The readout `[N, D_s]` (f32) of `hidden` `[N, D_h]`.
@@ -414,6 +495,48 @@ mod tests {
     }
 
     #[test]
+    fn the_folded_head_is_the_affine_readout_where_the_state_has_a_steady_direction() {
+        let _rng = rng_lock();
+        tch::manual_seed(11);
+        // The last coordinate of every state is 5: the direction the offset can ride on.
+        let states = |n: i64| {
+            Tensor::cat(
+                &[
+                    Tensor::randn([n, 11], (Kind::Float, Device::Cpu)),
+                    Tensor::full([n, 1], 5.0, (Kind::Float, Device::Cpu)),
+                ],
+                1,
+            )
+        };
+        let hidden = states(300);
+        let map = Tensor::randn([12, 4], (Kind::Float, Device::Cpu));
+        let state = hidden.matmul(&map) + 2.0;
+        let readout = RidgeReadout::fit(&hidden, &state).unwrap();
+        let w_u = Tensor::randn([6, 4], (Kind::Float, Device::Cpu));
+        let folded = readout.fold(&w_u).unwrap();
+        assert_eq!(folded.size(), [6, 12]);
+        let fresh = states(40);
+        let affine = readout
+            .predict(&fresh)
+            .unwrap()
+            .matmul(&w_u.transpose(0, 1));
+        let linear = fresh.matmul(&folded.transpose(0, 1));
+        let gap = (&affine - &linear).abs().max().double_value(&[]);
+        assert!(gap < 1e-3 * affine.abs().max().double_value(&[]), "{gap}");
+        // Dropping the offset instead would not do: it is far from zero here.
+        let unfolded = fresh
+            .matmul(&readout.map.to_kind(Kind::Float))
+            .matmul(&w_u.transpose(0, 1));
+        assert!((&affine - &unfolded).abs().max().double_value(&[]) > 100.0 * gap.max(1e-6));
+        let spread = hidden
+            .to_kind(Kind::Double)
+            .matmul(&readout.fold_direction)
+            .std(true)
+            .double_value(&[]);
+        assert!(spread < 1e-3, "{spread}");
+    }
+
+    #[test]
     fn a_refit_user_head_learns_the_targets_its_inputs_tell() {
         let _rng = rng_lock();
         tch::manual_seed(3);
@@ -470,7 +593,7 @@ mod tests {
             fit_rows: 1000,
         };
         let mut forwards = 0;
-        let report = probe_transport(
+        let Transport { report, heads } = probe_transport(
             &s.model,
             &source,
             &s.items,
@@ -480,6 +603,20 @@ mod tests {
             &mut |k| forwards += k,
         )
         .unwrap();
+        // The probe's tensors under a stage's names, the user head folded to read `h`.
+        let names: Vec<&str> = heads.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            names.contains(&USER_HEAD) && names.contains(&"heads.w_v"),
+            "{names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n.starts_with("projector.")),
+            "{names:?}"
+        );
+        let d = s.model.config.hidden_size as i64;
+        let folded = &heads.iter().find(|(n, _)| n == USER_HEAD).unwrap().1;
+        assert_eq!(folded.size(), [d, d]);
+        assert!(report.fold_spread.is_finite());
         // Every training row is a fit row (fewer than asked), plus each test row.
         assert_eq!((report.fit_rows, forwards), (24, 24 + 12));
         assert!(report.mean_prompt_tokens > 10.0, "{report:?}");
@@ -488,6 +625,7 @@ mod tests {
         assert_eq!(part.part, "test");
         for ranks in [
             &part.hidden_readout_ranks,
+            &part.hidden_folded_ranks,
             &part.hidden_refit_ranks,
             &part.state_refit_ranks,
         ] {
@@ -507,7 +645,7 @@ mod tests {
             &mut |_| {},
         )
         .unwrap();
-        assert_eq!(again, report);
+        assert_eq!(again.report, report);
 
         let few = TransportConfig {
             fit_rows: 5,
