@@ -244,7 +244,8 @@ fn ensure_warm_heads(
         .manifest
         .trained_sha256;
     if heads_dir.join(warm_heads::MANIFEST_FILE).is_file() {
-        let (made, _) = warm_heads::load(heads_dir)?;
+        // The manifest names the checkpoint; the tensors are checked when the stage loads them.
+        let made = warm_heads::read_manifest(heads_dir)?;
         if made.read_on.is_some_and(|r| r.trained_sha256 == init_sha) {
             return Ok(());
         }
@@ -509,10 +510,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         let warm_heads = match &stage_spec.heads_from {
             Some(heads_dir) => {
                 ensure_warm_heads(&args, stage_spec, &out.join(dir), &data, &rec_dir)?;
-                let path = heads_dir.join(warm_heads::MANIFEST_FILE);
-                let bytes = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
-                let made: WarmHeadsManifest = serde_json::from_slice(&bytes)
-                    .with_context(|| format!("{}", path.display()))?;
+                let made = warm_heads::read_manifest(heads_dir)?;
                 json!({"folded_hr1": made.folded_hr1, "read_on": made.read_on,
                        "probe_seconds": probe_started.elapsed().as_secs_f64()})
             }

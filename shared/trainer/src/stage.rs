@@ -925,19 +925,24 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_run_that_failed_before_its_first_checkpoint_does_not_bind_the_directory() {
-        let _rng = crate::test_support::rng_lock();
-        let (setup, model_dir) = setup_with_model_dir();
-        let out = tempfile::tempdir().unwrap();
-        let rows: Vec<SeqExample> = (0..2)
+    /// Two training rows of the fixture's catalog, for runs of a step or two.
+    fn two_rows() -> Vec<SeqExample> {
+        (0..2)
             .map(|i| SeqExample {
                 user: i,
                 history: vec![i, i + 1],
                 target: i + 2,
                 candidates: Vec::new(),
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn a_run_that_failed_before_its_first_checkpoint_does_not_bind_the_directory() {
+        let _rng = crate::test_support::rng_lock();
+        let (setup, model_dir) = setup_with_model_dir();
+        let out = tempfile::tempdir().unwrap();
+        let rows = two_rows();
         let run = |spec: &StageSpec| {
             // A fresh base each time: a stage attaches its adapters to it.
             let mut base = rsllm_llm::load(model_dir.path(), Device::Cpu, Kind::Float).unwrap();
@@ -1013,14 +1018,7 @@ mod tests {
         let warm = work.path().join("warm");
         warm_heads::save(&warm, manifest.clone(), &tensors).unwrap();
 
-        let rows: Vec<SeqExample> = (0..2)
-            .map(|i| SeqExample {
-                user: i,
-                history: vec![i, i + 1],
-                target: i + 2,
-                candidates: Vec::new(),
-            })
-            .collect();
+        let rows = two_rows();
         let mut warmed = spec(2);
         warmed.recommender = Some(rec_dir);
         (warmed.user_slot, warmed.user_slot_last) = (true, true);

@@ -141,91 +141,7 @@ impl WarmHeadsManifest {
             heads_sha256: String::new(),
         }
     }
-}
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// Writes `tensors` and `manifest` into `dir` (created if missing): the tensors to a temporary
-/// file, synced and renamed, then the manifest naming their hash, atomically. A crash between
-/// the two leaves a manifest whose hash the new tensors fail, which [`load`] reports.
-pub fn save(
-    dir: &Path,
-    mut manifest: WarmHeadsManifest,
-    tensors: &[(String, Tensor)],
-) -> Result<()> {
-    if let Some((name, _)) = tensors
-        .iter()
-        .find(|(name, _)| !PREFIXES.iter().any(|p| name.starts_with(p)))
-    {
-        return Err(TrainError::Invalid(format!(
-            "warm heads hold only the projector and heads, not {name}"
-        )));
-    }
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let temp = dir.join(format!(".tmp-{}-{HEADS_FILE}", unique_suffix()));
-    let on_cpu = tensors
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), t.f_detach()?.f_to_device(tch::Device::Cpu)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let written = Tensor::write_safetensors(&on_cpu, &temp)
-        .map_err(|e| TrainError::Io {
-            path: temp.clone(),
-            source: std::io::Error::other(e),
-        })
-        .and_then(|()| {
-            std::fs::File::open(&temp)
-                .and_then(|f| f.sync_all())
-                .map_err(io(&temp))
-        })
-        .and_then(|()| sha256_file(&temp).map_err(io(&temp)));
-    let sha256 = match written {
-        Ok(sha256) => sha256,
-        Err(err) => {
-            // Best effort: the temporary file is garbage either way.
-            let _ = std::fs::remove_file(&temp);
-            return Err(err);
-        }
-    };
-    let path = dir.join(HEADS_FILE);
-    std::fs::rename(&temp, &path).map_err(io(&path))?;
-    sync_dir(dir).map_err(io(dir))?;
-    manifest.heads_sha256 = sha256;
-    let manifest_path = dir.join(MANIFEST_FILE);
-    write_json_atomic(&manifest_path, &manifest).map_err(io(&manifest_path))
-}
-
-/// The manifest and tensors in `dir`, the tensors checked against the manifest's hash.
-pub fn load(dir: &Path) -> Result<(WarmHeadsManifest, NamedTensors)> {
-    let bad = |path: &Path, reason: String| TrainError::BadCheckpoint {
-        path: path.to_owned(),
-        reason,
-    };
-    let manifest_path = dir.join(MANIFEST_FILE);
-    let text = std::fs::read_to_string(&manifest_path).map_err(io(&manifest_path))?;
-    let manifest: WarmHeadsManifest = serde_json::from_str(&text)
-        .map_err(|e| bad(&manifest_path, format!("not a warm-heads manifest: {e}")))?;
-    let path = dir.join(HEADS_FILE);
-    let sha256 = sha256_file(&path).map_err(io(&path))?;
-    if sha256 != manifest.heads_sha256 {
-        return Err(bad(
-            &path,
-            format!(
-                "has sha256 {sha256}; {} names {}",
-                manifest_path.display(),
-                manifest.heads_sha256
-            ),
-        ));
-    }
-    let tensors = Tensor::read_safetensors(&path).map_err(|e| bad(&path, e.to_string()))?;
-    Ok((manifest, tensors))
-}
-
-impl WarmHeadsManifest {
     /// Refuses heads made for another stage than `stage`, naming the field and both sides.
     pub fn check_fits(&self, dir: &Path, stage: &StageSide<'_>) -> Result<()> {
         let refuse = |what: &str, theirs: String, ours: String| {
@@ -296,6 +212,92 @@ impl WarmHeadsManifest {
         }
         Ok(())
     }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes `tensors` and `manifest` into `dir` (created if missing): the tensors to a temporary
+/// file, synced and renamed, then the manifest naming their hash, atomically. A crash between
+/// the two leaves a manifest whose hash the new tensors fail, which [`load`] reports.
+pub fn save(
+    dir: &Path,
+    mut manifest: WarmHeadsManifest,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    if let Some((name, _)) = tensors
+        .iter()
+        .find(|(name, _)| !PREFIXES.iter().any(|p| name.starts_with(p)))
+    {
+        return Err(TrainError::Invalid(format!(
+            "warm heads hold only the projector and heads, not {name}"
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let temp = dir.join(format!(".tmp-{}-{HEADS_FILE}", unique_suffix()));
+    let on_cpu = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.f_detach()?.f_to_device(tch::Device::Cpu)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let written = Tensor::write_safetensors(&on_cpu, &temp)
+        .map_err(|e| TrainError::Io {
+            path: temp.clone(),
+            source: std::io::Error::other(e),
+        })
+        .and_then(|()| {
+            std::fs::File::open(&temp)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&temp))
+        })
+        .and_then(|()| sha256_file(&temp).map_err(io(&temp)));
+    let sha256 = match written {
+        Ok(sha256) => sha256,
+        Err(err) => {
+            // Best effort: the temporary file is garbage either way.
+            let _ = std::fs::remove_file(&temp);
+            return Err(err);
+        }
+    };
+    let path = dir.join(HEADS_FILE);
+    std::fs::rename(&temp, &path).map_err(io(&path))?;
+    sync_dir(dir).map_err(io(dir))?;
+    manifest.heads_sha256 = sha256;
+    let manifest_path = dir.join(MANIFEST_FILE);
+    write_json_atomic(&manifest_path, &manifest).map_err(io(&manifest_path))
+}
+
+/// The manifest in `dir` alone (no tensors read): what the heads were made for.
+pub fn read_manifest(dir: &Path) -> Result<WarmHeadsManifest> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::BadCheckpoint {
+        path,
+        reason: format!("not a warm-heads manifest: {e}"),
+    })
+}
+
+/// The manifest and tensors in `dir`, the tensors checked against the manifest's hash.
+pub fn load(dir: &Path) -> Result<(WarmHeadsManifest, NamedTensors)> {
+    let manifest = read_manifest(dir)?;
+    let path = dir.join(HEADS_FILE);
+    let bad = |reason: String| TrainError::BadCheckpoint {
+        path: path.clone(),
+        reason,
+    };
+    let sha256 = sha256_file(&path).map_err(io(&path))?;
+    if sha256 != manifest.heads_sha256 {
+        return Err(bad(format!(
+            "has sha256 {sha256}; {} names {}",
+            dir.join(MANIFEST_FILE).display(),
+            manifest.heads_sha256
+        )));
+    }
+    let tensors = Tensor::read_safetensors(&path).map_err(|e| bad(e.to_string()))?;
+    Ok((manifest, tensors))
 }
 
 /// Stops the projector and heads of `trained` from training (they keep requiring no
