@@ -337,7 +337,8 @@ containers:
       - name: RUST_LOG
         value: {{ . | quote }}
       {{- end }}
-      {{- include "rsllm.otelEnv" (dict "root" $root "service" "rsllm-training") | nindent 6 }}
+      {{- /* No OTEL_* here: the rsllm CLI exports no traces; a training pod's record is its
+      JSON log lines and the run directory on the jobs volume. */}}
       {{- range $k, $val := $t.env }}
       - name: {{ $k }}
         value: {{ toString $val | quote }}

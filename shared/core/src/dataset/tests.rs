@@ -642,13 +642,43 @@ fn real_data_counts() {
     );
 
     let fm = count(DatasetName::LastFm, Protocol::Loo);
-    assert_eq!(fm.manifest.num_users, 1220);
+    let m = &fm.manifest;
+    assert_eq!(
+        (m.num_users, m.num_items, m.num_interactions),
+        (1220, 4606, 52_925)
+    );
+    assert_eq!(
+        (fm.train.len(), fm.val.len(), fm.test.len()),
+        (46_931, 1_114, 1_220)
+    );
 
+    // Steam: every count of docs/data.md's table, both protocols over the same 2,388 users.
+    let steam_counts = |prepared: &PreparedDataset| {
+        let m = &prepared.manifest;
+        (
+            (m.num_users, m.num_items, m.num_interactions),
+            (
+                prepared.train.len(),
+                prepared.val.len(),
+                prepared.test.len(),
+            ),
+        )
+    };
     let valtrain = count(DatasetName::SteamValTrain, Protocol::Llara);
     assert_eq!(valtrain.catalog.num_items(), 3581);
-    assert_eq!(valtrain.test.len(), 1194 - 8);
-    count(DatasetName::SteamValTrain, Protocol::Loo);
-    count(DatasetName::Steam, Protocol::Loo);
+    assert_eq!(
+        steam_counts(&valtrain),
+        ((2388, 3581, 22_513), (6_936, 119, 1194 - 8))
+    );
+    let loo_counts = ((2388, 3581, 22_513), (10_658, 2_324, 2_370));
+    assert_eq!(
+        steam_counts(&count(DatasetName::SteamValTrain, Protocol::Loo)),
+        loo_counts
+    );
+    assert_eq!(
+        steam_counts(&count(DatasetName::Steam, Protocol::Loo)),
+        loo_counts
+    );
     if !data_dir.join("steam/llara/train_data.jsonl").is_file() {
         let err = prepare(DatasetName::Steam, Protocol::Llara, &options, &paths).unwrap_err();
         assert!(matches!(err, DataError::Missing { .. }), "{err}");
