@@ -603,57 +603,8 @@ fn real_data_counts() {
         prepared
     };
 
-    let ml = count(DatasetName::MovieLens, Protocol::Llara);
-    let m = &ml.manifest;
-    assert_eq!(
-        (m.num_users, m.num_items, m.num_interactions),
-        (943, 1682, 100_000)
-    );
-    assert_eq!(
-        (ml.train.len(), ml.val.len(), ml.test.len()),
-        (58_598, 94, 95)
-    );
-    assert_eq!(ml.catalog.title(0), Some("Toy Story"));
-    assert_eq!(ml.catalog.title(542), Some("Misérables, Les"));
-    assert_eq!(ml.test[0].target, 3);
-    assert_eq!(
-        ml.test[0].history,
-        vec![704, 155, 80, 698, 745, 95, 1403, 202, 731, 432]
-    );
-
-    let ml = count(DatasetName::MovieLens, Protocol::Loo);
-    let m = &ml.manifest;
-    assert_eq!(
-        (m.num_users, m.num_items, m.num_interactions),
-        (943, 1682, 100_000)
-    );
-    assert_eq!((ml.val.len(), ml.test.len()), (943, 943));
-    assert_eq!(ml.train.len(), 100_000 - 943 * 2 - 943 * 3);
-
-    let fm = count(DatasetName::LastFm, Protocol::Llara);
-    let m = &fm.manifest;
-    assert_eq!(
-        (m.num_users, m.num_items, m.num_interactions),
-        (1220, 4606, 52_925)
-    );
-    assert_eq!(
-        (fm.train.len(), fm.val.len(), fm.test.len()),
-        (47_872, 122, 122)
-    );
-
-    let fm = count(DatasetName::LastFm, Protocol::Loo);
-    let m = &fm.manifest;
-    assert_eq!(
-        (m.num_users, m.num_items, m.num_interactions),
-        (1220, 4606, 52_925)
-    );
-    assert_eq!(
-        (fm.train.len(), fm.val.len(), fm.test.len()),
-        (46_931, 1_114, 1_220)
-    );
-
-    // Steam: every count of docs/data.md's table, both protocols over the same 2,388 users.
-    let steam_counts = |prepared: &PreparedDataset| {
+    // ((users, items, interactions), (train, val, test rows)): one row of docs/data.md's table.
+    let counts = |prepared: &PreparedDataset| {
         let m = &prepared.manifest;
         (
             (m.num_users, m.num_items, m.num_interactions),
@@ -664,19 +615,47 @@ fn real_data_counts() {
             ),
         )
     };
+
+    let ml = count(DatasetName::MovieLens, Protocol::Llara);
+    assert_eq!(counts(&ml), ((943, 1682, 100_000), (58_598, 94, 95)));
+    assert_eq!(ml.catalog.title(0), Some("Toy Story"));
+    assert_eq!(ml.catalog.title(542), Some("Misérables, Les"));
+    assert_eq!(ml.test[0].target, 3);
+    assert_eq!(
+        ml.test[0].history,
+        vec![704, 155, 80, 698, 745, 95, 1403, 202, 731, 432]
+    );
+    assert_eq!(
+        counts(&count(DatasetName::MovieLens, Protocol::Loo)),
+        (
+            (943, 1682, 100_000),
+            (100_000 - 943 * 2 - 943 * 3, 943, 943)
+        )
+    );
+
+    assert_eq!(
+        counts(&count(DatasetName::LastFm, Protocol::Llara)),
+        ((1220, 4606, 52_925), (47_872, 122, 122))
+    );
+    assert_eq!(
+        counts(&count(DatasetName::LastFm, Protocol::Loo)),
+        ((1220, 4606, 52_925), (46_931, 1_114, 1_220))
+    );
+
+    // Steam: both protocols over the same 2,388 users.
     let valtrain = count(DatasetName::SteamValTrain, Protocol::Llara);
     assert_eq!(valtrain.catalog.num_items(), 3581);
     assert_eq!(
-        steam_counts(&valtrain),
+        counts(&valtrain),
         ((2388, 3581, 22_513), (6_936, 119, 1194 - 8))
     );
     let loo_counts = ((2388, 3581, 22_513), (10_658, 2_324, 2_370));
     assert_eq!(
-        steam_counts(&count(DatasetName::SteamValTrain, Protocol::Loo)),
+        counts(&count(DatasetName::SteamValTrain, Protocol::Loo)),
         loo_counts
     );
     assert_eq!(
-        steam_counts(&count(DatasetName::Steam, Protocol::Loo)),
+        counts(&count(DatasetName::Steam, Protocol::Loo)),
         loo_counts
     );
     if !data_dir.join("steam/llara/train_data.jsonl").is_file() {
