@@ -38,7 +38,8 @@
 # GPU_UI_NEG=catalog (L_ui's softmax over every item instead of the candidates; docs/results.md,
 # "The alignment heads' ceiling"),
 # GPU_LAMBDA_UI=1 (L_ui weighed 1 instead of METHOD.md's 0.1; docs/results.md, "Stage 2 from
-# warm heads, and L_ui's weight"),
+# warm heads, and L_ui's weight"), GPU_STAGE1_LAMBDA_UI=0.1 (stage 1 keeps METHOD.md's weight:
+# "Four times the quick profile's steps"),
 # GPU_FULL=1 (full fine-tune, as the peer anchor's text-only baseline: try GPU_LR=1e-4), and for
 # a dry run on the CPU machine GPU_DEVICE=cpu GPU_TEST_LIMIT=3 (with OUT and /tmp/rsllm-gpu here).
 set -euo pipefail
@@ -166,6 +167,10 @@ bench)
     timeout 90 "$stage_dir/optim_bench" --device cuda --iters 10 \
         --json-out "$out/optim.json" 2>&1 | tee "$out/optim.log"
     BUDGET_S=${HF_BUDGET_S:-100} timeout 150 python3 .device/a/hf_anchor.py 2>&1 | tee "$out/hf.log"
+    # Our step once more after the anchor, so the anchor's step sits between two of ours: the
+    # spread between processes on one card was as large as the ratio being checked.
+    timeout 60 "$stage_dir/optim_bench" --device cuda --iters 10 --only train16 \
+        --json-out "$out/optim-after.json" 2>&1 | tee "$out/optim-after.log"
     if [ -n "${GPU_STEP_BENCH:-}" ]; then step_bench; fi
     ;;
 pipeline)
@@ -196,7 +201,7 @@ pipeline)
         ${GPU_VARIANTS:+--variants "$GPU_VARIANTS"} ${GPU_TEST_LIMIT:+--test-limit "$GPU_TEST_LIMIT"} \
         ${GPU_LR:+--lr "$GPU_LR"} ${GPU_WARMUP:+--projector-warmup-steps "$GPU_WARMUP"} ${GPU_FULL:+--full-finetune --checkpoint-every 1000} \
         ${GPU_UI_SIM:+--ui-similarity "$GPU_UI_SIM"} ${GPU_UI_NEG:+--ui-negatives "$GPU_UI_NEG"} \
-        ${GPU_LAMBDA_UI:+--lambda-ui "$GPU_LAMBDA_UI"} \
+        ${GPU_LAMBDA_UI:+--lambda-ui "$GPU_LAMBDA_UI"} ${GPU_STAGE1_LAMBDA_UI:+--stage1-lambda-ui "$GPU_STAGE1_LAMBDA_UI"} \
         --out "$run" 2>&1 | tee "$out/pipeline.log"
     status=${PIPESTATUS[0]}
     set -e

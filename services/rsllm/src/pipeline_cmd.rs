@@ -154,6 +154,12 @@ pub struct PipelineArgs {
     /// variant sets it to 0).
     #[arg(long, default_value_t = 0.1)]
     lambda_ui: f64,
+    /// L_ui's weight in stage 1 alone (default: --lambda-ui). Stage 1's text-only prompts
+    /// fill no ID slot, so there L_ui trains the user head on the LLM's state only; at CPU
+    /// scale a weight of 1 there cost the text-only stage (docs/results.md, "Four times the
+    /// quick profile's steps"), while in stage 2 it helped.
+    #[arg(long)]
+    stage1_lambda_ui: Option<f64>,
     /// L_it's weight in every training run (METHOD.md's starting point: 0.1; the no-lit
     /// variant sets it to 0).
     #[arg(long, default_value_t = 0.1)]
@@ -166,6 +172,17 @@ pub struct PipelineArgs {
     /// `rsllm train --projector-warmup-steps`; our addition beyond METHOD.md). 0: none.
     #[arg(long, default_value_t = 0)]
     projector_warmup_steps: u64,
+}
+
+impl PipelineArgs {
+    /// L_ui's weight in a stage's training runs: `--stage1-lambda-ui` in stage 1 where given,
+    /// else `--lambda-ui`.
+    fn lambda_ui_in(&self, stage: u8) -> f64 {
+        match (stage, self.stage1_lambda_ui) {
+            (1, Some(weight)) => weight,
+            _ => self.lambda_ui,
+        }
+    }
 }
 
 /// A run directory whose training runs were started with other settings (another version of
@@ -324,6 +341,16 @@ struct Method {
 
 pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Before the data and the recommender, which take minutes: a bad weight fails at once.
+    for (flag, weight) in [
+        ("--lambda-ui", Some(args.lambda_ui)),
+        ("--stage1-lambda-ui", args.stage1_lambda_ui),
+        ("--lambda-it", Some(args.lambda_it)),
+    ] {
+        if let Some(w) = weight.filter(|w| !(w.is_finite() && *w >= 0.0)) {
+            anyhow::bail!("{flag} ({w}) must be finite and not negative");
+        }
+    }
     let paths = Paths::from_env()?;
     let dataset = args.split.dataset.to_string();
     let out = args.out.clone().unwrap_or_else(|| {
@@ -373,7 +400,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let lora = LoraConfig::default();
     let recipe = format!(
         "{}LoRA r {} alpha {} on {}, peak lr {peak_lr:e}, micro-batch {} x accumulation \
-         {grad_accum}, {epochs} epoch(s), lambda_ui {} and lambda_it {}{}{}",
+         {grad_accum}, {epochs} epoch(s), lambda_ui {}{} and lambda_it {}{}{}",
         if args.full_finetune {
             "base weights (full fine-tune) and "
         } else {
@@ -384,6 +411,10 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         lora.targets.join(","),
         args.micro_batch,
         args.lambda_ui,
+        match args.stage1_lambda_ui {
+            Some(w) if w != args.lambda_ui => format!(" ({w} in stage 1)"),
+            _ => String::new(),
+        },
         args.lambda_it,
         match args.ui_similarity {
             crate::train_cmd::UiSimilarityArg::Cosine => "",
@@ -421,7 +452,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             keep_last: 2,
             pad_id: base.tokenizer.pad_id.unwrap_or(0),
             loss: LossConfig {
-                lambda_ui: args.lambda_ui,
+                lambda_ui: args.lambda_ui_in(stage),
                 lambda_it: args.lambda_it,
                 ui_similarity: args.ui_similarity.similarity(),
                 ui_negatives: args.ui_negatives.negatives(),
@@ -904,14 +935,52 @@ mod tests {
         vec![(spec, "stage1".into(), "stage 1".into())]
     }
 
-    #[test]
-    fn the_report_shows_the_alignment_columns_and_each_runs_padding() {
+    fn parse(flags: &[&str]) -> PipelineArgs {
         #[derive(clap::Parser)]
         struct Cli {
             #[command(flatten)]
             args: PipelineArgs,
         }
-        let args = <Cli as clap::Parser>::parse_from(["rsllm", "--dataset", "movielens"]).args;
+        let argv = ["rsllm", "--dataset", "movielens"].iter().chain(flags);
+        <Cli as clap::Parser>::parse_from(argv).args
+    }
+
+    #[test]
+    fn stage_1_takes_its_own_lambda_ui_only_when_given() {
+        let both = parse(&["--lambda-ui", "1.0"]);
+        assert_eq!((both.lambda_ui_in(1), both.lambda_ui_in(2)), (1.0, 1.0));
+        let split = parse(&["--lambda-ui", "1.0", "--stage1-lambda-ui", "0.1"]);
+        assert_eq!((split.lambda_ui_in(1), split.lambda_ui_in(2)), (0.1, 1.0));
+        let default = parse(&[]);
+        assert_eq!(
+            (default.lambda_ui_in(1), default.lambda_ui_in(2)),
+            (0.1, 0.1)
+        );
+    }
+
+    #[test]
+    fn a_bad_loss_weight_is_refused_before_any_work() {
+        for (flag, value) in [
+            ("--stage1-lambda-ui", "-1"),
+            ("--lambda-ui", "NaN"),
+            ("--lambda-it", "-0.5"),
+        ] {
+            let out = tempfile::tempdir().unwrap();
+            let run_dir = out.path().join("run");
+            let weight = format!("{flag}={value}");
+            let args = parse(&[&weight, "--out", run_dir.to_str().unwrap()]);
+            let err = run(args).unwrap_err().to_string();
+            assert!(
+                err.contains(flag) && err.contains("must be finite and not negative"),
+                "{err}"
+            );
+            assert!(!run_dir.exists(), "{flag}: nothing was created");
+        }
+    }
+
+    #[test]
+    fn the_report_shows_the_alignment_columns_and_each_runs_padding() {
+        let args = parse(&[]);
         let mean = |m: f64| json!({"mean": m, "low": 0.0, "high": 1.0});
         let methods = vec![
             Method {
