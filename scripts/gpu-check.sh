@@ -28,18 +28,17 @@
 #
 # Call 1 also fails fast: if our binary cannot use CUDA there, the machine can be given back
 # before the longer call 2. Both use the device image's own PyTorch 2.11.0 as libtorch.
-# Pipeline settings come from the environment (defaults below: the best H100 runs of
-# docs/results.md, micro-batch 64 being 2.7x faster than 16 and one micro-batch per step, twice
-# the optimizer steps of two, giving the best RSLLM so far), so a rerun needs no edit:
-# GPU_LIMIT (training rows per stage), GPU_EPOCHS, GPU_MICRO, GPU_ACCUM, GPU_STAGE_SECS, GPU_VARIANTS, GPU_LR,
-# GPU_WARMUP (projector warm-up steps before every stage-2 run with slots),
+# Pipeline settings come from the environment, so a rerun needs no edit. The defaults are the
+# best H100 runs of docs/results.md ("Two epochs, L_ui weighed 1 in stage 2 over the catalog"):
+# 30,000 rows per stage, two epochs, micro-batch 64 (2.7x faster than 16) and one micro-batch
+# per step, L_ui over the whole catalog ("The alignment heads' ceiling") weighed 1 in stage 2
+# and METHOD.md's 0.1 in stage 1 ("Four times the quick profile's steps"), 170 s per training
+# run (MovieLens's 938 steps took 149-158 s on an H100). GPU_LIMIT (training rows per stage),
+# GPU_EPOCHS, GPU_MICRO, GPU_ACCUM, GPU_STAGE_SECS, GPU_TIMEOUT (the whole pipeline), GPU_VARIANTS,
+# GPU_LR, GPU_WARMUP (projector warm-up steps before every stage-2 run with slots),
 # GPU_UI_SIM=user-normalised (L_ui keeps the item vectors' length; docs/results.md, "What ranking
-# by the cosine costs the recommenders themselves"),
-# GPU_UI_NEG=catalog (L_ui's softmax over every item instead of the candidates; docs/results.md,
-# "The alignment heads' ceiling"),
-# GPU_LAMBDA_UI=1 (L_ui weighed 1 instead of METHOD.md's 0.1; docs/results.md, "Stage 2 from
-# warm heads, and L_ui's weight"), GPU_STAGE1_LAMBDA_UI=0.1 (stage 1 keeps METHOD.md's weight:
-# "Four times the quick profile's steps"),
+# by the cosine costs the recommenders themselves"), GPU_UI_NEG (default catalog; candidates is
+# METHOD.md's), GPU_LAMBDA_UI (default 1; METHOD.md's 0.1), GPU_STAGE1_LAMBDA_UI (default 0.1),
 # GPU_FULL=1 (full fine-tune, as the peer anchor's text-only baseline: try GPU_LR=1e-4), and for
 # a dry run on the CPU machine GPU_DEVICE=cpu GPU_TEST_LIMIT=3 (with OUT and /tmp/rsllm-gpu here).
 set -euo pipefail
@@ -195,13 +194,13 @@ pipeline)
     set +e
     RSLLM_CACHE_DIR=$cache RSLLM_DATA_DIR=$PWD/$part/data RUST_LOG=info \
         timeout "${GPU_TIMEOUT:-480}" "$stage_dir/rsllm" pipeline --dataset "$(cat "$part/dataset")" --profile full \
-        --device "${GPU_DEVICE:-cuda}" --limit "${GPU_LIMIT:-30000}" --epochs "${GPU_EPOCHS:-1}" \
+        --device "${GPU_DEVICE:-cuda}" --limit "${GPU_LIMIT:-30000}" --epochs "${GPU_EPOCHS:-2}" \
         --micro-batch "${GPU_MICRO:-64}" --grad-accum "${GPU_ACCUM:-1}" \
-        --stage-time-limit-secs "${GPU_STAGE_SECS:-110}" \
+        --stage-time-limit-secs "${GPU_STAGE_SECS:-170}" \
         ${GPU_VARIANTS:+--variants "$GPU_VARIANTS"} ${GPU_TEST_LIMIT:+--test-limit "$GPU_TEST_LIMIT"} \
         ${GPU_LR:+--lr "$GPU_LR"} ${GPU_WARMUP:+--projector-warmup-steps "$GPU_WARMUP"} ${GPU_FULL:+--full-finetune --checkpoint-every 1000} \
-        ${GPU_UI_SIM:+--ui-similarity "$GPU_UI_SIM"} ${GPU_UI_NEG:+--ui-negatives "$GPU_UI_NEG"} \
-        ${GPU_LAMBDA_UI:+--lambda-ui "$GPU_LAMBDA_UI"} ${GPU_STAGE1_LAMBDA_UI:+--stage1-lambda-ui "$GPU_STAGE1_LAMBDA_UI"} \
+        ${GPU_UI_SIM:+--ui-similarity "$GPU_UI_SIM"} --ui-negatives "${GPU_UI_NEG:-catalog}" \
+        --lambda-ui "${GPU_LAMBDA_UI:-1}" --stage1-lambda-ui "${GPU_STAGE1_LAMBDA_UI:-0.1}" \
         --out "$run" 2>&1 | tee "$out/pipeline.log"
     status=${PIPESTATUS[0]}
     set -e
