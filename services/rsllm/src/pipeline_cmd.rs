@@ -126,6 +126,10 @@ pub struct PipelineArgs {
     /// Micro-batches per optimizer step (default: 4 for quick, 32 for full).
     #[arg(long)]
     grad_accum: Option<usize>,
+    /// Steps whose rows are pooled and sorted by length, then dealt out as steps of similar
+    /// lengths, in every training run (see `rsllm train --length-window-steps`; 0: off).
+    #[arg(long, default_value_t = rsllm_trainer::train_loop::DEFAULT_LENGTH_WINDOW_STEPS)]
+    length_window_steps: usize,
     /// Stage 1 on a mixture of domains: these datasets' training rows join the target's
     /// (comma separated; `--limit` applies to each). Stage 2 stays on the target.
     #[arg(long, value_delimiter = ',')]
@@ -463,6 +467,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             full_finetune: args.full_finetune,
             autocast_bf16: true,
             group_by_length: true,
+            length_window_steps: args.length_window_steps,
         },
         no_id_slots: false,
         no_titles: false,

@@ -46,6 +46,10 @@ pub struct TrainArgs {
     micro_batch: usize,
     #[arg(long, default_value_t = 4)]
     grad_accum: usize,
+    /// Steps whose rows are pooled and sorted by length, then dealt out as steps of similar
+    /// lengths (less padding; 0 or 1: the epoch's order as drawn).
+    #[arg(long, default_value_t = rsllm_trainer::train_loop::DEFAULT_LENGTH_WINDOW_STEPS)]
+    length_window_steps: usize,
     /// Peak learning rate (LLaRA MovieLens: 8e-4).
     #[arg(long, default_value_t = 8e-4)]
     lr: f64,
@@ -200,6 +204,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             full_finetune: args.full_finetune,
             autocast_bf16: true,
             group_by_length: true,
+            length_window_steps: args.length_window_steps,
         },
         no_id_slots: false,
         no_titles: false,

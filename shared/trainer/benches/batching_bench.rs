@@ -1,12 +1,13 @@
 //! What a training step's batching costs before the model runs: how fast the loader thread
 //! builds prompts from a prepared split, and how many token positions the micro-batches
 //! compute (each pads to its longest row) with and without grouping rows by length
-//! (`TrainConfig::group_by_length`). Needs the prepared split and the set-up model's
+//! (`TrainConfig::group_by_length`), and with steps dealt out of windows of `--window` steps
+//! regrouped by length (`TrainConfig::length_window_steps`). Needs the prepared split and the set-up model's
 //! tokenizer; no libtorch work.
 //!
 //! ```text
 //! cargo bench -p rsllm-trainer --bench batching_bench -- [--dataset movielens]
-//!     [--micro-batch 64] [--grad-accum 2] [--steps 40] [--mode unified|text-only]
+//!     [--micro-batch 64] [--grad-accum 2] [--steps 40] [--window 16] [--mode unified|text-only]
 //! ```
 //! One JSON line on stdout; a sentence on stderr.
 
@@ -22,14 +23,15 @@ use rsllm_prompt::PromptMode;
 use rsllm_prompt::tokenizer::{LlmTokenizer, default_model_path};
 use rsllm_trainer::ExampleSource;
 use rsllm_trainer::stage::{Domain, MixedRows, TrainSubset};
-use rsllm_trainer::train_loop::{micro_batches, padded_positions};
+use rsllm_trainer::train_loop::{group_window, micro_batches, padded_positions};
 
 fn main() {
-    let (mut dataset, mut micro, mut accum, mut steps, mut mode) = (
+    let (mut dataset, mut micro, mut accum, mut steps, mut window, mut mode) = (
         "movielens".to_owned(),
         64usize,
         2usize,
         40usize,
+        16usize,
         PromptMode::Unified,
     );
     let mut args = std::env::args().skip(1);
@@ -40,6 +42,7 @@ fn main() {
             "--micro-batch" => micro = value().parse().expect("--micro-batch N"),
             "--grad-accum" => accum = value().parse().expect("--grad-accum N"),
             "--steps" => steps = value().parse().expect("--steps N"),
+            "--window" => window = value().parse().expect("--window N"),
             "--mode" => {
                 mode = match value().as_str() {
                     "unified" => PromptMode::Unified,
@@ -83,13 +86,16 @@ fn main() {
     let mut order: Vec<usize> = (0..source.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(1234));
     let (mut real, mut plain, mut grouped, mut built) = (0usize, 0usize, 0usize, 0usize);
+    let mut length = std::collections::HashMap::new();
     let started = Instant::now();
     for (step, rows) in order.chunks(per_step).take(steps).enumerate() {
         let lengths: Vec<usize> = rows
             .iter()
             .map(|&i| {
                 let p = source.build(i, (step * per_step + i) as u64, None).unwrap();
-                p.input_ids.len() + p.answer_ids.len()
+                let n = p.input_ids.len() + p.answer_ids.len();
+                length.insert(i, n);
+                n
             })
             .collect();
         built += rows.len();
@@ -98,6 +104,20 @@ fn main() {
         grouped += padded_positions(&lengths, &micro_batches(&lengths, micro, true));
     }
     let seconds = started.elapsed().as_secs_f64();
+    // The same rows dealt out of windows regrouped by length, then grouped within each step.
+    let drawn = &order[..built];
+    let mut windowed = 0usize;
+    for (w, rows) in drawn.chunks(window.max(1) * per_step).enumerate() {
+        let dealt = if window > 1 {
+            group_window(rows, per_step, |i| length[&i], w as u64)
+        } else {
+            rows.to_vec()
+        };
+        for step_rows in dealt.chunks(per_step) {
+            let lengths: Vec<usize> = step_rows.iter().map(|i| length[i]).collect();
+            windowed += padded_positions(&lengths, &micro_batches(&lengths, micro, true));
+        }
+    }
     let line = serde_json::json!({
         "dataset": dataset, "mode": format!("{mode:?}"), "micro_batch": micro,
         "grad_accum": accum, "steps": steps, "prompts": built,
@@ -105,13 +125,17 @@ fn main() {
         "real_tokens_per_prompt": real as f64 / built as f64,
         "computed_per_real": plain as f64 / real as f64,
         "computed_per_real_grouped": grouped as f64 / real as f64,
+        "window": window,
+        "computed_per_real_windowed": windowed as f64 / real as f64,
     });
     println!("{line}");
     eprintln!(
         "{dataset} {mode:?}, {micro} x {accum} rows per step: {:.3} ms per prompt built; \
-         computed / real tokens {:.3} as drawn, {:.3} grouped by length",
+         computed / real tokens {:.3} as drawn, {:.3} grouped by length within a step, \
+         {:.3} dealt out of windows of {window} steps",
         seconds * 1e3 / built as f64,
         plain as f64 / real as f64,
-        grouped as f64 / real as f64
+        grouped as f64 / real as f64,
+        windowed as f64 / real as f64
     );
 }

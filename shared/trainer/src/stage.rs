@@ -846,6 +846,7 @@ mod tests {
                 full_finetune: false,
                 autocast_bf16: false,
                 group_by_length: true,
+                length_window_steps: 0,
             },
             no_id_slots: false,
             no_titles: false,

@@ -83,6 +83,14 @@ pub struct TrainConfig {
     /// gradient accumulation. Off in stage files written before it existed.
     #[serde(default)]
     pub group_by_length: bool,
+    /// Steps whose rows are pooled and sorted by length before they are dealt out as steps,
+    /// what Hugging Face's `group_by_length` does across batches: each step then holds rows
+    /// of similar lengths, so a step of one micro-batch (the GPU runs) pads far less than
+    /// rows drawn at random. The window's steps are then shuffled (seeded), so long and
+    /// short steps alternate; the epoch still visits every row once. 0 or 1: off, the
+    /// epoch's permutation as drawn (stage files written before it existed).
+    #[serde(default)]
+    pub length_window_steps: usize,
 }
 
 impl TrainConfig {
@@ -266,28 +274,44 @@ struct PlannedStep {
     done_after: usize,
 }
 
+/// `TrainConfig::length_window_steps` where a caller does not choose: 16 steps pool 1,024
+/// rows at the GPU runs' 64 per step, enough for steps of nearly equal lengths (see
+/// docs/results.md, "Steps of similar lengths"), while each window still spans a sixteenth
+/// of an epoch or less of the split's rows.
+pub const DEFAULT_LENGTH_WINDOW_STEPS: usize = 16;
+
+/// An example's token count in `epoch` (prompt and answer), for grouping by length.
+type LengthOf<'a> = &'a (dyn Fn(u64, usize) -> usize + Sync);
+
 /// The schedule of `train`, step by step from a (resumed) position: epoch `e` visits the
 /// examples in its seeded permutation, `per_step` at a time; a last partial chunk is a step.
-/// Kept apart from the model so the loader thread can walk it ahead of the optimizer.
-struct StepPlan {
+/// With `length_window_steps` > 1 each window of that many steps of the permutation is
+/// regrouped by length first ([`group_window`]). Kept apart from the model so the loader
+/// thread can walk it ahead of the optimizer.
+struct StepPlan<'a> {
     n: usize,
     per_step: usize,
     seed: u64,
     epochs: u64,
     total_steps: u64,
     curriculum: bool,
+    window_steps: usize,
+    length_of: LengthOf<'a>,
     step: u64,
     epoch: u64,
     done_in_epoch: usize,
     /// The permutation of the epoch being walked.
     order: Option<(u64, Vec<usize>)>,
+    /// The regrouped window being walked: (epoch, window index, its rows).
+    window: Option<(u64, usize, Vec<usize>)>,
 }
 
-impl StepPlan {
+impl<'a> StepPlan<'a> {
     fn new(
         n: usize,
         config: &TrainConfig,
         (step, epoch, done_in_epoch): (u64, u64, usize),
+        length_of: LengthOf<'a>,
     ) -> Self {
         StepPlan {
             n,
@@ -296,29 +320,97 @@ impl StepPlan {
             epochs: config.epochs,
             total_steps: config.total_steps(n),
             curriculum: config.curriculum,
+            window_steps: config.length_window_steps,
+            length_of,
             step,
             epoch,
             done_in_epoch,
             order: None,
+            window: None,
         }
+    }
+
+    /// The next step's rows of the current epoch from `done_in_epoch` on (empty past its end).
+    fn next_rows(&mut self) -> Vec<usize> {
+        if self.order.as_ref().is_none_or(|(e, _)| *e != self.epoch) {
+            self.order = Some((self.epoch, epoch_order(self.n, self.seed, self.epoch)));
+        }
+        let Some((_, order)) = &self.order else {
+            return Vec::new();
+        };
+        if self.window_steps <= 1 {
+            return order
+                .iter()
+                .skip(self.done_in_epoch)
+                .take(self.per_step)
+                .copied()
+                .collect();
+        }
+        // Windows start at multiples of window_steps * per_step: every step but an epoch's
+        // last is whole, so a step never straddles two windows, also after a resume.
+        let window_rows = self.window_steps * self.per_step;
+        let index = self.done_in_epoch / window_rows;
+        if self
+            .window
+            .as_ref()
+            .is_none_or(|(e, w, _)| (*e, *w) != (self.epoch, index))
+        {
+            let rows = order
+                .iter()
+                .skip(index * window_rows)
+                .take(window_rows)
+                .copied()
+                .collect::<Vec<_>>();
+            let epoch = self.epoch;
+            let grouped = group_window(
+                &rows,
+                self.per_step,
+                |i| (self.length_of)(epoch, i),
+                mix(self.seed, epoch, index as u64 + 1),
+            );
+            self.window = Some((epoch, index, grouped));
+        }
+        self.window.as_ref().map_or_else(Vec::new, |(_, _, rows)| {
+            rows.iter()
+                .skip(self.done_in_epoch - index * window_rows)
+                .take(self.per_step)
+                .copied()
+                .collect()
+        })
     }
 }
 
-impl Iterator for StepPlan {
+/// One window of an epoch's permutation regrouped by length: its rows sorted by token count
+/// (stable), cut into steps of `per_step`, and the whole steps shuffled with `seed`; a last
+/// partial step (an epoch's end) stays last, so every step before it is whole and a resumed
+/// position (rows done in the epoch) still falls on a step boundary.
+pub fn group_window(
+    rows: &[usize],
+    per_step: usize,
+    length_of: impl Fn(usize) -> usize,
+    seed: u64,
+) -> Vec<usize> {
+    let mut by_length: Vec<(usize, usize)> = rows.iter().map(|&i| (length_of(i), i)).collect();
+    by_length.sort_by_key(|&(len, _)| len);
+    let mut steps: Vec<Vec<usize>> = by_length
+        .chunks(per_step.max(1))
+        .map(|chunk| chunk.iter().map(|&(_, i)| i).collect())
+        .collect();
+    let partial = match steps.last() {
+        Some(last) if last.len() < per_step => steps.pop(),
+        _ => None,
+    };
+    steps.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    steps.extend(partial);
+    steps.concat()
+}
+
+impl Iterator for StepPlan<'_> {
     type Item = PlannedStep;
 
     fn next(&mut self) -> Option<PlannedStep> {
         while self.step < self.total_steps && self.epoch < self.epochs {
-            if self.order.as_ref().is_none_or(|(e, _)| *e != self.epoch) {
-                self.order = Some((self.epoch, epoch_order(self.n, self.seed, self.epoch)));
-            }
-            let examples: Vec<usize> = self.order.as_ref().map_or_else(Vec::new, |(_, o)| {
-                o.iter()
-                    .skip(self.done_in_epoch)
-                    .take(self.per_step)
-                    .copied()
-                    .collect()
-            });
+            let examples = self.next_rows();
             if examples.is_empty() {
                 self.epoch += 1;
                 self.done_in_epoch = 0;
@@ -536,7 +628,15 @@ pub fn train(
         last_saved = Some((step, ckpt.dir.clone()));
         tracing::info!(step, epoch, "resumed from {}", ckpt.dir.display());
     }
-    let plan = StepPlan::new(n, config, (step, epoch, done_in_epoch));
+    // A row's length as `load_step` will build it (in the source's own mode: under the
+    // curriculum a step's mode is drawn after its rows are, so there it is an estimate). A
+    // row that fails to build fails in `load_step`, with its error; its length is moot.
+    let length_of = |epoch: u64, i: usize| {
+        source
+            .build(i, mix(config.seed, epoch, i as u64), None)
+            .map_or(0, |p| p.input_ids.len() + p.answer_ids.len())
+    };
+    let plan = StepPlan::new(n, config, (step, epoch, done_in_epoch), &length_of);
     let mut last = None;
     let mut taken_here = 0u64;
     let mut stopped = false;
@@ -857,6 +957,7 @@ mod tests {
             full_finetune: false,
             autocast_bf16: false,
             group_by_length: true,
+            length_window_steps: 2,
         }
     }
 
@@ -1114,37 +1215,120 @@ mod tests {
 
     #[test]
     fn the_plan_resumed_anywhere_continues_the_straight_one() {
-        // 7 examples, 3 per step: steps of 3, 3, 1 per epoch; 3 epochs, capped at 8 steps.
-        let mut c = config();
-        (c.micro_batch, c.grad_accum, c.epochs, c.max_steps) = (3, 1, 3, Some(8));
-        let straight: Vec<PlannedStep> = StepPlan::new(7, &c, (0, 0, 0)).collect();
-        assert_eq!(straight.len(), 8);
-        let sizes: Vec<usize> = straight.iter().map(|p| p.examples.len()).collect();
-        assert_eq!(sizes, [3, 3, 1, 3, 3, 1, 3, 3]);
-        for epoch in 0..2 {
-            let mut seen: Vec<usize> = straight[epoch * 3..epoch * 3 + 3]
-                .iter()
-                .flat_map(|p| p.examples.clone())
-                .collect();
-            seen.sort_unstable();
-            assert_eq!(
-                seen,
-                (0..7).collect::<Vec<_>>(),
-                "epoch {epoch} visits each once"
+        // 7 examples, 3 per step: steps of 3, 3, 1 per epoch; 3 epochs, capped at 8 steps;
+        // as drawn and regrouped by length in windows of 2 steps.
+        let length_of = |epoch: u64, i: usize| (i * 5 + epoch as usize) % 7;
+        for window in [0, 2] {
+            let mut c = config();
+            (c.micro_batch, c.grad_accum, c.epochs, c.max_steps) = (3, 1, 3, Some(8));
+            c.length_window_steps = window;
+            let straight: Vec<PlannedStep> = StepPlan::new(7, &c, (0, 0, 0), &length_of).collect();
+            assert_eq!(straight.len(), 8);
+            let sizes: Vec<usize> = straight.iter().map(|p| p.examples.len()).collect();
+            assert_eq!(sizes, [3, 3, 1, 3, 3, 1, 3, 3], "window {window}");
+            for epoch in 0..2 {
+                let mut seen: Vec<usize> = straight[epoch * 3..epoch * 3 + 3]
+                    .iter()
+                    .flat_map(|p| p.examples.clone())
+                    .collect();
+                seen.sort_unstable();
+                assert_eq!(
+                    seen,
+                    (0..7).collect::<Vec<_>>(),
+                    "epoch {epoch} visits each once (window {window})"
+                );
+            }
+            assert_ne!(
+                straight[0].examples, straight[3].examples,
+                "a new order per epoch"
             );
+            for (k, planned) in straight.iter().enumerate() {
+                let resumed: Vec<PlannedStep> = StepPlan::new(
+                    7,
+                    &c,
+                    (planned.step + 1, planned.epoch_after, planned.done_after),
+                    &length_of,
+                )
+                .collect();
+                assert_eq!(
+                    resumed,
+                    straight[k + 1..],
+                    "resumed after step {} (window {window})",
+                    k + 1
+                );
+            }
         }
-        assert_ne!(
-            straight[0].examples, straight[3].examples,
-            "a new order per epoch"
+    }
+
+    #[test]
+    fn a_length_window_deals_out_its_rows_as_steps_of_similar_lengths() {
+        // 64 rows of lengths 1..=50 in a scrambled order, 4 rows per step, windows of 4 steps.
+        let length_of = |_: u64, i: usize| (i * 37) % 50 + 1;
+        let mut c = config();
+        (c.micro_batch, c.grad_accum, c.epochs, c.max_steps) = (4, 1, 1, None);
+        let plan = |window: usize| -> Vec<Vec<usize>> {
+            let mut c = c.clone();
+            c.length_window_steps = window;
+            StepPlan::new(64, &c, (0, 0, 0), &length_of)
+                .map(|p| p.examples)
+                .collect()
+        };
+        let (drawn, grouped) = (plan(0), plan(4));
+        assert_eq!(grouped, plan(4), "seeded: the same steps every time");
+        assert_eq!(grouped.len(), 16);
+        let padded = |steps: &[Vec<usize>]| -> usize {
+            steps
+                .iter()
+                .map(|s| s.len() * s.iter().map(|&i| length_of(0, i)).max().unwrap_or(0))
+                .sum()
+        };
+        let real: usize = (0..64).map(|i| length_of(0, i)).sum();
+        assert!(
+            padded(&grouped) * 5 < padded(&drawn) * 4,
+            "padded positions: {} grouped, {} drawn, {real} real",
+            padded(&grouped),
+            padded(&drawn)
         );
-        for (k, planned) in straight.iter().enumerate() {
-            let resumed: Vec<PlannedStep> = StepPlan::new(
-                7,
-                &c,
-                (planned.step + 1, planned.epoch_after, planned.done_after),
-            )
-            .collect();
-            assert_eq!(resumed, straight[k + 1..], "resumed after step {}", k + 1);
+        for w in 0..4 {
+            // Each window holds the drawn permutation's rows of that window, and nothing else.
+            let rows = |steps: &[Vec<usize>]| {
+                let mut r: Vec<usize> = steps[w * 4..w * 4 + 4].concat();
+                r.sort_unstable();
+                r
+            };
+            assert_eq!(rows(&grouped), rows(&drawn), "window {w}");
+            // Its steps are the window's rows in length order, cut into fours.
+            let mut spans: Vec<(usize, usize)> = grouped[w * 4..w * 4 + 4]
+                .iter()
+                .map(|s| {
+                    let lens = s.iter().map(|&i| length_of(0, i));
+                    (lens.clone().min().unwrap(), lens.max().unwrap())
+                })
+                .collect();
+            spans.sort_unstable();
+            assert!(spans.windows(2).all(|p| p[0].1 <= p[1].0), "{spans:?}");
+        }
+        assert!(
+            (0..4).any(|w| {
+                let firsts: Vec<usize> = (0..4)
+                    .map(|k| length_of(0, grouped[w * 4 + k][0]))
+                    .collect();
+                !firsts.is_sorted()
+            }),
+            "the steps of a window are shuffled, not left in length order"
+        );
+    }
+
+    #[test]
+    fn a_window_keeps_an_epoch_s_partial_step_last() {
+        // 10 rows, 4 per step, one window of 3 steps: whole steps first, the 2-row one last.
+        let order: Vec<usize> = (0..10).rev().collect();
+        for seed in 0..8 {
+            let grouped = group_window(&order, 4, |i| i, seed);
+            let mut sorted = grouped.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+            assert_eq!(&grouped[8..], &[8, 9], "seed {seed}: the longest two, last");
         }
     }
 
@@ -1162,7 +1346,7 @@ mod tests {
             .collect();
         let mut c = config();
         (c.micro_batch, c.grad_accum) = (2, 3);
-        let plan = StepPlan::new(6, &c, (0, 0, 0)).next().unwrap();
+        let plan = StepPlan::new(6, &c, (0, 0, 0), &|_, i| i).next().unwrap();
         let len = |p: &BuiltPrompt| p.input_ids.len() + p.answer_ids.len();
         let padded = |step: &LoadedStep| -> usize {
             step.micro_batches
