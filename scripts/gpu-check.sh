@@ -26,6 +26,23 @@
 # same dataset resumes it when the settings are the same and is refused when they differ, so
 # start such a call with `rm -rf /tmp/rsllm-gpu/run-<dataset> &&`.
 #
+# Training that outlasts one lent GPU: a session's 15 minutes hold about eight of training, so
+# a finished stage 1, or a stage 2 stopped by its time limit, can come back and be carried
+# into the next lent session, which resumes it (same settings: the pipeline refuses others):
+#
+#   GPU_KEEP=stage1 ... bash scripts/gpu-check.sh pipeline   # there: the stage's latest
+#                             # checkpoint, optimizer state included (42 MB with LoRA), comes
+#                             # back as <stage>.tar.part-* beside the report (its rows and
+#                             # figure then come packed in rows-and-figure.tar.gz: 8 files)
+#   bash scripts/gpu-check.sh prepare-carry k1 DIR  # here, a later session: those parts from
+#                             # the files folder DIR into .device/k1 (one stage per folder)
+#   GPU_PART=k1 bash scripts/gpu-check.sh unpack    # there, carry [".device/k1"], after call 1:
+#                             # into /tmp/rsllm-gpu/run-<dataset>; then the pipeline call
+#
+# A stage-1 settings change (GPU_LIMIT, GPU_EPOCHS, ...) makes the carried stage unusable: the
+# pipeline then starts afresh, saying so. GPU_STAGE1_EPOCHS gives stage 1 its own epochs, so
+# stage 2 can take more (GPU_EPOCHS) over a carried stage 1.
+#
 # Call 1 also fails fast: if our binary cannot use CUDA there, the machine can be given back
 # before the longer call 2. Both use the device image's own PyTorch 2.11.0 as libtorch.
 # Pipeline settings come from the environment, so a rerun needs no edit. The defaults are the
@@ -39,7 +56,8 @@
 # GPU_UI_SIM=user-normalised (L_ui keeps the item vectors' length; docs/results.md, "What ranking
 # by the cosine costs the recommenders themselves"), GPU_UI_NEG (default catalog; candidates is
 # METHOD.md's), GPU_LAMBDA_UI (default 1; METHOD.md's 0.1), GPU_STAGE1_LAMBDA_UI (default 0.1),
-# GPU_FULL=1 (full fine-tune, as the peer anchor's text-only baseline: try GPU_LR=1e-4), and for
+# GPU_FULL=1 (full fine-tune, as the peer anchor's text-only baseline: try GPU_LR=1e-4),
+# GPU_STAGE1_EPOCHS, GPU_WINDOW (--length-window-steps; default the binary's 16), GPU_KEEP, and for
 # a dry run on the CPU machine GPU_DEVICE=cpu GPU_TEST_LIMIT=3 (with OUT and /tmp/rsllm-gpu here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -110,12 +128,51 @@ step_bench() {
     done
 }
 
+# Packs the stage directory $2 of run $1 into $3 as <dataset $4>.<stage>.tar cut into pieces of
+# 15 MiB (.tar.part-aa, -ab, ...): its stage files and its latest checkpoint alone (a run keeps
+# two), optimizer state included, so the next lent GPU resumes it. The checkpoint's manifest
+# holds its tensor files' sha256, which the resuming run checks.
+keep_stage() {
+    local run=$1 stage=$2 out=$3 tarball=$4.$2.tar latest
+    [ -f "$run/$stage/checkpoints/latest.json" ] || { echo "GPU_KEEP=$stage: no checkpoint in $run/$stage" >&2; return 1; }
+    latest=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["dir"])' "$run/$stage/checkpoints/latest.json")
+    (cd "$run" && find "$stage" -maxdepth 1 -type f -print0 | tar -cf "$out/$tarball" --null -T - \
+        "$stage/checkpoints/latest.json" "$stage/checkpoints/$latest")
+    (cd "$out" && split -b 15m "$tarball" "$tarball.part-" && rm "$tarball")
+    echo "kept $stage ($latest) in $(find "$out" -name "$tarball.part-*" | wc -l) parts"
+}
+
 case "${1:-}" in
 prepare-data)
     rm -rf .device/c
     stage_dataset .device/c
     check_size .device/c
     echo "staged; after call 2, on the same warm machine: 'GPU_PART=c bash scripts/gpu-check.sh pipeline' carry [\".device/c\"]"
+    ;;
+prepare-carry)
+    name=${2:?usage: bash scripts/gpu-check.sh prepare-carry NAME FILES_DIR}
+    from=${3:?usage: bash scripts/gpu-check.sh prepare-carry NAME FILES_DIR}
+    case "$name" in a | b | c | out | *[!A-Za-z0-9_-]*) echo "prepare-carry: NAME '$name' must be a new folder name (not a, b, c or out)" >&2; exit 2 ;; esac
+    parts=("$from"/*.tar.part-*)
+    [ -f "${parts[0]}" ] || { echo "prepare-carry: no *.tar.part-* in $from (a call with GPU_KEEP brings them back)" >&2; exit 1; }
+    rm -rf ".device/$name"
+    mkdir -p ".device/$name"
+    cp "${parts[@]}" ".device/$name/"
+    # <dataset>.<stage>.tar.part-xx: the dataset names the run directory there.
+    basename "${parts[0]}" | cut -d. -f1 >".device/$name/dataset"
+    check_size ".device/$name"
+    echo "staged; there, after call 1: 'GPU_PART=$name bash scripts/gpu-check.sh unpack' carry [\".device/$name\"]"
+    ;;
+unpack)
+    part=.device/${GPU_PART:?GPU_PART names the folder prepare-carry staged}
+    run=$stage_dir/run-$(cat "$part/dataset")
+    mkdir -p "$run"
+    for first in "$part"/*.tar.part-aa; do
+        tarball=$(basename "$first" .part-aa)
+        cat "$part/$tarball".part-* | tar -xf - -C "$run"
+        echo "unpacked $tarball into $run"
+    done
+    find "$run" -maxdepth 3 -name latest.json -exec sh -c 'echo "  $1: $(tr -d "\n " <"$1")"' _ {} \;
     ;;
 prepare)
     cache=${RSLLM_CACHE_DIR:-$HOME/.cache/rsllm}
@@ -191,22 +248,50 @@ pipeline)
     [ -x "$stage_dir/rsllm" ] && [ -f "$stage_dir/model.sha256" ] || { echo "no model or binary in $stage_dir: run calls 1 and 2 first, on the same warm machine" >&2; exit 1; }
     echo "$(cat "$stage_dir/model.sha256")  $model" | sha256sum -c -
     run=$stage_dir/run-$(cat "$part/dataset")
+    run_pipeline() {
+        RSLLM_CACHE_DIR=$cache RSLLM_DATA_DIR=$PWD/$part/data RUST_LOG=info \
+            timeout "${GPU_TIMEOUT:-480}" "$stage_dir/rsllm" pipeline --dataset "$(cat "$part/dataset")" --profile full \
+            --device "${GPU_DEVICE:-cuda}" --limit "${GPU_LIMIT:-30000}" --epochs "${GPU_EPOCHS:-2}" \
+            ${GPU_STAGE1_EPOCHS:+--stage1-epochs "$GPU_STAGE1_EPOCHS"} ${GPU_WINDOW:+--length-window-steps "$GPU_WINDOW"} \
+            --micro-batch "${GPU_MICRO:-64}" --grad-accum "${GPU_ACCUM:-1}" \
+            --stage-time-limit-secs "${GPU_STAGE_SECS:-170}" \
+            ${GPU_VARIANTS:+--variants "$GPU_VARIANTS"} ${GPU_TEST_LIMIT:+--test-limit "$GPU_TEST_LIMIT"} \
+            ${GPU_LR:+--lr "$GPU_LR"} ${GPU_WARMUP:+--projector-warmup-steps "$GPU_WARMUP"} ${GPU_FULL:+--full-finetune --checkpoint-every 1000} \
+            ${GPU_UI_SIM:+--ui-similarity "$GPU_UI_SIM"} --ui-negatives "${GPU_UI_NEG:-catalog}" \
+            --lambda-ui "${GPU_LAMBDA_UI:-1}" --stage1-lambda-ui "${GPU_STAGE1_LAMBDA_UI:-0.1}" \
+            --out "$run" 2>&1 | tee -a "$out/pipeline.log"
+        return "${PIPESTATUS[0]}"
+    }
     set +e
-    RSLLM_CACHE_DIR=$cache RSLLM_DATA_DIR=$PWD/$part/data RUST_LOG=info \
-        timeout "${GPU_TIMEOUT:-480}" "$stage_dir/rsllm" pipeline --dataset "$(cat "$part/dataset")" --profile full \
-        --device "${GPU_DEVICE:-cuda}" --limit "${GPU_LIMIT:-30000}" --epochs "${GPU_EPOCHS:-2}" \
-        --micro-batch "${GPU_MICRO:-64}" --grad-accum "${GPU_ACCUM:-1}" \
-        --stage-time-limit-secs "${GPU_STAGE_SECS:-170}" \
-        ${GPU_VARIANTS:+--variants "$GPU_VARIANTS"} ${GPU_TEST_LIMIT:+--test-limit "$GPU_TEST_LIMIT"} \
-        ${GPU_LR:+--lr "$GPU_LR"} ${GPU_WARMUP:+--projector-warmup-steps "$GPU_WARMUP"} ${GPU_FULL:+--full-finetune --checkpoint-every 1000} \
-        ${GPU_UI_SIM:+--ui-similarity "$GPU_UI_SIM"} --ui-negatives "${GPU_UI_NEG:-catalog}" \
-        --lambda-ui "${GPU_LAMBDA_UI:-1}" --stage1-lambda-ui "${GPU_STAGE1_LAMBDA_UI:-0.1}" \
-        --out "$run" 2>&1 | tee "$out/pipeline.log"
-    status=${PIPESTATUS[0]}
+    : >"$out/pipeline.log"
+    run_pipeline
+    status=$?
+    # A carried stage (unpack) trained with other settings binds its directory: start afresh
+    # rather than lose the call.
+    if [ "$status" -ne 0 ] && grep -q "were started with other settings" "$out/pipeline.log"; then
+        echo "gpu-check: the carried stages do not match these settings; moved to $run.unmatched, starting afresh" | tee -a "$out/pipeline.log"
+        rm -rf "$run.unmatched" && mv "$run" "$run.unmatched"
+        run_pipeline
+        status=$?
+    fi
     set -e
-    # A call brings back at most 8 files: the log, these three, and the LLM rows but zero-shot's.
-    for f in report.md metrics.json figure.png "$run"/rows-text-only.csv "$run"/rows-rsllm*.csv; do
-        f=$(basename "$f")
+    # A call brings back at most 8 files. Without GPU_KEEP: the log, these three, and the LLM
+    # rows but zero-shot's. With it: the log, report and metrics, the rows and figure packed,
+    # and the kept stage's checkpoint in pieces of 15 MiB (16 MiB a file, 64 MiB a call).
+    results=(report.md metrics.json)
+    extras=(figure.png)
+    for f in "$run"/rows-text-only.csv "$run"/rows-rsllm*.csv; do
+        [ -f "$f" ] && extras+=("$(basename "$f")")
+    done
+    if [ -n "${GPU_KEEP:-}" ]; then
+        keep_stage "$run" "$GPU_KEEP" "$out" "$(cat "$part/dataset")" || echo "gpu-check: GPU_KEEP=$GPU_KEEP kept nothing" >&2
+        present=()
+        for f in "${extras[@]}"; do [ -f "$run/$f" ] && present+=("$f"); done
+        [ "${#present[@]}" -eq 0 ] || tar -czf "$out/rows-and-figure.tar.gz" -C "$run" "${present[@]}"
+    else
+        results+=("${extras[@]}")
+    fi
+    for f in "${results[@]}"; do
         [ -f "$run/$f" ] && cp "$run/$f" "$out/"
     done
     nvidia-smi --query-gpu=memory.used --format=csv >>"$out/pipeline.log" || true

@@ -120,6 +120,11 @@ pub struct PipelineArgs {
     /// Epochs per training run (default: 1 for quick, 5 for full).
     #[arg(long)]
     epochs: Option<u64>,
+    /// Epochs of stage 1 alone (default: --epochs). A finished stage 1 is resumed as done
+    /// only under the settings it was trained with, so a run that continues another's
+    /// stage 1 (`scripts/gpu-check.sh`, GPU_KEEP) can give stage 2 more epochs this way.
+    #[arg(long)]
+    stage1_epochs: Option<u64>,
     /// Rows per forward pass; a GPU takes more than the CPU default.
     #[arg(long, default_value_t = 4)]
     micro_batch: usize,
@@ -179,6 +184,15 @@ pub struct PipelineArgs {
 }
 
 impl PipelineArgs {
+    /// A stage's epochs: `--stage1-epochs` in stage 1 where given, else `--epochs`, else
+    /// the profile's `default`.
+    fn epochs_in(&self, stage: u8, default: u64) -> u64 {
+        match (stage, self.stage1_epochs) {
+            (1, Some(epochs)) => epochs,
+            _ => self.epochs.unwrap_or(default),
+        }
+    }
+
     /// L_ui's weight in a stage's training runs: `--stage1-lambda-ui` in stage 1 where given,
     /// else `--lambda-ui`.
     fn lambda_ui_in(&self, stage: u8) -> f64 {
@@ -203,8 +217,9 @@ fn set_aside_if_stale(
     for (spec, dir, _) in runs {
         // Only a run that checkpointed binds its directory: one that failed before its first
         // step may be started again with corrected settings.
-        if binding_spec(&out.join(dir))?.is_some_and(|previous| &previous != spec) {
-            stale.push(dir.as_str());
+        if let Some(previous) = binding_spec(&out.join(dir))?.filter(|previous| previous != spec) {
+            let differences = rsllm_trainer::stage::spec_differences(&previous, spec);
+            stale.push(format!("{dir} ({})", differences.join("; ")));
         }
     }
     if stale.is_empty() {
@@ -355,6 +370,14 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             anyhow::bail!("{flag} ({w}) must be finite and not negative");
         }
     }
+    for (flag, epochs) in [
+        ("--epochs", args.epochs),
+        ("--stage1-epochs", args.stage1_epochs),
+    ] {
+        if epochs == Some(0) {
+            anyhow::bail!("{flag} must be at least 1");
+        }
+    }
     let paths = Paths::from_env()?;
     let dataset = args.split.dataset.to_string();
     let out = args.out.clone().unwrap_or_else(|| {
@@ -392,7 +415,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         Profile::Quick => (Some(args.limit.unwrap_or(192)), 1, 4),
         Profile::Full => (args.limit, 5, 32),
     };
-    let epochs = args.epochs.unwrap_or(default_epochs);
+    let epochs = args.epochs_in(2, default_epochs);
     let grad_accum = args.grad_accum.unwrap_or(default_accum);
     let peak_lr = args.lr.unwrap_or(8e-4);
     if !(peak_lr.is_finite() && peak_lr > 0.0) || args.checkpoint_every == 0 {
@@ -404,7 +427,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let lora = LoraConfig::default();
     let recipe = format!(
         "{}LoRA r {} alpha {} on {}, peak lr {peak_lr:e}, micro-batch {} x accumulation \
-         {grad_accum}, {epochs} epoch(s), lambda_ui {}{} and lambda_it {}{}{}",
+         {grad_accum}, {epochs} epoch(s){}, lambda_ui {}{} and lambda_it {}{}{}",
         if args.full_finetune {
             "base weights (full fine-tune) and "
         } else {
@@ -414,6 +437,10 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         lora.alpha,
         lora.targets.join(","),
         args.micro_batch,
+        match args.epochs_in(1, default_epochs) {
+            e if e != epochs => format!(" ({e} in stage 1)"),
+            _ => String::new(),
+        },
         args.lambda_ui,
         match args.stage1_lambda_ui {
             Some(w) if w != args.lambda_ui => format!(" ({w} in stage 1)"),
@@ -444,7 +471,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         num_candidates: args.split.num_candidates,
         lora: lora.clone(),
         train: TrainConfig {
-            epochs,
+            epochs: args.epochs_in(stage, default_epochs),
             max_steps: None,
             micro_batch: args.micro_batch,
             grad_accum,
@@ -964,21 +991,38 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_loss_weight_is_refused_before_any_work() {
-        for (flag, value) in [
-            ("--stage1-lambda-ui", "-1"),
-            ("--lambda-ui", "NaN"),
-            ("--lambda-it", "-0.5"),
+    fn stage_1_takes_its_own_epochs_only_when_given() {
+        let split = parse(&["--epochs", "4", "--stage1-epochs", "2"]);
+        assert_eq!((split.epochs_in(1, 5), split.epochs_in(2, 5)), (2, 4));
+        let both = parse(&["--epochs", "3"]);
+        assert_eq!((both.epochs_in(1, 5), both.epochs_in(2, 5)), (3, 3));
+        let stage1_only = parse(&["--stage1-epochs", "2"]);
+        assert_eq!(
+            (stage1_only.epochs_in(1, 5), stage1_only.epochs_in(2, 5)),
+            (2, 5),
+            "stage 2 keeps the profile's"
+        );
+    }
+
+    #[test]
+    fn a_bad_loss_weight_or_epoch_count_is_refused_before_any_work() {
+        for (flag, value, rule) in [
+            (
+                "--stage1-lambda-ui",
+                "-1",
+                "must be finite and not negative",
+            ),
+            ("--lambda-ui", "NaN", "must be finite and not negative"),
+            ("--lambda-it", "-0.5", "must be finite and not negative"),
+            ("--stage1-epochs", "0", "must be at least 1"),
+            ("--epochs", "0", "must be at least 1"),
         ] {
             let out = tempfile::tempdir().unwrap();
             let run_dir = out.path().join("run");
-            let weight = format!("{flag}={value}");
-            let args = parse(&[&weight, "--out", run_dir.to_str().unwrap()]);
+            let setting = format!("{flag}={value}");
+            let args = parse(&[&setting, "--out", run_dir.to_str().unwrap()]);
             let err = run(args).unwrap_err().to_string();
-            assert!(
-                err.contains(flag) && err.contains("must be finite and not negative"),
-                "{err}"
-            );
+            assert!(err.contains(flag) && err.contains(rule), "{err}");
             assert!(!run_dir.exists(), "{flag}: nothing was created");
         }
     }
@@ -1107,6 +1151,10 @@ mod tests {
         assert!(
             err.contains("stage1") && err.contains("other settings"),
             "{err}"
+        );
+        assert!(
+            err.contains("train.peak_lr: 0.0008 -> 0.001"),
+            "names the setting that changed, with both values: {err}"
         );
         assert!(out.join("report.md").exists());
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
