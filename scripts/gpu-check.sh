@@ -32,16 +32,21 @@
 #
 #   GPU_KEEP=stage1 ... bash scripts/gpu-check.sh pipeline   # there: the stage's latest
 #                             # checkpoint, optimizer state included (42 MB with LoRA), comes
-#                             # back as <stage>.tar.part-* beside the report (its rows and
-#                             # figure then come packed in rows-and-figure.tar.gz: 8 files)
+#                             # back as <dataset>.<stage>.tar.part-* beside the report (its
+#                             # rows and figure then come packed in rows-and-figure.tar.gz,
+#                             # 7 files in all: a call brings back 8 at most)
+#   GPU_KEEP=stage1 bash scripts/gpu-check.sh keep   # there, the next call, no carry: one
+#                             # more stage of the same run (a call brings back one)
 #   bash scripts/gpu-check.sh prepare-carry k1 DIR  # here, a later session: those parts from
 #                             # the files folder DIR into .device/k1 (one stage per folder)
 #   GPU_PART=k1 bash scripts/gpu-check.sh unpack    # there, carry [".device/k1"], after call 1:
 #                             # into /tmp/rsllm-gpu/run-<dataset>; then the pipeline call
 #
 # A stage-1 settings change (GPU_LIMIT, GPU_EPOCHS, ...) makes the carried stage unusable: the
-# pipeline then starts afresh, saying so. GPU_STAGE1_EPOCHS gives stage 1 its own epochs, so
-# stage 2 can take more (GPU_EPOCHS) over a carried stage 1.
+# pipeline then starts afresh, saying so and naming the setting. GPU_STAGE1_EPOCHS gives stage
+# 1 its own epochs, so stage 2 can take more (GPU_EPOCHS) over a carried stage 1. The carried
+# stage 2 keeps the epochs it was planned with: a run that is to span sessions plans them
+# from its start (GPU_EPOCHS=5 is LLaRA's) and lets GPU_STAGE_SECS stop each session's part.
 #
 # Call 1 also fails fast: if our binary cannot use CUDA there, the machine can be given back
 # before the longer call 2. Both use the device image's own PyTorch 2.11.0 as libtorch.
@@ -162,6 +167,14 @@ prepare-carry)
     basename "${parts[0]}" | cut -d. -f1 >".device/$name/dataset"
     check_size ".device/$name"
     echo "staged; there, after call 1: 'GPU_PART=$name bash scripts/gpu-check.sh unpack' carry [\".device/$name\"]"
+    ;;
+keep)
+    # A second stage after the pipeline call, on the same warm machine: a call brings back
+    # 64 MiB at most, one stage's checkpoint (42 MB with LoRA) and the pipeline's results.
+    out=${OUT:-.device/out}
+    part=.device/${GPU_PART:-b}
+    mkdir -p "$out"
+    keep_stage "$stage_dir/run-$(cat "$part/dataset")" "${GPU_KEEP:?GPU_KEEP names the stage to bring back: stage1, stage2, ...}" "$out" "$(cat "$part/dataset")"
     ;;
 unpack)
     part=.device/${GPU_PART:?GPU_PART names the folder prepare-carry staged}
@@ -298,7 +311,7 @@ pipeline)
     exit "$status"
     ;;
 *)
-    echo "usage: bash scripts/gpu-check.sh prepare|prepare-data|stage|bench|pipeline" >&2
+    echo "usage: bash scripts/gpu-check.sh prepare|prepare-data|prepare-carry|stage|bench|pipeline|keep|unpack" >&2
     exit 2
     ;;
 esac
