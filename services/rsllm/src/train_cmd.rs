@@ -232,7 +232,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let started = Instant::now();
+    // Real and computed (padded) token positions of this invocation's steps.
+    let (mut tokens, mut computed) = (0usize, 0usize);
     let summary = run_stage_mixed(&spec, &mut base, target, &others, &out, &mut |r| {
+        tokens += r.tokens;
+        computed += r.padded_tokens;
         bar.set_position(r.step);
         bar.set_message(format!(
             "loss {:.3} (lm {:.3} ui {:.3} it {:.3}) lr {:.1e}",
@@ -250,14 +254,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         std::ops::ControlFlow::Continue(())
     })?;
     bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
     println!(
-        "stage {} on {dataset}: {} steps ({} resumed), {:.0} s; last loss {}; output {}",
+        "stage {} on {dataset}: {} steps ({} resumed), {seconds:.0} s, {tokens} real tokens \
+         ({:.0}/s), {:.3} computed per real; last loss {}; output {}",
         args.stage,
         summary.steps,
         summary
             .resumed_from
             .map_or("none".to_owned(), |s| format!("from step {s}")),
-        started.elapsed().as_secs_f64(),
+        tokens as f64 / seconds.max(1e-9),
+        computed as f64 / tokens.max(1) as f64,
         summary.last.as_ref().map_or("-".to_owned(), |r| format!(
             "{:.4} (lm {:.4}, ui {:.4}, it {:.4})",
             r.loss, r.lm, r.ui, r.it
