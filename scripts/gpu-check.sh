@@ -42,8 +42,9 @@
 #   GPU_PART=k1 bash scripts/gpu-check.sh unpack    # there, carry [".device/k1"], after call 1:
 #                             # into /tmp/rsllm-gpu/run-<dataset>; then the pipeline call
 #
-# A stage-1 settings change (GPU_LIMIT, GPU_EPOCHS, ...) makes the carried stage unusable: the
-# pipeline then starts afresh, saying so and naming the setting. GPU_STAGE1_EPOCHS gives stage
+# A stage-1 settings change (GPU_LIMIT, GPU_EPOCHS, ...) makes the carried stages unusable: the
+# pipeline names the setting and the script starts afresh (a stage-2 change alone, such as
+# GPU_LAMBDA_UI, sets aside the stage-2 runs and keeps stage 1). GPU_STAGE1_EPOCHS gives stage
 # 1 its own epochs, so stage 2 can take more (GPU_EPOCHS) over a carried stage 1. The carried
 # stage 2 keeps the epochs it was planned with: a run that is to span sessions plans them
 # from its start (GPU_EPOCHS=5 is LLaRA's) and lets GPU_STAGE_SECS stop each session's part.
@@ -279,11 +280,20 @@ pipeline)
     : >"$out/pipeline.log"
     run_pipeline
     status=$?
-    # A carried stage (unpack) trained with other settings binds its directory: start afresh
-    # rather than lose the call.
-    if [ "$status" -ne 0 ] && grep -q "were started with other settings" "$out/pipeline.log"; then
-        echo "gpu-check: the carried stages do not match these settings; moved to $run.unmatched, starting afresh" | tee -a "$out/pipeline.log"
-        rm -rf "$run.unmatched" && mv "$run" "$run.unmatched"
+    # A carried stage (unpack) trained with other settings binds its directory: set it aside
+    # rather than lose the call. Only the stage-2 runs when stage 1 still matches (they start
+    # from it); the whole run when stage 1 does not (a stage 2 over another stage 1 is stale
+    # whatever its own settings say).
+    stale=$(grep -o "^Error: $run: .* were started with other settings" "$out/pipeline.log" || true)
+    if [ "$status" -ne 0 ] && [ -n "$stale" ]; then
+        rm -rf "$run.unmatched" && mkdir -p "$run.unmatched"
+        if echo "$stale" | grep -Eq "(: |, )stage1 \("; then
+            echo "gpu-check: the carried stage 1 does not match these settings; $run moved to $run.unmatched, starting afresh" | tee -a "$out/pipeline.log"
+            rmdir "$run.unmatched" && mv "$run" "$run.unmatched"
+        else
+            echo "gpu-check: a carried stage 2 does not match these settings; the stage-2 runs moved to $run.unmatched, stage 1 kept" | tee -a "$out/pipeline.log"
+            find "$run" -mindepth 1 -maxdepth 1 -type d -name 'stage2*' -exec mv {} "$run.unmatched/" \;
+        fi
         run_pipeline
         status=$?
     fi
