@@ -63,7 +63,9 @@
 # by the cosine costs the recommenders themselves"), GPU_UI_NEG (default catalog; candidates is
 # METHOD.md's), GPU_LAMBDA_UI (default 1; METHOD.md's 0.1), GPU_STAGE1_LAMBDA_UI (default 0.1),
 # GPU_FULL=1 (full fine-tune, as the peer anchor's text-only baseline: try GPU_LR=1e-4),
-# GPU_STAGE1_EPOCHS, GPU_WINDOW (--length-window-steps; default the binary's 16), GPU_KEEP, and for
+# GPU_STAGE1_EPOCHS, GPU_WINDOW (--length-window-steps, default 16 here: a 64-row step pads 2%
+# instead of 15-23%; 0 was every run until 2026-11-27; docs/results.md, "Steps of similar
+# lengths"), GPU_KEEP, and for
 # a dry run on the CPU machine GPU_DEVICE=cpu GPU_TEST_LIMIT=3 (with OUT and /tmp/rsllm-gpu here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -266,7 +268,7 @@ pipeline)
         RSLLM_CACHE_DIR=$cache RSLLM_DATA_DIR=$PWD/$part/data RUST_LOG=info \
             timeout "${GPU_TIMEOUT:-480}" "$stage_dir/rsllm" pipeline --dataset "$(cat "$part/dataset")" --profile full \
             --device "${GPU_DEVICE:-cuda}" --limit "${GPU_LIMIT:-30000}" --epochs "${GPU_EPOCHS:-2}" \
-            ${GPU_STAGE1_EPOCHS:+--stage1-epochs "$GPU_STAGE1_EPOCHS"} ${GPU_WINDOW:+--length-window-steps "$GPU_WINDOW"} \
+            ${GPU_STAGE1_EPOCHS:+--stage1-epochs "$GPU_STAGE1_EPOCHS"} --length-window-steps "${GPU_WINDOW:-16}" \
             --micro-batch "${GPU_MICRO:-64}" --grad-accum "${GPU_ACCUM:-1}" \
             --stage-time-limit-secs "${GPU_STAGE_SECS:-170}" \
             ${GPU_VARIANTS:+--variants "$GPU_VARIANTS"} ${GPU_TEST_LIMIT:+--test-limit "$GPU_TEST_LIMIT"} \

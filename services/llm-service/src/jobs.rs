@@ -393,7 +393,7 @@ impl Jobs {
                 full_finetune: false,
                 autocast_bf16: true,
                 group_by_length: true,
-                length_window_steps: rsllm_trainer::train_loop::DEFAULT_LENGTH_WINDOW_STEPS,
+                length_window_steps: 0,
             },
             no_id_slots: false,
             no_titles: false,

@@ -133,7 +133,7 @@ pub struct PipelineArgs {
     grad_accum: Option<usize>,
     /// Steps whose rows are pooled and sorted by length, then dealt out as steps of similar
     /// lengths, in every training run (see `rsllm train --length-window-steps`; 0: off).
-    #[arg(long, default_value_t = rsllm_trainer::train_loop::DEFAULT_LENGTH_WINDOW_STEPS)]
+    #[arg(long, default_value_t = 0)]
     length_window_steps: usize,
     /// Stage 1 on a mixture of domains: these datasets' training rows join the target's
     /// (comma separated; `--limit` applies to each). Stage 2 stays on the target.
@@ -427,7 +427,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let lora = LoraConfig::default();
     let recipe = format!(
         "{}LoRA r {} alpha {} on {}, peak lr {peak_lr:e}, micro-batch {} x accumulation \
-         {grad_accum}, {epochs} epoch(s){}, lambda_ui {}{} and lambda_it {}{}{}",
+         {grad_accum}{}, {epochs} epoch(s){}, lambda_ui {}{} and lambda_it {}{}{}",
         if args.full_finetune {
             "base weights (full fine-tune) and "
         } else {
@@ -437,6 +437,10 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         lora.alpha,
         lora.targets.join(","),
         args.micro_batch,
+        match args.length_window_steps {
+            0 | 1 => String::new(),
+            w => format!(" (steps dealt out of windows of {w} grouped by length)"),
+        },
         match args.epochs_in(1, default_epochs) {
             e if e != epochs => format!(" ({e} in stage 1)"),
             _ => String::new(),

@@ -47,8 +47,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 4)]
     grad_accum: usize,
     /// Steps whose rows are pooled and sorted by length, then dealt out as steps of similar
-    /// lengths (less padding; 0 or 1: the epoch's order as drawn).
-    #[arg(long, default_value_t = rsllm_trainer::train_loop::DEFAULT_LENGTH_WINDOW_STEPS)]
+    /// lengths: less padding where a step is one micro-batch (16 pools enough for a GPU
+    /// run's 64-row steps to pad 2%); 0 or 1: the epoch's order as drawn.
+    #[arg(long, default_value_t = 0)]
     length_window_steps: usize,
     /// Peak learning rate (LLaRA MovieLens: 8e-4).
     #[arg(long, default_value_t = 8e-4)]

@@ -88,7 +88,10 @@ pub struct TrainConfig {
     /// of similar lengths, so a step of one micro-batch (the GPU runs) pads far less than
     /// rows drawn at random. The window's steps are then shuffled (seeded), so long and
     /// short steps alternate; the epoch still visits every row once. 0 or 1: off, the
-    /// epoch's permutation as drawn (stage files written before it existed).
+    /// epoch's permutation as drawn (the entry points' default, and stage files written
+    /// before it existed): at CPU scale stage 1 scored lower with it in two seeds of two, not
+    /// significantly (docs/results.md, "Steps of similar lengths"), so it is chosen where
+    /// the speed matters, as `scripts/gpu-check.sh` does (16).
     #[serde(default)]
     pub length_window_steps: usize,
 }
@@ -273,12 +276,6 @@ struct PlannedStep {
     epoch_after: u64,
     done_after: usize,
 }
-
-/// `TrainConfig::length_window_steps` where a caller does not choose: 16 steps pool 1,024
-/// rows at the GPU runs' 64 per step, enough for steps of nearly equal lengths (see
-/// docs/results.md, "Steps of similar lengths"), while each window still spans a sixteenth
-/// of an epoch or less of the split's rows.
-pub const DEFAULT_LENGTH_WINDOW_STEPS: usize = 16;
 
 /// An example's token count in `epoch` (prompt and answer), for grouping by length.
 type LengthOf<'a> = &'a (dyn Fn(u64, usize) -> usize + Sync);
