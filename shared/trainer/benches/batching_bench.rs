@@ -2,8 +2,8 @@
 //! builds prompts from a prepared split, and how many token positions the micro-batches
 //! compute (each pads to its longest row) with and without grouping rows by length
 //! (`TrainConfig::group_by_length`), and with steps dealt out of windows of `--window` steps
-//! regrouped by length (`TrainConfig::length_window_steps`). Needs the prepared split and the set-up model's
-//! tokenizer; no libtorch work.
+//! regrouped by length (`TrainConfig::length_window_steps`). Needs the prepared split and the
+//! set-up model's tokenizer; no libtorch work.
 //!
 //! ```text
 //! cargo bench -p rsllm-trainer --bench batching_bench -- [--dataset movielens]

@@ -329,12 +329,12 @@ impl<'a> StepPlan<'a> {
 
     /// The next step's rows of the current epoch from `done_in_epoch` on (empty past its end).
     fn next_rows(&mut self) -> Vec<usize> {
-        if self.order.as_ref().is_none_or(|(e, _)| *e != self.epoch) {
-            self.order = Some((self.epoch, epoch_order(self.n, self.seed, self.epoch)));
+        if self.order.as_ref().is_some_and(|(e, _)| *e != self.epoch) {
+            self.order = None;
         }
-        let Some((_, order)) = &self.order else {
-            return Vec::new();
-        };
+        let (_, order) = self
+            .order
+            .get_or_insert_with(|| (self.epoch, epoch_order(self.n, self.seed, self.epoch)));
         if self.window_steps <= 1 {
             return order
                 .iter()
@@ -627,7 +627,9 @@ pub fn train(
     }
     // A row's length as `load_step` will build it (in the source's own mode: under the
     // curriculum a step's mode is drawn after its rows are, so there it is an estimate). A
-    // row that fails to build fails in `load_step`, with its error; its length is moot.
+    // row that fails to build fails in `load_step`, with its error; its length is moot. With
+    // windows on, each row is thus built twice, both times on the loader thread, which runs
+    // ahead of the device: 0.15-0.2 ms a row here against about 2.5 ms a row in an H100 step.
     let length_of = |epoch: u64, i: usize| {
         source
             .build(i, mix(config.seed, epoch, i as u64), None)
