@@ -63,7 +63,8 @@
 # by the cosine costs the recommenders themselves"), GPU_UI_NEG (default catalog; candidates is
 # METHOD.md's), GPU_LAMBDA_UI (default 1; METHOD.md's 0.1), GPU_STAGE1_LAMBDA_UI (default 0.1),
 # GPU_FULL=1 (full fine-tune, as the peer anchor's text-only baseline: try GPU_LR=1e-4),
-# GPU_STAGE1_EPOCHS, GPU_WINDOW (--length-window-steps, default 16 here: a 64-row step pads 2%
+# GPU_STAGE1_EPOCHS, GPU_REC (the recommender whose vectors fill the ID slots: sasrec,
+# METHOD.md's default, gru4rec or caser), GPU_WINDOW (--length-window-steps, default 16 here: a 64-row step pads 2%
 # instead of 15-23%; 0 was every run until 2026-11-27; docs/results.md, "Steps of similar
 # lengths"), GPU_KEEP, and for
 # a dry run on the CPU machine GPU_DEVICE=cpu GPU_TEST_LIMIT=3 (with OUT and /tmp/rsllm-gpu here).
@@ -91,7 +92,8 @@ use_device_torch() {
 }
 
 # Stages one dataset (GPU_DATASET, default movielens) into $1: its raw files, and its
-# prepared split and trained SASRec when they exist here (else the pipeline makes them there).
+# prepared split and trained recommenders when they exist here (else the pipeline trains the
+# one that fills the ID slots there, GPU_REC, and reports only that one).
 stage_dataset() {
     local dir=$1 cache=${RSLLM_CACHE_DIR:-$HOME/.cache/rsllm} data=${RSLLM_DATA_DIR:-../shared/data}
     local dataset=${GPU_DATASET:-movielens} raw
@@ -103,7 +105,7 @@ stage_dataset() {
     esac
     mkdir -p "$dir/cache/models/rec" "$dir/cache/prepared" "$dir/data"
     cp -r "$data/$raw" "$dir/data/"
-    for f in "prepared/$dataset-llara" "models/rec/$dataset-llara-sasrec"; do
+    for f in "prepared/$dataset-llara" "models/rec/$dataset-llara-"{sasrec,gru4rec,caser}; do
         if [ -d "$cache/$f" ]; then cp -r "$cache/$f" "$dir/cache/$(dirname "$f")/"; fi
     done
     echo "$dataset" >"$dir/dataset"
@@ -267,7 +269,7 @@ pipeline)
     run_pipeline() {
         RSLLM_CACHE_DIR=$cache RSLLM_DATA_DIR=$PWD/$part/data RUST_LOG=info \
             timeout "${GPU_TIMEOUT:-480}" "$stage_dir/rsllm" pipeline --dataset "$(cat "$part/dataset")" --profile full \
-            --device "${GPU_DEVICE:-cuda}" --limit "${GPU_LIMIT:-30000}" --epochs "${GPU_EPOCHS:-2}" \
+            --device "${GPU_DEVICE:-cuda}" --rec-model "${GPU_REC:-sasrec}" --limit "${GPU_LIMIT:-30000}" --epochs "${GPU_EPOCHS:-2}" \
             ${GPU_STAGE1_EPOCHS:+--stage1-epochs "$GPU_STAGE1_EPOCHS"} --length-window-steps "${GPU_WINDOW:-16}" \
             --micro-batch "${GPU_MICRO:-64}" --grad-accum "${GPU_ACCUM:-1}" \
             --stage-time-limit-secs "${GPU_STAGE_SECS:-170}" \

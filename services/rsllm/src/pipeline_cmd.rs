@@ -11,7 +11,7 @@ use rsllm_core::dataset::DatasetName;
 use rsllm_core::{Paths, SplitPart};
 use rsllm_llm::LoraConfig;
 use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions};
-use rsllm_recommender::{ModelKind, RecConfig, RecModel};
+use rsllm_recommender::{RecConfig, RecModel};
 use rsllm_trainer::eval::{EvalOptions, Evaluated, evaluate, write_csv};
 use rsllm_trainer::probe::ProbeConfig;
 use rsllm_trainer::stage::{
@@ -97,6 +97,12 @@ pub struct PipelineArgs {
     split: SplitArgs,
     #[command(flatten)]
     model: ModelArgs,
+    /// The recommender whose item vectors fill the ID slots (and whose user state fills the
+    /// user-slot variants' slot), trained first if the split has none. METHOD.md's default is
+    /// SASRec; GRU4Rec and Caser are selectable. Every recommender already trained for the
+    /// split is evaluated beside it, as the table's ID-only rows.
+    #[arg(long, env = "RSLLM_REC_MODEL", default_value = "sasrec")]
+    rec_model: Kind,
     #[arg(long, default_value = "quick")]
     profile: Profile,
     /// Training rows per stage, evenly spaced over the split (default: 192 for quick, all for
@@ -358,6 +364,13 @@ struct Method {
     metrics: serde_json::Value,
 }
 
+impl Method {
+    /// An ID-only recommender's row: always valid, it ranks and has no generative answer.
+    fn is_id_only(&self) -> bool {
+        Kind::ALL.iter().any(|k| k.name() == self.name)
+    }
+}
+
 pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     // Before the data and the recommender, which take minutes: a bad weight fails at once.
@@ -391,25 +404,41 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         test.truncate(n);
     }
 
-    eprintln!("[2/5] recommender: SASRec");
-    let rec_dir = model_dir(&paths, &args.split, Kind::Sasrec);
+    eprintln!("[2/5] recommender: {}", args.rec_model.name());
+    let rec_dir = model_dir(&paths, &args.split, args.rec_model);
     if !rec_dir.join("manifest.json").is_file() {
         let device = args.model.device.device()?;
+        let kind = args.rec_model.model_kind();
         rsllm_recommender::train::train(
             &data,
-            ModelKind::Sasrec,
-            &RecConfig::default_for(ModelKind::Sasrec),
+            kind,
+            &RecConfig::default_for(kind),
             &rec_dir,
             device,
             true,
         )?;
     }
-    let rec = RecModel::load(&rec_dir, tch::Device::Cpu)?;
-    let sasrec = rsllm_recommender::eval::evaluate(&rec, &test)?;
-    let mut methods = vec![Method {
-        name: "sasrec".to_owned(),
-        metrics: json!({"hr1": sasrec.hr1, "hr5": sasrec.hr5, "ndcg5": sasrec.ndcg5, "valid_ratio": 1.0, "n": sasrec.n, "version": rec.version()}),
-    }];
+    let mut methods = Vec::new();
+    // The slots' recommender, then any other the split has: training the others is `rsllm rec
+    // train`'s (minutes each on a CPU, outside the quick profile's budget).
+    for kind in Kind::ALL {
+        let dir = model_dir(&paths, &args.split, kind);
+        if kind != args.rec_model && !dir.join("manifest.json").is_file() {
+            eprintln!(
+                "  {}: not trained for this split, so not in the report (`rsllm rec train --model {}`)",
+                kind.name(),
+                kind.name()
+            );
+            continue;
+        }
+        let rec = RecModel::load(&dir, tch::Device::Cpu)?;
+        let m = rsllm_recommender::eval::evaluate(&rec, &test)?;
+        methods.push(Method {
+            name: kind.name().to_owned(),
+            metrics: json!({"hr1": m.hr1, "hr5": m.hr5, "ndcg5": m.ndcg5, "valid_ratio": 1.0, "n": m.n,
+                            "version": rec.version(), "fills_id_slots": kind == args.rec_model}),
+        });
+    }
 
     let (limit, default_epochs, default_accum) = match args.profile {
         Profile::Quick => (Some(args.limit.unwrap_or(192)), 1, 4),
@@ -427,7 +456,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let lora = LoraConfig::default();
     let recipe = format!(
         "{}LoRA r {} alpha {} on {}, peak lr {peak_lr:e}, micro-batch {} x accumulation \
-         {grad_accum}{}, {epochs} epoch(s){}, lambda_ui {}{} and lambda_it {}{}{}",
+         {grad_accum}{}, {epochs} epoch(s){}, lambda_ui {}{} and lambda_it {}{}{}, ID slots \
+         filled by {}",
         if args.full_finetune {
             "base weights (full fine-tune) and "
         } else {
@@ -459,6 +489,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             crate::train_cmd::UiNegativesArg::Candidates => "",
             crate::train_cmd::UiNegativesArg::Catalog => ", L_ui over the whole catalog",
         },
+        args.rec_model.name(),
     );
     let mixture = crate::train_cmd::prepare_mixture(&args.split, &args.stage1_mixture, &paths)?;
     let base = args.model.load()?;
@@ -799,9 +830,10 @@ fn write_report(
     );
     for m in methods {
         let v = &m.metrics;
-        if m.name == "sasrec" {
+        if m.is_id_only() {
             md.push_str(&format!(
-                "| sasrec | {} | {} | 1 | {} | {} | {} | - | - |\n",
+                "| {} | {} | {} | 1 | {} | {} | {} | - | - |\n",
+                m.name,
                 v["n"],
                 mean(&v["hr1"]),
                 mean(&v["hr1"]),
@@ -913,7 +945,7 @@ fn write_report(
             let v = &m.metrics;
             crate::plot::Bars {
                 name: m.name.clone(),
-                values: if m.name == "sasrec" {
+                values: if m.is_id_only() {
                     [value(&v["hr1"]), Some(1.0), value(&v["hr1"])]
                 } else {
                     [
@@ -1041,6 +1073,10 @@ mod tests {
                 metrics: json!({"hr1": mean(0.453), "hr5": mean(0.811), "ndcg5": mean(0.651), "n": 95}),
             },
             Method {
+                name: "gru4rec".into(),
+                metrics: json!({"hr1": mean(0.463), "hr5": mean(0.779), "ndcg5": mean(0.634), "n": 95}),
+            },
+            Method {
                 name: "rsllm".into(),
                 metrics: json!({"hr1": mean(0.1), "valid_ratio": mean(0.9),
                     "ranking_hr1": mean(0.084), "ranking_hr5": mean(0.3), "ranking_ndcg5": mean(0.2),
@@ -1089,6 +1125,11 @@ mod tests {
         );
         assert!(
             md.contains("| sasrec | 95 | 0.453 | 1 | 0.453 | 0.811 | 0.651 | - | - |"),
+            "{md}"
+        );
+        // Every ID-only recommender is valid by construction and ranks: the same columns.
+        assert!(
+            md.contains("| gru4rec | 95 | 0.463 | 1 | 0.463 | 0.779 | 0.634 | - | - |"),
             "{md}"
         );
         assert!(
@@ -1162,5 +1203,29 @@ mod tests {
         );
         assert!(out.join("report.md").exists());
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn another_recommender_for_the_slots_is_another_run() {
+        assert_eq!(parse(&[]).rec_model, Kind::Sasrec, "METHOD.md's default");
+        let args = parse(&["--rec-model", "gru4rec"]);
+        let paths = Paths {
+            cache_dir: PathBuf::from("/cache"),
+            data_dir: PathBuf::from("/data"),
+        };
+        let with = |kind: Kind| StageSpec {
+            recommender: Some(model_dir(&paths, &args.split, kind)),
+            ..spec(8e-4)
+        };
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("mine");
+        started(&out, &with(Kind::Sasrec));
+        let err = set_aside_if_stale(&out, false, &runs(with(args.rec_model)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("recommender: \"/cache/models/rec/movielens-llara-sasrec\" -> \"/cache/models/rec/movielens-llara-gru4rec\""),
+            "names both recommenders: {err}"
+        );
     }
 }

@@ -78,9 +78,9 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Sasrec, Kind::Gru4rec, Kind::Caser];
+    pub const ALL: [Kind; 3] = [Kind::Sasrec, Kind::Gru4rec, Kind::Caser];
 
-    fn model_kind(self) -> ModelKind {
+    pub fn model_kind(self) -> ModelKind {
         match self {
             Kind::Sasrec => ModelKind::Sasrec,
             Kind::Gru4rec => ModelKind::Gru4rec,
