@@ -362,13 +362,95 @@ struct RunFacts {
 struct Method {
     name: String,
     metrics: serde_json::Value,
+    /// Per test row, whether the method's answer was right: LLaRA's rule on the generated
+    /// answer for an LLM, the target ranked first for an ID-only recommender (its HR@1).
+    hits: Vec<bool>,
 }
+
+/// The text-only stage's row, which RSLLM must pass (item 7's targets).
+const TEXT_ONLY: &str = "text-only fine-tune (stage 1)";
+const ZERO_SHOT: &str = "zero-shot";
 
 impl Method {
     /// An ID-only recommender's row: always valid, it ranks and has no generative answer.
     fn is_id_only(&self) -> bool {
         Kind::ALL.iter().any(|k| k.name() == self.name)
     }
+
+    fn hr1(&self) -> f64 {
+        self.metrics["hr1"]["mean"].as_f64().unwrap_or(0.0)
+    }
+}
+
+/// A p-value as a report shows it: three decimals, or the order of magnitude under 0.001.
+fn p_value(p: f64) -> String {
+    match p {
+        p if p >= 0.9995 => "1".to_owned(),
+        p if p >= 0.001 => format!("{p:.3}"),
+        p => format!("{p:.0e}"),
+    }
+}
+
+/// Item 7's targets, paired on the test rows: every stage-2 method (RSLLM, its variants and
+/// the LLaRA-style baseline) against the best ID-only recommender of the run and against the
+/// text-only fine-tune, by generative HR@1 (exact McNemar over the rows where the two differ).
+/// Returns the report's section and metrics.json's `paired` object.
+fn paired_against_targets(methods: &[Method]) -> (String, serde_json::Value) {
+    let best_id = methods
+        .iter()
+        .filter(|m| m.is_id_only())
+        .fold(None::<&Method>, |best, m| match best {
+            Some(b) if b.hr1() >= m.hr1() => Some(b),
+            _ => Some(m),
+        });
+    let text_only = methods.iter().find(|m| m.name == TEXT_ONLY);
+    let references: Vec<&Method> = best_id.into_iter().chain(text_only).collect();
+    let trained = methods
+        .iter()
+        .filter(|m| !m.is_id_only() && m.name != TEXT_ONLY && m.name != ZERO_SHOT);
+    let mut md = String::new();
+    let mut json_out = serde_json::Map::new();
+    for m in trained {
+        let mut cells = Vec::new();
+        let mut against = serde_json::Map::new();
+        for r in &references {
+            let Some(p) = rsllm_core::metrics::paired(&m.hits, &r.hits) else {
+                continue;
+            };
+            let verdict = if m.hr1() > r.hr1() {
+                "above"
+            } else {
+                "not above"
+            };
+            cells.push(format!(
+                "{verdict} {} ({:.3} against {:.3}; rows right only here {}, only there {}, p = {})",
+                r.name,
+                m.hr1(),
+                r.hr1(),
+                p.only_first,
+                p.only_second,
+                p_value(p.p)
+            ));
+            against.insert(
+                r.name.clone(),
+                json!({"only_this": p.only_first, "only_that": p.only_second, "p": p.p,
+                       "above": m.hr1() > r.hr1()}),
+            );
+        }
+        let valid = m.metrics["valid_ratio"]["mean"].as_f64().unwrap_or(0.0);
+        cells.push(format!(
+            "ValidRatio {valid:.3} {} 0.95",
+            if valid >= 0.95 { ">=" } else { "<" }
+        ));
+        md.push_str(&format!("- {}: {}\n", m.name, cells.join("; ")));
+        json_out.insert(m.name.clone(), serde_json::Value::Object(against));
+    }
+    if !md.is_empty() {
+        md = format!(
+            "\nAgainst the targets (generative HR@1, paired on the test rows: exact McNemar p):\n\n{md}"
+        );
+    }
+    (md, serde_json::Value::Object(json_out))
 }
 
 pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
@@ -432,11 +514,13 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             continue;
         }
         let rec = RecModel::load(&dir, tch::Device::Cpu)?;
-        let m = rsllm_recommender::eval::evaluate(&rec, &test)?;
+        let ranks = rsllm_recommender::eval::target_ranks(&rec, &test)?;
+        let m = rsllm_core::metrics::ranking_metrics(&ranks);
         methods.push(Method {
             name: kind.name().to_owned(),
             metrics: json!({"hr1": m.hr1, "hr5": m.hr5, "ndcg5": m.ndcg5, "valid_ratio": 1.0, "n": m.n,
                             "version": rec.version(), "fills_id_slots": kind == args.rec_model}),
+            hits: ranks.iter().map(|&rank| rank == 0).collect(),
         });
     }
 
@@ -690,9 +774,9 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let builder = PromptBuilder::with_builtin_templates(&dataset, PromptOptions::new(slot))?;
     // (method name, file key, stage directory)
     let mut evaluations: Vec<(String, String, Option<PathBuf>)> = vec![
-        ("zero-shot".into(), "zero-shot".into(), None),
+        (ZERO_SHOT.into(), "zero-shot".into(), None),
         (
-            "text-only fine-tune (stage 1)".into(),
+            TEXT_ONLY.into(),
             "text-only".into(),
             Some(out.join("stage1")),
         ),
@@ -773,6 +857,11 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
                 "n": report.n,
                 "rows_csv": {"file": rows_file, "sha256": rows_sha256},
             }),
+            hits: report
+                .rows
+                .iter()
+                .map(|r| r.judgement.as_ref().is_some_and(|j| j.correct))
+                .collect(),
         });
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -802,6 +891,7 @@ fn write_report(
         recipe,
         seconds,
     } = facts;
+    let (targets_md, paired) = paired_against_targets(methods);
     let metrics = json!({
         "recipe": recipe,
         "dataset": args.split.dataset.to_string(),
@@ -811,6 +901,7 @@ fn write_report(
         "stage1_mixture": args.stage1_mixture.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "seconds": seconds,
         "methods": methods.iter().map(|m| (m.name.clone(), m.metrics.clone())).collect::<serde_json::Map<_, _>>(),
+        "paired": paired,
         "loss_curves": curves,
         "training": training,
     });
@@ -855,6 +946,7 @@ fn write_report(
             ));
         }
     }
+    md.push_str(&targets_md);
     md.push_str("\n| training run | steps | planned | seconds | rows/s | tokens/s | computed / real tokens (padding) | waiting for prompts (s) | stopped by the time limit |\n|---|---|---|---|---|---|---|---|---|\n");
     for (run, t) in metrics["training"].as_object().into_iter().flatten() {
         // Rates over this invocation's steps (a resumed run's earlier steps are not timed).
@@ -1071,10 +1163,12 @@ mod tests {
             Method {
                 name: "sasrec".into(),
                 metrics: json!({"hr1": mean(0.453), "hr5": mean(0.811), "ndcg5": mean(0.651), "n": 95}),
+                hits: Vec::new(),
             },
             Method {
                 name: "gru4rec".into(),
                 metrics: json!({"hr1": mean(0.463), "hr5": mean(0.779), "ndcg5": mean(0.634), "n": 95}),
+                hits: Vec::new(),
             },
             Method {
                 name: "rsllm".into(),
@@ -1082,12 +1176,14 @@ mod tests {
                     "ranking_hr1": mean(0.084), "ranking_hr5": mean(0.3), "ranking_ndcg5": mean(0.2),
                     "alignment_hr1": mean(0.168), "alignment_hr5": mean(0.621),
                     "combined_hr1": mean(0.179), "combined_hr5": mean(0.632), "n": 95}),
+                hits: Vec::new(),
             },
             Method {
                 name: "zero-shot".into(),
                 metrics: json!({"hr1": mean(0.0), "valid_ratio": mean(0.189),
                     "ranking_hr1": mean(0.032), "ranking_hr5": mean(0.2), "ranking_ndcg5": mean(0.1),
                     "alignment_hr1": null, "alignment_hr5": null, "n": 95}),
+                hits: Vec::new(),
             },
         ];
         let mut training = serde_json::Map::new();
@@ -1126,6 +1222,10 @@ mod tests {
         assert!(
             md.contains("| sasrec | 95 | 0.453 | 1 | 0.453 | 0.811 | 0.651 | - | - |"),
             "{md}"
+        );
+        assert!(
+            md.contains("- rsllm: not above gru4rec (0.100 against 0.463;"),
+            "the targets, against the best ID-only row: {md}"
         );
         // Every ID-only recommender is valid by construction and ranks: the same columns.
         assert!(
@@ -1203,6 +1303,55 @@ mod tests {
         );
         assert!(out.join("report.md").exists());
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_targets_pair_each_stage_2_method_with_the_best_id_only_row_and_the_text_only_stage() {
+        let method = |name: &str, hits: &[u8], valid: f64| {
+            let hits: Vec<bool> = hits.iter().map(|&h| h == 1).collect();
+            let hr1 = hits.iter().filter(|&&h| h).count() as f64 / hits.len() as f64;
+            Method {
+                name: name.into(),
+                metrics: json!({"hr1": {"mean": hr1}, "valid_ratio": {"mean": valid}}),
+                hits,
+            }
+        };
+        let methods = vec![
+            method("sasrec", &[1, 1, 1, 0, 0, 0, 0, 0], 1.0),
+            method("gru4rec", &[1, 1, 1, 1, 0, 0, 0, 0], 1.0),
+            method("caser", &[1, 0, 0, 0, 0, 0, 0, 0], 1.0),
+            method(ZERO_SHOT, &[0, 0, 0, 0, 0, 0, 0, 0], 0.2),
+            method(TEXT_ONLY, &[1, 0, 0, 0, 0, 0, 0, 0], 0.9),
+            method("rsllm", &[1, 1, 1, 0, 1, 1, 0, 0], 1.0),
+            method("rsllm w/o L_ui", &[1, 1, 0, 0, 0, 0, 0, 0], 0.9),
+        ];
+        let (md, paired) = paired_against_targets(&methods);
+        // gru4rec is the best ID-only row (sasrec and caser rank under it).
+        assert!(
+            md.contains(
+                "- rsllm: above gru4rec (0.625 against 0.500; rows right only here 2, only there 1, p = 1); \
+                 above text-only fine-tune (stage 1) (0.625 against 0.125; rows right only here 4, only there 0, p = 0.125); \
+                 ValidRatio 1.000 >= 0.95"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("- rsllm w/o L_ui: not above gru4rec"), "{md}");
+        assert!(md.contains("ValidRatio 0.900 < 0.95"), "{md}");
+        assert!(
+            !md.contains("- sasrec") && !md.contains("- zero-shot"),
+            "{md}"
+        );
+        assert_eq!(paired["rsllm"]["gru4rec"]["only_this"], 2);
+        assert_eq!(paired["rsllm"]["gru4rec"]["above"], true);
+        assert_eq!(paired["rsllm w/o L_ui"][TEXT_ONLY]["only_that"], 0);
+        assert!(paired.get("sasrec").is_none() && paired.get(TEXT_ONLY).is_none());
+    }
+
+    #[test]
+    fn p_values_keep_three_decimals_or_their_order_of_magnitude() {
+        assert_eq!(p_value(1.0), "1");
+        assert_eq!(p_value(0.0637), "0.064");
+        assert_eq!(p_value(0.000_324), "3e-4");
     }
 
     #[test]
