@@ -501,8 +501,9 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         )?;
     }
     let mut methods = Vec::new();
-    // The slots' recommender, then any other the split has: training the others is `rsllm rec
-    // train`'s (minutes each on a CPU, outside the quick profile's budget).
+    // Every recommender the split has, the slots' one included (trained above if missing).
+    // Training the others is `rsllm rec train`'s: minutes each on a CPU, outside the quick
+    // profile's budget.
     for kind in Kind::ALL {
         let dir = model_dir(&paths, &args.split, kind);
         if kind != args.rec_model && !dir.join("manifest.json").is_file() {
