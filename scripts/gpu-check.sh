@@ -22,8 +22,8 @@
 #   GPU_DATASET=lastfm bash scripts/gpu-check.sh prepare-data   # here: stage .device/c
 #   GPU_PART=c bash scripts/gpu-check.sh pipeline               # there, carry [".device/c"]
 #
-# Evaluation goes one test row at a time: the H100's MovieLens call spent at most 32 s on data,
-# model and three evaluations of 95 rows, about 0.1 s a row and method. Steam
+# Evaluation time grows with the test rows: the H100's MovieLens call spent at most 32 s on
+# data, model and three evaluations of 95 rows, about 0.1 s a row and method. Steam
 # (GPU_DATASET=steam-valtrain) has 1,186 test rows, about six minutes for three methods, so
 # give it GPU_TEST_LIMIT=200 (the CPU columns' rows) or 400 within one session.
 #
