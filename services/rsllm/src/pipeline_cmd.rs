@@ -417,13 +417,10 @@ fn paired_against_targets(methods: &[Method]) -> (String, serde_json::Value) {
             let Some(p) = rsllm_core::metrics::paired(&m.hits, &r.hits) else {
                 continue;
             };
-            let verdict = if m.hr1() > r.hr1() {
-                "above"
-            } else {
-                "not above"
-            };
+            let above = m.hr1() > r.hr1();
             cells.push(format!(
-                "{verdict} {} ({:.3} against {:.3}; rows right only here {}, only there {}, p = {})",
+                "{} {} ({:.3} against {:.3}; rows right only here {}, only there {}, p = {})",
+                if above { "above" } else { "not above" },
                 r.name,
                 m.hr1(),
                 r.hr1(),
@@ -434,7 +431,7 @@ fn paired_against_targets(methods: &[Method]) -> (String, serde_json::Value) {
             against.insert(
                 r.name.clone(),
                 json!({"only_this": p.only_first, "only_that": p.only_second, "p": p.p,
-                       "above": m.hr1() > r.hr1()}),
+                       "above": above}),
             );
         }
         let valid = m.metrics["valid_ratio"]["mean"].as_f64().unwrap_or(0.0);
