@@ -44,7 +44,7 @@ pub struct SubmitArgs {
     /// 1: text-only prompts; 2: unified Text-ID prompts.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2))]
     stage: u32,
-    #[arg(long, default_value = "movielens")]
+    #[arg(long, env = "RSLLM_DATASET", default_value = "movielens")]
     dataset: String,
     /// A finished job whose adapter this stage starts from (stage 1's for stage 2).
     #[arg(long)]
