@@ -69,7 +69,8 @@
 # METHOD.md's), GPU_LAMBDA_UI (default 1; METHOD.md's 0.1), GPU_STAGE1_LAMBDA_UI (default 0.1),
 # GPU_FULL=1 (full fine-tune, as the peer anchor's text-only baseline: try GPU_LR=1e-4),
 # GPU_STAGE1_EPOCHS, GPU_REC (the recommender whose vectors fill the ID slots: sasrec,
-# METHOD.md's default, gru4rec or caser), GPU_WINDOW (--length-window-steps, default 16 here: a 64-row step pads 2%
+# METHOD.md's default, gru4rec or caser), GPU_LAMBDA_RANK and GPU_RANK_NEG (L_rank's weight and
+# negatives in the `rank` variant, GPU_VARIANTS=rank; docs/training.md), GPU_WINDOW (--length-window-steps, default 16 here: a 64-row step pads 2%
 # instead of 15-23%; 0 was every run until 2026-11-27; docs/results.md, "Steps of similar
 # lengths"), GPU_KEEP, and for
 # a dry run on the CPU machine GPU_DEVICE=cpu GPU_TEST_LIMIT=3 (with OUT and /tmp/rsllm-gpu here).
@@ -282,6 +283,7 @@ pipeline)
             ${GPU_LR:+--lr "$GPU_LR"} ${GPU_WARMUP:+--projector-warmup-steps "$GPU_WARMUP"} ${GPU_FULL:+--full-finetune --checkpoint-every 1000} \
             ${GPU_UI_SIM:+--ui-similarity "$GPU_UI_SIM"} --ui-negatives "${GPU_UI_NEG:-catalog}" \
             --lambda-ui "${GPU_LAMBDA_UI:-1}" --stage1-lambda-ui "${GPU_STAGE1_LAMBDA_UI:-0.1}" \
+            ${GPU_LAMBDA_RANK:+--lambda-rank "$GPU_LAMBDA_RANK"} ${GPU_RANK_NEG:+--rank-negatives "$GPU_RANK_NEG"} \
             --out "$run" 2>&1 | tee -a "$out/pipeline.log"
         return "${PIPESTATUS[0]}"
     }

@@ -387,6 +387,7 @@ impl Jobs {
                     tau: 0.07,
                     ui_similarity: plan.ui_similarity,
                     ui_negatives: plan.ui_negatives,
+                    ..LossConfig::default()
                 },
                 adamw: AdamWConfig::default(),
                 curriculum: false,

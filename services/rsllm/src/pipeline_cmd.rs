@@ -59,6 +59,9 @@ pub enum Variant {
     /// stage 1's model (`rsllm_trainer::warm_heads`; ours): the pipeline runs the probe
     /// first, one LLM forward per fit row.
     UserSlotLastWarm,
+    /// RSLLM plus L_rank, the listwise loss over the candidates' answer likelihoods, weighed
+    /// `--lambda-rank` (`LossConfig::lambda_rank`; ours).
+    Rank,
 }
 
 impl Variant {
@@ -73,6 +76,7 @@ impl Variant {
             Variant::UserSlot => "user-slot",
             Variant::UserSlotLast => "user-slot-last",
             Variant::UserSlotLastWarm => "user-slot-last-warm",
+            Variant::Rank => "rank",
         }
     }
 
@@ -87,6 +91,7 @@ impl Variant {
             Variant::UserSlot => "rsllm + user slot",
             Variant::UserSlotLast => "rsllm + user slot, last",
             Variant::UserSlotLastWarm => "rsllm + user slot, last, warm heads",
+            Variant::Rank => "rsllm + l_rank",
         }
     }
 }
@@ -179,6 +184,14 @@ pub struct PipelineArgs {
     /// variant sets it to 0).
     #[arg(long, default_value_t = 0.1)]
     lambda_it: f64,
+    /// L_rank's weight in the `rank` variant (the listwise loss over the candidates' answer
+    /// likelihoods; ours). No other run uses L_rank.
+    #[arg(long, default_value_t = 1.0)]
+    lambda_rank: f64,
+    /// Negatives L_rank scores beside the target per row in the `rank` variant (default:
+    /// every other candidate; fewer cost fewer positions per step).
+    #[arg(long)]
+    rank_negatives: Option<usize>,
     /// Optimizer steps between checkpoints (a run stopped by its time limit checkpoints the
     /// step it reached anyway); raise it for a full fine-tune, whose checkpoints are large.
     #[arg(long, default_value_t = 20)]
@@ -457,6 +470,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         ("--lambda-ui", Some(args.lambda_ui)),
         ("--stage1-lambda-ui", args.stage1_lambda_ui),
         ("--lambda-it", Some(args.lambda_it)),
+        ("--lambda-rank", Some(args.lambda_rank)),
     ] {
         if let Some(w) = weight.filter(|w| !(w.is_finite() && *w >= 0.0)) {
             anyhow::bail!("{flag} ({w}) must be finite and not negative");
@@ -469,6 +483,9 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         if epochs == Some(0) {
             anyhow::bail!("{flag} must be at least 1");
         }
+    }
+    if args.rank_negatives == Some(0) {
+        anyhow::bail!("--rank-negatives must be at least 1");
     }
     let paths = Paths::from_env()?;
     let dataset = args.split.dataset.to_string();
@@ -675,6 +692,10 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
                 s.projector_warmup_steps = 0;
                 s.heads_from = Some(out.join(WARM_HEADS_DIR));
             }
+            Variant::Rank => {
+                s.train.loss.lambda_rank = args.lambda_rank;
+                s.train.loss.rank_negatives = args.rank_negatives;
+            }
         }
         runs.push((
             s,
@@ -722,7 +743,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             &mut |r| {
                 bar.set_position(r.step);
                 bar.set_message(format!("loss {:.3}", r.loss));
-                curve.push(json!([r.step, r.loss, r.lm, r.ui, r.it, r.lr]));
+                curve.push(json!([r.step, r.loss, r.lm, r.ui, r.it, r.lr, r.rank]));
                 rows_done += r.examples;
                 tokens_done += r.tokens;
                 padded_done += r.padded_tokens;

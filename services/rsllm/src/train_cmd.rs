@@ -62,6 +62,14 @@ pub struct TrainArgs {
     lambda_ui: f64,
     #[arg(long, default_value_t = 0.1)]
     lambda_it: f64,
+    /// L_rank's weight (ours, beyond the paper; 0: off): a softmax over the summed
+    /// log-likelihoods of the row's candidates' answers, the target as the label. Each
+    /// row then packs the scored answers after its prompt, so a step computes more positions.
+    #[arg(long, default_value_t = 0.0)]
+    lambda_rank: f64,
+    /// Negatives L_rank scores beside the target per row (default: every other candidate).
+    #[arg(long)]
+    rank_negatives: Option<usize>,
     #[arg(long, default_value_t = 0.07)]
     tau: f64,
     /// L_ui's similarity, which the alignment heads also rank by: cosine (METHOD.md's
@@ -199,6 +207,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 tau: args.tau,
                 ui_similarity: args.ui_similarity.similarity(),
                 ui_negatives: args.ui_negatives.negatives(),
+                lambda_rank: args.lambda_rank,
+                rank_negatives: args.rank_negatives,
             },
             adamw: AdamWConfig::default(),
             curriculum: false,
@@ -240,8 +250,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         computed += r.padded_tokens;
         bar.set_position(r.step);
         bar.set_message(format!(
-            "loss {:.3} (lm {:.3} ui {:.3} it {:.3}) lr {:.1e}",
-            r.loss, r.lm, r.ui, r.it, r.lr
+            "loss {:.3} (lm {:.3} ui {:.3} it {:.3} rank {:.3}) lr {:.1e}",
+            r.loss, r.lm, r.ui, r.it, r.rank, r.lr
         ));
         tracing::debug!(
             step = r.step,
@@ -249,6 +259,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             lm = r.lm,
             ui = r.ui,
             it = r.it,
+            rank = r.rank,
             lr = r.lr,
             "step"
         );
@@ -267,8 +278,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         tokens as f64 / seconds.max(1e-9),
         computed as f64 / tokens.max(1) as f64,
         summary.last.as_ref().map_or("-".to_owned(), |r| format!(
-            "{:.4} (lm {:.4}, ui {:.4}, it {:.4})",
-            r.loss, r.lm, r.ui, r.it
+            "{:.4} (lm {:.4}, ui {:.4}, it {:.4}, rank {:.4})",
+            r.loss, r.lm, r.ui, r.it, r.rank
         )),
         out.display()
     );

@@ -181,6 +181,11 @@ pub struct BuiltPrompt {
     pub answer_ids: Vec<u32>,
     pub answer_text: String,
     pub template_index: usize,
+    /// Each candidate's answer as [`PromptBuilder::continuation`] encodes it, in prompt
+    /// order, once [`PromptBuilder::add_candidate_answers`] has filled it (a listwise
+    /// ranking loss scores them all); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidate_answer_ids: Vec<Vec<u32>>,
 }
 
 /// Builds prompts of one domain.
@@ -297,6 +302,22 @@ impl PromptBuilder {
         Ok((text, ids))
     }
 
+    /// Fills `prompt.candidate_answer_ids`: each candidate's continuation, in prompt order
+    /// (the target's is `prompt.answer_ids`).
+    pub fn add_candidate_answers(
+        &self,
+        encoder: &dyn TextEncoder,
+        catalog: &Catalog,
+        prompt: &mut BuiltPrompt,
+    ) -> Result<(), PromptError> {
+        prompt.candidate_answer_ids = prompt
+            .candidates
+            .iter()
+            .map(|&item| Ok(self.continuation(encoder, catalog, item)?.1))
+            .collect::<Result<_, PromptError>>()?;
+        Ok(())
+    }
+
     /// Assembles one prompt. `history` is oldest first (as `SeqExample::history`); candidates
     /// appear in the order given; `target`, when known, must be one of them.
     // Each argument is a distinct input of the prompt; a struct would only rename them.
@@ -383,6 +404,7 @@ impl PromptBuilder {
             answer_ids,
             answer_text,
             template_index,
+            candidate_answer_ids: Vec::new(),
         })
     }
 

@@ -2,12 +2,14 @@
 //! builds prompts from a prepared split, and how many token positions the micro-batches
 //! compute (each pads to its longest row) with and without grouping rows by length
 //! (`TrainConfig::group_by_length`), and with steps dealt out of windows of `--window` steps
-//! regrouped by length (`TrainConfig::length_window_steps`). Needs the prepared split and the
-//! set-up model's tokenizer; no libtorch work.
+//! regrouped by length (`TrainConfig::length_window_steps`); with `--rank-negatives K`, rows
+//! as L_rank packs them (the prompt, then the target's and K other candidates' answers).
+//! Needs the prepared split and the set-up model's tokenizer; no libtorch work.
 //!
 //! ```text
 //! cargo bench -p rsllm-trainer --bench batching_bench -- [--dataset movielens]
 //!     [--micro-batch 64] [--grad-accum 2] [--steps 40] [--window 16] [--mode unified|text-only]
+//!     [--rank-negatives K]
 //! ```
 //! One JSON line on stdout; a sentence on stderr.
 
@@ -22,6 +24,7 @@ use rsllm_core::{DatasetName, PrepareOptions, Protocol};
 use rsllm_prompt::PromptMode;
 use rsllm_prompt::tokenizer::{LlmTokenizer, default_model_path};
 use rsllm_trainer::ExampleSource;
+use rsllm_trainer::batch::sequence_len;
 use rsllm_trainer::stage::{Domain, MixedRows, TrainSubset};
 use rsllm_trainer::train_loop::{group_window, micro_batches, padded_positions};
 
@@ -34,6 +37,7 @@ fn main() {
         16usize,
         PromptMode::Unified,
     );
+    let mut ranking: Option<usize> = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().expect("a value after the flag");
@@ -43,6 +47,9 @@ fn main() {
             "--grad-accum" => accum = value().parse().expect("--grad-accum N"),
             "--steps" => steps = value().parse().expect("--steps N"),
             "--window" => window = value().parse().expect("--window N"),
+            "--rank-negatives" => {
+                ranking = Some(value().parse().expect("--rank-negatives K"));
+            }
             "--mode" => {
                 mode = match value().as_str() {
                     "unified" => PromptMode::Unified,
@@ -81,7 +88,8 @@ fn main() {
         20,
         (None, TrainSubset::Spread),
     )
-    .expect("training rows");
+    .expect("training rows")
+    .with_candidate_answers(ranking.is_some());
     let per_step = micro * accum;
     let mut order: Vec<usize> = (0..source.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(1234));
@@ -93,7 +101,7 @@ fn main() {
             .iter()
             .map(|&i| {
                 let p = source.build(i, (step * per_step + i) as u64, None).unwrap();
-                let n = p.input_ids.len() + p.answer_ids.len();
+                let n = sequence_len(&p, ranking);
                 length.insert(i, n);
                 n
             })
@@ -125,7 +133,7 @@ fn main() {
         "real_tokens_per_prompt": real as f64 / built as f64,
         "computed_per_real": plain as f64 / real as f64,
         "computed_per_real_grouped": grouped as f64 / real as f64,
-        "window": window,
+        "window": window, "rank_negatives": ranking,
         "computed_per_real_windowed": windowed as f64 / real as f64,
     });
     println!("{line}");

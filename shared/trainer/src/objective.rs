@@ -21,7 +21,7 @@ use rsllm_recommender::RecModel;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Ranking};
 use crate::error::{Result, TrainError};
 use crate::losses::{
     UiNegatives, UiSimilarity, lm_loss, masked_info_nce, similarity_logits, symmetric_info_nce,
@@ -41,6 +41,26 @@ pub struct LossConfig {
     /// candidates.
     #[serde(default)]
     pub ui_negatives: UiNegatives,
+    /// Weight of L_rank (ours, beyond the paper; 0, the default, is off): the listwise
+    /// ranking loss, a softmax over the summed log-likelihoods of the row's candidates'
+    /// answers with the target as the label, i.e. the evaluation's ranking turned into a
+    /// loss. L_lm raises the target's likelihood alone; L_rank raises it against the
+    /// candidates the model has to choose among. Its batches pack the scored answers after
+    /// each prompt ([`crate::batch::collate_ranked`]), so a step computes more positions.
+    #[serde(default)]
+    pub lambda_rank: f64,
+    /// Negatives L_rank scores beside the target per row (the first ones in prompt order);
+    /// `None`: every other candidate.
+    #[serde(default)]
+    pub rank_negatives: Option<usize>,
+}
+
+impl LossConfig {
+    /// `Some(negatives per row)` when L_rank is on: batches are then collated with their
+    /// candidates' answers.
+    pub fn ranking(&self) -> Option<usize> {
+        (self.lambda_rank > 0.0).then(|| self.rank_negatives.unwrap_or(usize::MAX))
+    }
 }
 
 impl Default for LossConfig {
@@ -53,6 +73,8 @@ impl Default for LossConfig {
             tau: 0.07,
             ui_similarity: UiSimilarity::Cosine,
             ui_negatives: UiNegatives::Candidates,
+            lambda_rank: 0.0,
+            rank_negatives: None,
         }
     }
 }
@@ -352,9 +374,11 @@ impl ItemTable {
 /// (reading a value waits for the device, so the training loop reads each step's once).
 #[derive(Debug)]
 pub struct Losses {
-    /// `L_lm + lambda_ui L_ui + lambda_it L_it`, a scalar to call `backward` on.
+    /// `L_lm + lambda_ui L_ui + lambda_it L_it + lambda_rank L_rank`, a scalar to call
+    /// `backward` on.
     pub total: Tensor,
-    /// `[L_lm, L_ui, L_it]`, detached f32 (0 where a term is switched off), unweighted.
+    /// `[L_lm, L_ui, L_it, L_rank]`, detached f32 (0 where a term is switched off),
+    /// unweighted.
     pub terms: Tensor,
 }
 
@@ -364,20 +388,50 @@ pub struct LossTerms {
     pub lm: f64,
     pub ui: f64,
     pub it: f64,
+    pub rank: f64,
 }
+
+/// How many values [`Losses::terms`] holds.
+pub const LOSS_TERMS: usize = 4;
 
 impl Losses {
     /// Reads the terms (waits for the device).
     pub fn read_terms(&self) -> Result<LossTerms> {
         let v = Vec::<f64>::try_from(self.terms.f_to_kind(Kind::Double)?)?;
         match v[..] {
-            [lm, ui, it] => Ok(LossTerms { lm, ui, it }),
+            [lm, ui, it, rank] => Ok(LossTerms { lm, ui, it, rank }),
             _ => Err(TrainError::Invalid(format!(
-                "loss terms hold {} values, expected 3",
+                "loss terms hold {} values, expected {LOSS_TERMS}",
                 v.len()
             ))),
         }
     }
+}
+
+/// L_rank on a ranked batch: each scored answer's summed log-likelihood (the evaluation's
+/// ranking score), then cross-entropy of the row's softmax over them against the target.
+fn rank_loss(model: &Llama, hidden: &Tensor, ranking: &Ranking) -> Result<Tensor> {
+    let logits = model.logits_at(
+        hidden,
+        Some((&ranking.token_batch, &ranking.token_position)),
+    )?;
+    // log p(token) = logit(token) - logsumexp(logits): no [N, vocab] log-softmax is kept.
+    let picked = logits
+        .f_gather(1, &ranking.token_target.f_unsqueeze(1)?, false)?
+        .f_squeeze_dim(1)?;
+    let log_p = picked.f_sub(&logits.f_logsumexp([-1i64].as_slice(), false)?)?;
+    let size = ranking.answer_present.size();
+    let scores = Tensor::f_zeros([size[0] * size[1]], (Kind::Float, hidden.device()))?
+        .f_index_add(0, &ranking.token_answer, &log_p)?
+        .f_view([size[0], size[1]])?
+        .f_masked_fill(&ranking.answer_present.f_logical_not()?, f64::NEG_INFINITY)?;
+    Ok(scores.f_cross_entropy_loss::<Tensor>(
+        &ranking.target_answer,
+        None,
+        tch::Reduction::Mean,
+        -100,
+        0.0,
+    )?)
 }
 
 /// Forward pass and losses for one batch. Gradients flow into whatever requires them: the
@@ -391,11 +445,27 @@ pub fn losses(
 ) -> Result<Losses> {
     let overrides = batch.slots.overrides(heads, items, model.device())?;
     let embeds = model.embed(&batch.ids, overrides.as_ref())?;
-    let hidden = model.forward_embeds(&embeds, &batch.positions, None, None)?;
+    let hidden = match &batch.ranking {
+        Some(r) => model.forward_masked(&embeds, &batch.positions, &r.mask, None)?,
+        None => model.forward_embeds(&embeds, &batch.positions, None, None)?,
+    };
     let device = model.device();
     let mut total = Tensor::f_zeros([], (Kind::Float, device))?;
     let zero = || Tensor::f_zeros([], (Kind::Float, device));
-    let (mut lm_term, mut ui_term, mut it_term) = (zero()?, zero()?, zero()?);
+    let (mut lm_term, mut ui_term, mut it_term, mut rank_term) =
+        (zero()?, zero()?, zero()?, zero()?);
+    if config.lambda_rank > 0.0 {
+        let ranking = batch.ranking.as_ref().ok_or_else(|| {
+            TrainError::Invalid(
+                "lambda_rank is on but the batch holds no candidate answers: collate it with \
+                 collate_ranked"
+                    .into(),
+            )
+        })?;
+        let rank = rank_loss(model, &hidden, ranking)?;
+        rank_term = rank.f_detach()?.f_to_kind(Kind::Float)?;
+        total = total.f_add(&rank.f_mul_scalar(config.lambda_rank)?)?;
+    }
     if config.use_lm {
         let logits =
             model.logits_at(&hidden, Some((&batch.answer_batch, &batch.answer_position)))?;
@@ -443,7 +513,7 @@ pub fn losses(
     }
     Ok(Losses {
         total,
-        terms: Tensor::f_stack(&[lm_term, ui_term, it_term], 0)?,
+        terms: Tensor::f_stack(&[lm_term, ui_term, it_term, rank_term], 0)?,
     })
 }
 
@@ -667,6 +737,136 @@ mod tests {
             with.read_terms().unwrap().lm,
             changed.read_terms().unwrap().lm
         );
+    }
+
+    /// L_rank by the evaluation's own scorer: each row's candidates scored one continuation
+    /// at a time after the prompt (`score_continuations_with`), then the softmax's
+    /// cross-entropy at the target, over the target and the first `negatives` others.
+    fn rank_loss_by_the_evaluation(s: &crate::test_support::Setup, negatives: usize) -> f64 {
+        let prompts = crate::test_support::prompts(s, PromptMode::Unified);
+        let mut total = 0.0;
+        for p in &prompts {
+            let one = crate::batch::collate(std::slice::from_ref(p), PAD_ID, Device::Cpu).unwrap();
+            let o = one
+                .slots
+                .overrides(&s.heads, &s.items, Device::Cpu)
+                .unwrap();
+            let target = p.target_index.unwrap();
+            let chosen: Vec<usize> = (0..p.candidates.len())
+                .filter(|&c| {
+                    c == target || (c < target && c < negatives) || (c > target && c <= negatives)
+                })
+                .collect();
+            let answers: Vec<Vec<u32>> = chosen
+                .iter()
+                .map(|&c| p.candidate_answer_ids[c].clone())
+                .collect();
+            let scores =
+                rsllm_llm::score_continuations_with(&s.model, &p.input_ids, o.as_ref(), &answers)
+                    .unwrap();
+            let logits: Vec<f64> = scores.iter().map(|c| c.sum_logprob).collect();
+            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let log_z = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+            let at = chosen.iter().position(|&c| c == target).unwrap();
+            total += log_z - logits[at];
+        }
+        total / prompts.len() as f64
+    }
+
+    #[test]
+    fn a_ranked_batch_keeps_every_term_and_l_rank_is_the_ranking_evaluation_as_a_loss() {
+        let _rng = rng_lock();
+        let s = setup();
+        for mode in [PromptMode::Unified, PromptMode::TextOnly] {
+            let prompts = crate::test_support::prompts(&s, mode);
+            let plain = crate::batch::collate(&prompts, PAD_ID, Device::Cpu).unwrap();
+            let ranked =
+                crate::batch::collate_ranked(&prompts, usize::MAX, PAD_ID, Device::Cpu).unwrap();
+            let base = LossConfig::default();
+            let with_rank = LossConfig {
+                lambda_rank: 0.5,
+                ..LossConfig::default()
+            };
+            let a = losses(&s.model, &s.heads, &s.items, &plain, &base)
+                .unwrap()
+                .read_terms()
+                .unwrap();
+            let out = losses(&s.model, &s.heads, &s.items, &ranked, &with_rank).unwrap();
+            let b = out.read_terms().unwrap();
+            // The packed answers see only the prompt and themselves: L_lm, L_ui and L_it are
+            // what the plain rows give (f32 rounding apart: other shapes).
+            for (x, y) in [(a.lm, b.lm), (a.ui, b.ui), (a.it, b.it)] {
+                assert!((x - y).abs() < 1e-4, "{mode:?}: {a:?} vs {b:?}");
+            }
+            assert_eq!(a.rank, 0.0);
+            let total = b.lm + 0.1 * b.ui + 0.1 * b.it + 0.5 * b.rank;
+            assert!((out.total.double_value(&[]) - total).abs() < 1e-4);
+            if mode == PromptMode::Unified {
+                let want = rank_loss_by_the_evaluation(&s, usize::MAX);
+                assert!((b.rank - want).abs() < 1e-4, "L_rank {} vs {want}", b.rank);
+                // Four candidates per row: chance is ln 4.
+                assert!(b.rank > 0.0 && b.rank.is_finite());
+            }
+        }
+        // One negative per row: the softmax over the target and the first other candidate.
+        let prompts = crate::test_support::prompts(&s, PromptMode::Unified);
+        let one = crate::batch::collate_ranked(&prompts, 1, PAD_ID, Device::Cpu).unwrap();
+        assert_eq!(one.ranking.as_ref().unwrap().answers_per_row, 2);
+        let config = LossConfig {
+            lambda_rank: 1.0,
+            ..LossConfig::default()
+        };
+        let got = losses(&s.model, &s.heads, &s.items, &one, &config)
+            .unwrap()
+            .read_terms()
+            .unwrap()
+            .rank;
+        let want = rank_loss_by_the_evaluation(&s, 1);
+        assert!((got - want).abs() < 1e-4, "L_rank {got} vs {want}");
+        // L_rank asked of a batch without the answers: refused, naming the fix.
+        let plain = crate::batch::collate(&prompts, PAD_ID, Device::Cpu).unwrap();
+        let err = losses(&s.model, &s.heads, &s.items, &plain, &config)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("lambda_rank") && err.contains("collate_ranked"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn training_with_l_rank_lowers_it() {
+        let _rng = rng_lock();
+        let s = setup();
+        let prompts = crate::test_support::prompts(&s, PromptMode::Unified);
+        let ranked =
+            crate::batch::collate_ranked(&prompts, usize::MAX, PAD_ID, Device::Cpu).unwrap();
+        let config = LossConfig {
+            use_lm: false,
+            lambda_ui: 0.0,
+            lambda_it: 0.0,
+            lambda_rank: 1.0,
+            ..LossConfig::default()
+        };
+        let rank = || {
+            losses(&s.model, &s.heads, &s.items, &ranked, &config)
+                .unwrap()
+                .read_terms()
+                .unwrap()
+                .rank
+        };
+        let first = rank();
+        let mut opt = AdamW::for_var_store(&s.trained, AdamWConfig::default()).unwrap();
+        for _ in 0..20 {
+            opt.zero_grad();
+            losses(&s.model, &s.heads, &s.items, &ranked, &config)
+                .unwrap()
+                .total
+                .backward();
+            opt.step(3e-3).unwrap();
+        }
+        let last = rank();
+        assert!(last < 0.5 * first, "L_rank {first} -> {last}");
     }
 
     #[test]

@@ -339,6 +339,8 @@ pub struct TrainRows<'a> {
     pub builder: PromptBuilder,
     pub mode: PromptMode,
     pub num_candidates: usize,
+    /// Whether each prompt also carries every candidate's answer (for L_rank).
+    pub candidate_answers: bool,
 }
 
 /// Several domains' training rows as one source: index `i` falls in the domain whose range
@@ -374,11 +376,20 @@ impl<'a> MixedRows<'a> {
                 builder,
                 mode,
                 num_candidates,
+                candidate_answers: false,
             };
             parts.push((rows, offset));
             offset += domain.catalog.num_items() as ItemId;
         }
         Ok(MixedRows { parts })
+    }
+
+    /// Prompts that also carry every candidate's answer (L_rank's batches pack them).
+    pub fn with_candidate_answers(mut self, on: bool) -> Self {
+        for (part, _) in &mut self.parts {
+            part.candidate_answers = on;
+        }
+        self
     }
 }
 
@@ -460,7 +471,9 @@ impl ExampleSource for TrainRows<'_> {
             &mut rng,
         )
         .map_err(|e| TrainError::Invalid(format!("training row {index}: {e}")))?;
-        self.builder
+        let named = |e| TrainError::Invalid(format!("training row {index}: {e}"));
+        let mut prompt = self
+            .builder
             .build(
                 self.tokenizer,
                 self.catalog,
@@ -470,7 +483,13 @@ impl ExampleSource for TrainRows<'_> {
                 mode.unwrap_or(self.mode),
                 TemplateChoice::Seeded(template_seed),
             )
-            .map_err(|e| TrainError::Invalid(format!("training row {index}: {e}")))
+            .map_err(named)?;
+        if self.candidate_answers {
+            self.builder
+                .add_candidate_answers(self.tokenizer, self.catalog, &mut prompt)
+                .map_err(named)?;
+        }
+        Ok(prompt)
     }
 }
 
@@ -731,7 +750,8 @@ pub fn run_stage_mixed(
         spec.prompt_mode(),
         spec.num_candidates,
         (spec.train_limit, spec.train_subset),
-    )?;
+    )?
+    .with_candidate_answers(spec.train.loss.ranking().is_some());
     let trainee = Trainee {
         model: &base.model,
         heads: &rsllm.heads,
@@ -1190,6 +1210,31 @@ mod tests {
             out.read_terms().unwrap().ui > 0.0,
             "L_ui sees both domains' items"
         );
+        // With L_rank on, each prompt carries its candidates' answers, in its own domain.
+        assert!(prompts.iter().all(|p| p.candidate_answer_ids.is_empty()));
+        let mixed = mixed.with_candidate_answers(true);
+        let prompts: Vec<_> = (0..5).map(|i| mixed.build(i, 3, None).unwrap()).collect();
+        let band = &prompts[3];
+        assert_eq!(band.candidate_answer_ids.len(), band.candidates.len());
+        assert_eq!(
+            band.candidate_answer_ids[band.target_index.unwrap()],
+            band.answer_ids
+        );
+        let ranked = crate::batch::collate_ranked(
+            &prompts,
+            usize::MAX,
+            rsllm_prompt::testing::PAD_ID,
+            Device::Cpu,
+        )
+        .unwrap();
+        let config = crate::LossConfig {
+            lambda_rank: 1.0,
+            ..crate::LossConfig::default()
+        };
+        let out =
+            crate::objective::losses(&setup.model, &setup.heads, &items, &ranked, &config).unwrap();
+        let rank = out.read_terms().unwrap().rank;
+        assert!(rank > 0.0 && rank.is_finite(), "{rank}");
     }
 
     #[test]

@@ -7,7 +7,9 @@ use rsllm_core::dataset::candidates::draw_candidates;
 use rsllm_core::{Catalog, SeqExample};
 use rsllm_llm::{Llama, LlamaConfig, LlmTokenizer, LoraConfig};
 use rsllm_prompt::testing::{PAD_ID, tiny_tokenizer};
-use rsllm_prompt::{PromptBuilder, PromptMode, PromptOptions, TemplateChoice, TextEncoder};
+use rsllm_prompt::{
+    BuiltPrompt, PromptBuilder, PromptMode, PromptOptions, TemplateChoice, TextEncoder,
+};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::batch::{Batch, collate};
@@ -140,17 +142,17 @@ pub(crate) fn probe_rows(candidates: usize) -> Vec<SeqExample> {
         .collect()
 }
 
-pub(crate) fn batch(s: &Setup, mode: PromptMode) -> Batch {
+/// Two prompts of the 12-item catalog, each with its candidates' answers.
+pub(crate) fn prompts(s: &Setup, mode: PromptMode) -> Vec<BuiltPrompt> {
     let builder =
         PromptBuilder::with_builtin_templates("movielens", PromptOptions::new(PAD_ID)).unwrap();
     let rows = [
         (vec![0u32, 1, 2], vec![5u32, 6, 7, 8], 6u32),
         (vec![3, 4], vec![9, 10, 11, 5], 11),
     ];
-    let prompts: Vec<_> = rows
-        .iter()
+    rows.iter()
         .map(|(h, c, t)| {
-            builder
+            let mut p = builder
                 .build(
                     &s.tokenizer,
                     &s.catalog,
@@ -160,10 +162,17 @@ pub(crate) fn batch(s: &Setup, mode: PromptMode) -> Batch {
                     mode,
                     TemplateChoice::Fixed(0),
                 )
-                .unwrap()
+                .unwrap();
+            builder
+                .add_candidate_answers(&s.tokenizer, &s.catalog, &mut p)
+                .unwrap();
+            p
         })
-        .collect();
-    collate(&prompts, PAD_ID, Device::Cpu).unwrap()
+        .collect()
+}
+
+pub(crate) fn batch(s: &Setup, mode: PromptMode) -> Batch {
+    collate(&prompts(s, mode), PAD_ID, Device::Cpu).unwrap()
 }
 
 /// libtorch's generator is global: tests that seed it and then draw from it (dropout) hold

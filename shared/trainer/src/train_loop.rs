@@ -20,10 +20,10 @@ use rsllm_prompt::{BuiltPrompt, PromptMode};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
-use crate::batch::collate;
+use crate::batch::{collate, collate_ranked, sequence_len};
 use crate::checkpoint::{self, CheckpointManifest};
 use crate::error::{Divergence, Result, TrainError};
-use crate::objective::{ItemTable, LossConfig, RsllmHeads, losses};
+use crate::objective::{ItemTable, LOSS_TERMS, LossConfig, RsllmHeads, losses};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::LrSchedule;
 
@@ -151,6 +151,12 @@ impl TrainConfig {
                 non_negative(loss.lambda_it),
                 "finite and not negative",
             ),
+            (
+                "loss.lambda_rank",
+                loss.lambda_rank,
+                non_negative(loss.lambda_rank),
+                "finite and not negative",
+            ),
             ("adamw.beta1", adamw.beta1, unit(adamw.beta1), "in [0, 1)"),
             ("adamw.beta2", adamw.beta2, unit(adamw.beta2), "in [0, 1)"),
             (
@@ -171,9 +177,15 @@ impl TrainConfig {
                 "{name} ({value}) must be {rule}"
             )));
         }
-        if !loss.use_lm && loss.lambda_ui == 0.0 && loss.lambda_it == 0.0 {
+        if !loss.use_lm && loss.lambda_ui == 0.0 && loss.lambda_it == 0.0 && loss.lambda_rank == 0.0
+        {
             return Err(TrainError::Invalid(
-                "every loss term is off (use_lm false, lambda_ui and lambda_it 0): nothing to train".into(),
+                "every loss term is off (use_lm false, lambda_ui, lambda_it and lambda_rank 0): nothing to train".into(),
+            ));
+        }
+        if loss.rank_negatives == Some(0) {
+            return Err(TrainError::Invalid(
+                "loss.rank_negatives (0) must be at least 1: L_rank needs a candidate beside the target".into(),
             ));
         }
         Ok(())
@@ -202,6 +214,8 @@ pub struct StepReport {
     pub lm: f64,
     pub ui: f64,
     pub it: f64,
+    /// L_rank (0 unless `loss.lambda_rank` is on).
+    pub rank: f64,
     pub grad_norm: f64,
     pub examples: usize,
     /// Prompt and answer tokens of the step's examples (padding not counted).
@@ -487,7 +501,7 @@ fn load_step(
     let lengths: Vec<usize> = built
         .iter()
         .flatten()
-        .map(|(_, p)| p.input_ids.len() + p.answer_ids.len())
+        .map(|(_, p)| sequence_len(p, config.loss.ranking()))
         .collect();
     let micro_batches = micro_batches(&lengths, config.micro_batch, config.group_by_length)
         .into_iter()
@@ -501,8 +515,9 @@ fn load_step(
 
 /// What a step's forward and backward passes leave on the host.
 struct Passes {
-    /// Per micro-batch `[total, lm, ui, it]`, unweighted, and its share of the step's rows.
-    values: Vec<[f64; 4]>,
+    /// Per micro-batch `[total, lm, ui, it, rank]`, unweighted, and its share of the step's
+    /// rows.
+    values: Vec<[f64; 1 + LOSS_TERMS]>,
     shares: Vec<f64>,
     tokens: usize,
     padded_tokens: usize,
@@ -521,10 +536,14 @@ fn forward_backward(
     let (mut tokens, mut padded_tokens) = (0, 0);
     let (mut on_device, mut shares) = (Vec::new(), Vec::new());
     for (m, (_, prompts)) in step.micro_batches.iter().enumerate() {
-        let batch = collate(prompts, config.pad_id, device)?;
+        let ranking = config.loss.ranking();
+        let batch = match ranking {
+            Some(negatives) => collate_ranked(prompts, negatives, config.pad_id, device)?,
+            None => collate(prompts, config.pad_id, device)?,
+        };
         tokens += prompts
             .iter()
-            .map(|p| p.input_ids.len() + p.answer_ids.len())
+            .map(|p| sequence_len(p, ranking))
             .sum::<usize>();
         padded_tokens += batch.ids.numel();
         tch::manual_seed(mix(config.seed, step.plan.step, m as u64) as i64);
@@ -554,8 +573,8 @@ fn forward_backward(
             .f_flatten(0, -1)?,
     )?;
     let values = flat
-        .chunks_exact(4)
-        .map(|v| [v[0], v[1], v[2], v[3]])
+        .chunks_exact(1 + LOSS_TERMS)
+        .map(|v| [v[0], v[1], v[2], v[3], v[4]])
         .collect();
     Ok(Passes {
         values,
@@ -633,7 +652,7 @@ pub fn train(
     let length_of = |epoch: u64, i: usize| {
         source
             .build(i, mix(config.seed, epoch, i as u64), None)
-            .map_or(0, |p| p.input_ids.len() + p.answer_ids.len())
+            .map_or(0, |p| sequence_len(&p, config.loss.ranking()))
     };
     let plan = StepPlan::new(n, config, (step, epoch, done_in_epoch), &length_of);
     let mut last = None;
@@ -678,13 +697,13 @@ pub fn train(
                     last_checkpoint: last_saved.clone(),
                 }))
             };
-            let (mut sum, mut lm, mut ui, mut it) = (0.0, 0.0, 0.0, 0.0);
-            for (m, (&[total, l, u, i], share)) in
+            let (mut sum, mut lm, mut ui, mut it, mut rank) = (0.0, 0.0, 0.0, 0.0, 0.0);
+            for (m, (&[total, l, u, i, r], share)) in
                 passes.values.iter().zip(&passes.shares).enumerate()
             {
                 if !total.is_finite() {
                     return Err(diverged(
-                        format!("the loss is {total} (lm {l}, ui {u}, it {i})"),
+                        format!("the loss is {total} (lm {l}, ui {u}, it {i}, rank {r})"),
                         Some(m),
                     ));
                 }
@@ -692,6 +711,7 @@ pub fn train(
                 lm += l * share;
                 ui += u * share;
                 it += i * share;
+                rank += r * share;
             }
             let grad_norm = match opt.clip_grad_norm(config.max_grad_norm) {
                 Err(TrainError::NonFiniteGradNorm(norm)) => {
@@ -714,6 +734,7 @@ pub fn train(
                 lm,
                 ui,
                 it,
+                rank,
                 grad_norm,
                 examples: plan.examples.len(),
                 tokens: passes.tokens,
@@ -721,7 +742,8 @@ pub fn train(
                 loader_wait_secs,
             };
             if let Some(points) = metrics.get_mut("loss").and_then(|l| l.as_array_mut()) {
-                points.push(serde_json::json!([step, sum, lm, ui, it, lr]));
+                // L_rank last, so readers of the first six keep working.
+                points.push(serde_json::json!([step, sum, lm, ui, it, lr, rank]));
             }
             // A stop request (a cancelled job) still checkpoints the step it stopped at.
             let stop = on_step(&report).is_break();
@@ -893,7 +915,9 @@ mod tests {
             mode: Option<PromptMode>,
         ) -> Result<BuiltPrompt> {
             let (h, c, t) = &self.rows[index];
-            self.builder
+            let invalid = |e: rsllm_prompt::PromptError| TrainError::Invalid(e.to_string());
+            let mut prompt = self
+                .builder
                 .build(
                     self.tokenizer,
                     self.catalog,
@@ -903,7 +927,12 @@ mod tests {
                     mode.unwrap_or(self.mode),
                     TemplateChoice::Seeded(template_seed),
                 )
-                .map_err(|e| TrainError::Invalid(e.to_string()))
+                .map_err(invalid)?;
+            // Always: L_rank's runs need them, the others never read them.
+            self.builder
+                .add_candidate_answers(self.tokenizer, self.catalog, &mut prompt)
+                .map_err(invalid)?;
+            Ok(prompt)
         }
     }
 
@@ -961,6 +990,45 @@ mod tests {
     }
 
     #[test]
+    fn l_rank_trains_through_the_loop_on_packed_rows_and_is_logged() {
+        let _rng = crate::test_support::rng_lock();
+        let s = setup();
+        let trainee = trainee_of(&s, "test");
+        let run = |lambda_rank: f64| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut c = config();
+            c.loss.lambda_rank = lambda_rank;
+            let mut reports = Vec::new();
+            train(&trainee, &rows(&s), &c, dir.path(), Some(1), &mut |r| {
+                reports.push(r.clone());
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+            let saved = crate::checkpoint::latest(dir.path()).unwrap().unwrap();
+            (reports.remove(0), saved.manifest.metrics)
+        };
+        let (plain, _) = run(0.0);
+        let (ranked, metrics) = run(1.0);
+        assert_eq!(plain.rank, 0.0);
+        assert!(ranked.rank > 0.0 && ranked.rank.is_finite(), "{ranked:?}");
+        assert!(
+            (ranked.loss - (ranked.lm + 0.1 * ranked.ui + 0.1 * ranked.it + ranked.rank)).abs()
+                < 1e-4
+        );
+        // The same rows, now with every candidate's answer packed after the prompt.
+        assert_eq!(ranked.examples, plain.examples);
+        assert!(
+            ranked.tokens > plain.tokens,
+            "{} vs {}",
+            ranked.tokens,
+            plain.tokens
+        );
+        let point = &metrics["loss"][0];
+        assert_eq!(point.as_array().unwrap().len(), 7, "{point}");
+        assert!((point[6].as_f64().unwrap() - ranked.rank).abs() < 1e-9);
+    }
+
+    #[test]
     fn full_fine_tuning_trains_the_base_and_resumes_to_the_same_end() {
         let _rng = crate::test_support::rng_lock();
         let mut full = config();
@@ -1002,9 +1070,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let trainee = trainee_of(&s, "test");
         type Breakage = fn(&mut TrainConfig);
-        let cases: [(&str, Breakage); 6] = [
+        let cases: [(&str, Breakage); 8] = [
             ("loss.tau (0) must be finite and positive", |c| {
                 c.loss.tau = 0.0
+            }),
+            (
+                "loss.lambda_rank (inf) must be finite and not negative",
+                |c| c.loss.lambda_rank = f64::INFINITY,
+            ),
+            ("loss.rank_negatives (0) must be at least 1", |c| {
+                c.loss.lambda_rank = 1.0;
+                c.loss.rank_negatives = Some(0);
             }),
             (
                 "loss.lambda_ui (-0.1) must be finite and not negative",

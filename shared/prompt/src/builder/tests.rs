@@ -264,6 +264,28 @@ fn the_answer_is_space_title_newline_encoded_alone() {
 }
 
 #[test]
+fn candidate_answers_are_each_candidates_continuation_in_prompt_order() {
+    let tokenizer = tokenizer();
+    let mut prompt = build(PromptMode::Unified, 0);
+    assert!(
+        prompt.candidate_answer_ids.is_empty(),
+        "only when asked for"
+    );
+    let b = builder("movielens");
+    b.add_candidate_answers(&tokenizer, &catalog("movielens"), &mut prompt)
+        .unwrap();
+    assert_eq!(prompt.candidate_answer_ids.len(), CANDIDATES.len());
+    for (&item, ids) in CANDIDATES.iter().zip(&prompt.candidate_answer_ids) {
+        let (_, expected) = b
+            .continuation(&tokenizer, &catalog("movielens"), item)
+            .unwrap();
+        assert_eq!(ids, &expected);
+    }
+    let target = prompt.target_index.unwrap();
+    assert_eq!(prompt.candidate_answer_ids[target], prompt.answer_ids);
+}
+
+#[test]
 fn an_unknown_target_gives_no_answer() {
     let prompt = builder("movielens")
         .build(
