@@ -555,7 +555,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let lora = LoraConfig::default();
     let recipe = format!(
         "{}LoRA r {} alpha {} on {}, peak lr {peak_lr:e}, micro-batch {} x accumulation \
-         {grad_accum}{}, {epochs} epoch(s){}, lambda_ui {}{} and lambda_it {}{}{}, ID slots \
+         {grad_accum}{}, {epochs} epoch(s){}, lambda_ui {}{} and lambda_it {}{}{}{}, ID slots \
          filled by {}",
         if args.full_finetune {
             "base weights (full fine-tune) and "
@@ -587,6 +587,16 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         match args.ui_negatives {
             crate::train_cmd::UiNegativesArg::Candidates => "",
             crate::train_cmd::UiNegativesArg::Catalog => ", L_ui over the whole catalog",
+        },
+        if args.variants.contains(&Variant::Rank) {
+            format!(
+                ", L_rank weighed {} in the rank variant over {} negatives",
+                args.lambda_rank,
+                args.rank_negatives
+                    .map_or("all the other candidates as".to_owned(), |k| k.to_string())
+            )
+        } else {
+            String::new()
         },
         args.rec_model.name(),
     );
