@@ -45,9 +45,8 @@ pub struct Ranking {
     pub token_position: Tensor,
     pub token_target: Tensor,
     pub token_answer: Tensor,
-    /// Answers per row in the score matrix (the widest row's).
-    pub answers_per_row: i64,
-    /// `[B, k]` bool: which entries hold an answer (rows may score fewer).
+    /// `[B, k]` bool: which entries hold an answer (k is the widest row's count; rows may
+    /// score fewer).
     pub answer_present: Tensor,
     /// `[B]` the target's slot among its row's answers.
     pub target_answer: Tensor,
@@ -256,7 +255,6 @@ pub fn collate_ranked(
         token_position: i64s(&tok_p, device)?,
         token_target: i64s(&tok_t, device)?,
         token_answer: i64s(&tok_a, device)?,
-        answers_per_row: k as i64,
         answer_present: Tensor::f_from_slice(&present)?
             .f_to_device(device)?
             .f_view([b, k as i64])?,
@@ -279,7 +277,7 @@ mod tests {
         let prompts = prompts(&s, PromptMode::Unified);
         let b = collate_ranked(&prompts, usize::MAX, PAD_ID, Device::Cpu).unwrap();
         let r = b.ranking.as_ref().unwrap();
-        assert_eq!(r.answers_per_row, 4);
+        assert_eq!(r.answer_present.size(), [2, 4]);
         let width = b.ids.size()[1];
         assert_eq!(
             width as usize,

@@ -811,7 +811,7 @@ mod tests {
         // One negative per row: the softmax over the target and the first other candidate.
         let prompts = crate::test_support::prompts(&s, PromptMode::Unified);
         let one = crate::batch::collate_ranked(&prompts, 1, PAD_ID, Device::Cpu).unwrap();
-        assert_eq!(one.ranking.as_ref().unwrap().answers_per_row, 2);
+        assert_eq!(one.ranking.as_ref().unwrap().answer_present.size(), [2, 2]);
         let config = LossConfig {
             lambda_rank: 1.0,
             ..LossConfig::default()
