@@ -31,28 +31,33 @@
 # same dataset resumes it when the settings are the same and is refused when they differ, so
 # start such a call with `rm -rf /tmp/rsllm-gpu/run-<dataset> &&`.
 #
-# Training that outlasts one lent GPU: a session's 15 minutes hold about eight of training, so
-# a finished stage 1, or a stage 2 stopped by its time limit, can come back and be carried
-# into the next lent session, which resumes it (same settings: the pipeline refuses others):
+# One lent session, one schedule. A session's 15 minutes hold about nine of training once the
+# machine has started and the model has travelled, and the files a call brings back land on
+# the session's own machine: the next session starts on a fresh one with the repository alone,
+# so nothing trained reaches it. Plan each run to finish inside its call (docs/results.md,
+# "What remains" has the next one, with its arithmetic). Within a session a stage can still
+# come back, to be evaluated on more rows on the CPU (`rsllm eval --stage-dir`) or resumed by
+# a later call after the machine was given back (same settings: the pipeline refuses others):
 #
-#   GPU_KEEP=stage1 ... bash scripts/gpu-check.sh pipeline   # there: the stage's latest
+#   GPU_KEEP=stage2 ... bash scripts/gpu-check.sh pipeline   # there: the stage's latest
 #                             # checkpoint, optimizer state included (42 MB with LoRA), comes
 #                             # back as <dataset>.<stage>.tar.part-* beside the report (its
 #                             # rows and figure then come packed in rows-and-figure.tar.gz,
 #                             # 7 files in all: a call brings back 8 at most)
 #   GPU_KEEP=stage1 bash scripts/gpu-check.sh keep   # there, the next call, no carry: one
 #                             # more stage of the same run (a call brings back one)
-#   bash scripts/gpu-check.sh prepare-carry k1 DIR  # here, a later session: those parts from
-#                             # the files folder DIR into .device/k1 (one stage per folder)
+#   bash scripts/gpu-check.sh unpack-here DIR RUN    # here: those parts from the files folder
+#                             # DIR into run directory RUN, for `rsllm eval --stage-dir`
+#   bash scripts/gpu-check.sh prepare-carry k1 DIR  # here: those parts into .device/k1 (one
+#                             # stage per folder), to resume on a fresh machine
 #   GPU_PART=k1 bash scripts/gpu-check.sh unpack    # there, carry [".device/k1"], after call 1:
 #                             # into /tmp/rsllm-gpu/run-<dataset>; then the pipeline call
 #
 # A stage-1 settings change (GPU_LIMIT, GPU_EPOCHS, ...) makes the carried stages unusable: the
 # pipeline names the setting and the script starts afresh (a stage-2 change alone, such as
 # GPU_LAMBDA_UI, sets aside the stage-2 runs and keeps stage 1). GPU_STAGE1_EPOCHS gives stage
-# 1 its own epochs, so stage 2 can take more (GPU_EPOCHS) over a carried stage 1. The carried
-# stage 2 keeps the epochs it was planned with: a run that is to span sessions plans them
-# from its start (GPU_EPOCHS=5 is LLaRA's) and lets GPU_STAGE_SECS stop each session's part.
+# 1 its own epochs, so stage 2 can take more (GPU_EPOCHS); GPU_STAGE_SECS stops a training run
+# that would outlast the call, which then still evaluates and reports what it reached.
 #
 # Call 1 also fails fast: if our binary cannot use CUDA there, the machine can be given back
 # before the longer call 2. Both use the device image's own PyTorch 2.11.0 as libtorch.
@@ -158,6 +163,18 @@ keep_stage() {
     echo "kept $stage ($latest) in $(find "$out" -name "$tarball.part-*" | wc -l) parts"
 }
 
+# Joins the pieces of every stage kept in folder $1 and unpacks them into run directory $2.
+unpack_parts() {
+    local from=$1 run=$2 first tarball
+    mkdir -p "$run"
+    for first in "$from"/*.tar.part-aa; do
+        tarball=$(basename "$first" .part-aa)
+        cat "$from/$tarball".part-* | tar -xf - -C "$run"
+        echo "unpacked $tarball into $run"
+    done
+    find "$run" -maxdepth 3 -name latest.json -exec sh -c 'echo "  $1: $(tr -d "\n " <"$1")"' _ {} \;
+}
+
 case "${1:-}" in
 prepare-data)
     rm -rf .device/c
@@ -189,14 +206,15 @@ keep)
     ;;
 unpack)
     part=.device/${GPU_PART:?GPU_PART names the folder prepare-carry staged}
-    run=$stage_dir/run-$(cat "$part/dataset")
-    mkdir -p "$run"
-    for first in "$part"/*.tar.part-aa; do
-        tarball=$(basename "$first" .part-aa)
-        cat "$part/$tarball".part-* | tar -xf - -C "$run"
-        echo "unpacked $tarball into $run"
-    done
-    find "$run" -maxdepth 3 -name latest.json -exec sh -c 'echo "  $1: $(tr -d "\n " <"$1")"' _ {} \;
+    unpack_parts "$part" "$stage_dir/run-$(cat "$part/dataset")"
+    ;;
+unpack-here)
+    from=${2:?usage: bash scripts/gpu-check.sh unpack-here FILES_DIR RUN_DIR}
+    run=${3:?usage: bash scripts/gpu-check.sh unpack-here FILES_DIR RUN_DIR}
+    parts=("$from"/*.tar.part-aa)
+    [ -f "${parts[0]}" ] || { echo "unpack-here: no *.tar.part-aa in $from (a call with GPU_KEEP brings them back)" >&2; exit 1; }
+    unpack_parts "$from" "$run"
+    echo "evaluate with: rsllm eval --dataset $(basename "${parts[0]}" | cut -d. -f1) --stage-dir $run/<stage> [--limit N]"
     ;;
 prepare)
     cache=${RSLLM_CACHE_DIR:-$HOME/.cache/rsllm}
@@ -332,7 +350,7 @@ pipeline)
     exit "$status"
     ;;
 *)
-    echo "usage: bash scripts/gpu-check.sh prepare|prepare-data|prepare-carry|stage|bench|pipeline|keep|unpack" >&2
+    echo "usage: bash scripts/gpu-check.sh prepare|prepare-data|prepare-carry|stage|bench|pipeline|keep|unpack|unpack-here" >&2
     exit 2
     ;;
 esac

@@ -131,9 +131,8 @@ pub struct PipelineArgs {
     /// Epochs per training run (default: 1 for quick, 5 for full).
     #[arg(long)]
     epochs: Option<u64>,
-    /// Epochs of stage 1 alone (default: --epochs). A finished stage 1 is resumed as done
-    /// only under the settings it was trained with, so a run that continues another's
-    /// stage 1 (`scripts/gpu-check.sh`, GPU_KEEP) can give stage 2 more epochs this way.
+    /// Epochs of stage 1 alone (default: --epochs), so stage 2 can take more than stage 1
+    /// (a finished stage 1 is resumed as done only under the settings it was trained with).
     #[arg(long)]
     stage1_epochs: Option<u64>,
     /// Rows per forward pass; a GPU takes more than the CPU default.
