@@ -3,7 +3,7 @@
 # LLaRA protocol, train SASRec and evaluate it, then `rsllm pipeline --profile quick`: RSLLM's
 # stage 1 (text-only) and stage 2 (unified Text-ID prompts with SASRec's item vectors) on a
 # training subset, and the evaluation of SASRec, the zero-shot LLM, the text-only fine-tune and
-# RSLLM. About 15 minutes on a 2-core AVX2 CPU after setup, 9-11 with AMX. Report: runs/pipeline-<dataset>-quick/.
+# RSLLM. About 15 minutes on a 2-core CPU after setup (AVX2, or AVX-512 BF16), 9-11 with AMX. Report: runs/pipeline-<dataset>-quick/.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
