@@ -78,7 +78,8 @@ pub struct TrainArgs {
     ui_similarity: UiSimilarityArg,
     /// L_ui's negatives: candidates (a row's other candidates and the batch's other targets,
     /// METHOD.md) or catalog (every item: a softmax over the whole catalog, as the
-    /// recommenders train; `rsllm probe-heads` measures what it gives).
+    /// recommenders train; `rsllm probe-heads` measures what it gives). Prefer catalog at
+    /// large batches: the other targets, drawn by popularity, divide it out of L_ui.
     #[arg(long, default_value = "candidates")]
     ui_negatives: UiNegativesArg,
     /// Train the base model's weights too (full fine-tuning; checkpoints then hold the whole
